@@ -1,0 +1,161 @@
+"""Box and mask geometry shared by detection, post-processing and the loss.
+
+Box formats used throughout:
+  * point form:  (x1, y1, x2, y2)
+  * center form: (cx, cy, w, h)
+Coordinates are relative to the image side (0..1) unless a docstring says otherwise.
+"""
+import paddle
+
+# SSD box-coding variances used by the reference for both encode and decode.
+VARIANCES = (0.1, 0.2)
+
+
+def point_form(boxes):
+    """[N, 4] center form -> [N, 4] point form."""
+    return paddle.concat([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], axis=1)
+
+
+def center_size(boxes):
+    """[N, 4] point form -> [N, 4] center form."""
+    return paddle.concat([(boxes[:, 2:] + boxes[:, :2]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def intersect(box_a, box_b):
+    """Pairwise intersection areas.
+
+    box_a: [n, A, 4], box_b: [n, B, 4] point form  ->  [n, A, B].
+    """
+    max_xy = paddle.minimum(box_a[:, :, None, 2:], box_b[:, None, :, 2:])
+    min_xy = paddle.maximum(box_a[:, :, None, :2], box_b[:, None, :, :2])
+    wh = paddle.clip(max_xy - min_xy, min=0)
+    return wh[..., 0] * wh[..., 1]
+
+
+def jaccard(box_a, box_b, iscrowd=False):
+    """Pairwise IoU of point-form boxes.
+
+    box_a: [A, 4] or [n, A, 4]; box_b: [B, 4] or [n, B, 4]  ->  [A, B] or [n, A, B].
+    With ``iscrowd`` the denominator is box_a's area (intersection over the
+    anchor), the reference's rule for COCO crowd regions.
+    """
+    batched = box_a.ndim == 3
+    if not batched:
+        box_a, box_b = box_a[None], box_b[None]
+    inter = intersect(box_a, box_b)
+    area_a = ((box_a[:, :, 2] - box_a[:, :, 0]) * (box_a[:, :, 3] - box_a[:, :, 1]))[:, :, None]
+    area_b = ((box_b[:, :, 2] - box_b[:, :, 0]) * (box_b[:, :, 3] - box_b[:, :, 1]))[:, None, :]
+    out = inter / area_a if iscrowd else inter / (area_a + area_b - inter)
+    return out if batched else out[0]
+
+
+def encode(matched, priors):
+    """Regression targets of point-form boxes w.r.t. their anchors.
+
+    matched: [P, 4] point form, priors: [P, 4] center form -> [P, 4] (dcx, dcy, dw, dh).
+    """
+    g_cxcy = ((matched[:, :2] + matched[:, 2:]) / 2 - priors[:, :2]) / (VARIANCES[0] * priors[:, 2:])
+    g_wh = paddle.log((matched[:, 2:] - matched[:, :2]) / priors[:, 2:]) / VARIANCES[1]
+    return paddle.concat([g_cxcy, g_wh], axis=1)
+
+
+def decode(loc, priors):
+    """Inverse of ``encode``: loc [P, 4] offsets, priors [P, 4] center form -> [P, 4] point form."""
+    centers = priors[:, :2] + loc[:, :2] * VARIANCES[0] * priors[:, 2:]
+    sizes = priors[:, 2:] * paddle.exp(loc[:, 2:] * VARIANCES[1])
+    mins = centers - sizes / 2
+    return paddle.concat([mins, mins + sizes], axis=1)
+
+
+def match(pos_thresh, neg_thresh, crowd_iou_thresh, truths, priors, labels, crowd_boxes=None):
+    """Assign each anchor a ground-truth box, as the reference ``match`` does.
+
+    Args:
+        truths: [O, 4] point-form ground-truth boxes (non-crowd).
+        priors: [P, 4] center-form anchors.
+        labels: [O] int64 class labels, 0-based (background excluded).
+        crowd_boxes: [K, 4] point-form crowd boxes or None.
+    Returns:
+        loc_t  [P, 4] float: encoded regression targets of the matched truth,
+        conf_t [P] int64: label+1 for positives, 0 for background, -1 for neutral,
+        idx_t  [P] int64: index of the matched truth.
+
+    Every truth is first given its best anchor (greedily, highest overlap
+    first) so no ground truth goes unused; then anchors with IoU >= pos_thresh
+    are positive, < neg_thresh background, the rest neutral. Non-positive
+    anchors covering a crowd region by more than crowd_iou_thresh become neutral.
+    """
+    decoded_priors = point_form(priors)
+    overlaps = jaccard(truths, decoded_priors)                   # [O, P]
+    best_truth_overlap = overlaps.max(axis=0)
+    best_truth_idx = overlaps.argmax(axis=0)
+
+    # The forcing loop runs on host copies: O is small and each step is a scalar decision.
+    ov = overlaps.numpy().copy()
+    bto = best_truth_overlap.numpy().copy()
+    bti = best_truth_idx.numpy().copy()
+    for _ in range(ov.shape[0]):
+        best_prior_overlap = ov.max(axis=1)
+        best_prior_idx = ov.argmax(axis=1)
+        j = int(best_prior_overlap.argmax())
+        i = int(best_prior_idx[j])
+        ov[:, i] = -1
+        ov[j, :] = -1
+        bto[i] = 2
+        bti[i] = j
+    best_truth_overlap = paddle.to_tensor(bto)
+    best_truth_idx = paddle.to_tensor(bti)
+
+    matches = paddle.gather(truths, best_truth_idx)
+    conf = paddle.gather(labels, best_truth_idx).astype('int64') + 1
+    conf = paddle.where(best_truth_overlap < pos_thresh, paddle.full_like(conf, -1), conf)
+    conf = paddle.where(best_truth_overlap < neg_thresh, paddle.zeros_like(conf), conf)
+
+    if crowd_boxes is not None and crowd_boxes.shape[0] > 0 and crowd_iou_thresh < 1:
+        best_crowd_overlap = jaccard(decoded_priors, crowd_boxes, iscrowd=True).max(axis=1)
+        conf = paddle.where((conf <= 0) & (best_crowd_overlap > crowd_iou_thresh),
+                            paddle.full_like(conf, -1), conf)
+
+    return encode(matches, priors), conf, best_truth_idx
+
+
+def sanitize_coordinates(x1, x2, img_size, padding=0):
+    """Scale relative coordinates to pixels, order them and clamp them to [0, img_size].
+
+    x1, x2: [N] relative -> two [N] float tensors (x1 <= x2), padded by ``padding`` pixels.
+    """
+    x1 = x1 * img_size
+    x2 = x2 * img_size
+    lo = paddle.minimum(x1, x2)
+    hi = paddle.maximum(x1, x2)
+    return paddle.clip(lo - padding, min=0), paddle.clip(hi + padding, max=img_size)
+
+
+def crop(masks, boxes, padding=1):
+    """Zero every mask outside its box.
+
+    masks: [H, W, N] float; boxes: [N, 4] relative point form -> [H, W, N].
+    A pixel (row r, col c) is kept when x1 <= c < x2 and y1 <= r < y2 after
+    ``sanitize_coordinates`` with ``padding`` pixels.
+    """
+    h, w, _ = masks.shape
+    x1, x2 = sanitize_coordinates(boxes[:, 0], boxes[:, 2], w, padding)
+    y1, y2 = sanitize_coordinates(boxes[:, 1], boxes[:, 3], h, padding)
+    cols = paddle.arange(w, dtype=x1.dtype)[None, :, None]
+    rows = paddle.arange(h, dtype=x1.dtype)[:, None, None]
+    keep = ((cols >= x1[None, None, :]) & (cols < x2[None, None, :])
+            & (rows >= y1[None, None, :]) & (rows < y2[None, None, :]))
+    return masks * keep.astype(masks.dtype)
+
+
+def mask_iou(masks_a, masks_b, iscrowd=False):
+    """Pairwise IoU of binary masks.
+
+    masks_a: [A, H, W], masks_b: [B, H, W] (0/1 floats) -> [A, B].
+    """
+    a = masks_a.reshape([masks_a.shape[0], -1])
+    b = masks_b.reshape([masks_b.shape[0], -1])
+    inter = paddle.matmul(a, b, transpose_y=True)
+    area_a = a.sum(axis=1)[:, None]
+    area_b = b.sum(axis=1)[None, :]
+    return inter / area_a if iscrowd else inter / (area_a + area_b - inter)

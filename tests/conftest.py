@@ -1,0 +1,46 @@
+"""Shared test helpers: the reference fixtures in ../shared/reference.
+
+``YOLACT_REFERENCE_DIR`` overrides the location. Tests that need the
+fixtures are skipped only when the folder is absent (CI always has it).
+"""
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+REFERENCE_DIR = os.environ.get(
+    'YOLACT_REFERENCE_DIR', os.path.join(os.path.dirname(ROOT), 'shared', 'reference'))
+
+
+def _load_make_weights():
+    spec = importlib.util.spec_from_file_location(
+        'make_weights', os.path.join(REFERENCE_DIR, 'make_weights.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+needs_reference = pytest.mark.skipif(
+    not os.path.isdir(REFERENCE_DIR), reason=f'reference fixtures not found at {REFERENCE_DIR}')
+
+
+def reference_state_dict(config_name, seed=0):
+    """{reference key: np.ndarray}: the stand-in weights the fixtures were computed with."""
+    mw = _load_make_weights()
+    return mw.make_state_dict(mw.load_manifest(config_name), seed)
+
+
+def reference_npz(name):
+    """The arrays of ``<REFERENCE_DIR>/<name>.npz`` as a dict."""
+    with np.load(os.path.join(REFERENCE_DIR, f'{name}.npz')) as z:
+        return {k: z[k] for k in z.files}
+
+
+def make_weights_module():
+    """The reference ``make_weights`` module (load_manifest, make_state_dict, save_pth)."""
+    return _load_make_weights()
