@@ -129,6 +129,8 @@ class BackboneConfig:
     pred_scales: per prediction layer, anchor sizes (pixels if use_pixel_scales).
     pred_aspect_ratios: per prediction layer, groups of aspect ratios.
     path: ImageNet weights file the reference trains from (converted to .pdparams).
+    base_width: ResNet width of the first stage (64 in every published model;
+        smaller for the CPU-sized quickstart model).
     """
     name: str
     kind: str
@@ -143,6 +145,7 @@ class BackboneConfig:
     use_pixel_scales: bool = True
     preapply_sqrt: bool = False
     use_square_anchors: bool = False
+    base_width: int = 64
 
 
 _YOLACT_SCALES = ((24,), (48,), (96,), (192,), (384,))

@@ -26,10 +26,10 @@ def intersect(box_a, box_b):
 
     box_a: [n, A, 4], box_b: [n, B, 4] point form  ->  [n, A, B].
     """
-    max_xy = paddle.minimum(box_a[:, :, None, 2:], box_b[:, None, :, 2:])
-    min_xy = paddle.maximum(box_a[:, :, None, :2], box_b[:, None, :, :2])
-    wh = paddle.clip(max_xy - min_xy, min=0)
-    return wh[..., 0] * wh[..., 1]
+    # Per coordinate rather than on [.., 2] slices: identical numbers, fewer kernels.
+    iw = paddle.minimum(box_a[:, :, None, 2], box_b[:, None, :, 2]) - paddle.maximum(box_a[:, :, None, 0], box_b[:, None, :, 0])
+    ih = paddle.minimum(box_a[:, :, None, 3], box_b[:, None, :, 3]) - paddle.maximum(box_a[:, :, None, 1], box_b[:, None, :, 1])
+    return paddle.clip(iw, min=0) * paddle.clip(ih, min=0)
 
 
 def jaccard(box_a, box_b, iscrowd=False):

@@ -1,0 +1,4 @@
+"""Training-time modules."""
+from layers.modules.multibox_loss import MultiBoxLoss
+
+__all__ = ['MultiBoxLoss']

@@ -1,0 +1,213 @@
+"""Detect: turn raw head outputs into per-image detections (decode + NMS).
+
+Three suppression rules, all as the reference implementation applies them:
+
+* Fast NMS (default): per class, the ``top_k`` best candidates are compared
+  all-against-all at once; a candidate survives when no better-scoring
+  candidate of its class overlaps it by more than ``nms_thresh``, even one that
+  was itself suppressed. The survivors of all classes are pooled and the
+  ``max_num_detections`` best kept.
+* Cross-class Fast NMS: the same on each candidate's best class only, all
+  classes competing together.
+* Traditional NMS: the classic greedy per-class NMS.
+
+Tie rule: candidates of exactly equal score are ranked by their index (the
+earlier anchor, or the lower class, first). The reference sorts with PyTorch's
+unstable CPU sort, whose order of exact ties is unspecified; for distinct
+scores both orders are the same.
+"""
+import numpy as np
+import paddle
+
+from layers.box_utils import decode, jaccard
+
+
+class Detect:
+    """Decode boxes and suppress duplicates, per image.
+
+    Args:
+        num_classes: classes including background (index 0 of ``conf``).
+        top_k: Fast NMS: candidates per class (cross-class: in total) compared.
+        conf_thresh: an anchor is a candidate when its best non-background
+            score is > conf_thresh (traditional NMS: per class).
+        nms_thresh: IoU above which (traditional NMS: at or above which) the
+            lower-scoring box is suppressed.
+        max_num_detections: detections kept per image (per-class rules).
+        use_fast_nms: Fast NMS (True) or traditional NMS (False).
+        use_cross_class_nms: with Fast NMS, suppress across classes.
+        max_size: network input side. Traditional NMS measures boxes in pixels
+            of this size with the "+1 pixel" width convention of the
+            reference's Cython NMS, so the scale changes which boxes overlap.
+    """
+
+    def __init__(self, num_classes, top_k, conf_thresh, nms_thresh, max_num_detections,
+                 use_fast_nms=True, use_cross_class_nms=False, max_size=550):
+        if nms_thresh <= 0:
+            raise ValueError(f'nms_thresh must be positive, got {nms_thresh}')
+        if use_cross_class_nms and not use_fast_nms:
+            raise ValueError('cross-class NMS exists only as Fast NMS (use_fast_nms=True)')
+        self.num_classes = num_classes
+        self.top_k = top_k
+        self.conf_thresh = conf_thresh
+        self.nms_thresh = nms_thresh
+        self.max_num_detections = max_num_detections
+        self.use_fast_nms = use_fast_nms
+        self.use_cross_class_nms = use_cross_class_nms
+        self.max_size = max_size
+
+    @classmethod
+    def from_config(cls, cfg, **overrides):
+        """Detect with the config's NMS settings; keyword overrides win
+        (e.g. ``use_fast_nms=False``, ``conf_thresh=0.3``)."""
+        kwargs = dict(num_classes=cfg.num_classes, top_k=cfg.nms_top_k,
+                      conf_thresh=cfg.nms_conf_thresh, nms_thresh=cfg.nms_thresh,
+                      max_num_detections=cfg.max_num_detections, max_size=cfg.max_size)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    @paddle.no_grad()
+    def __call__(self, preds):
+        """Detections of a batch.
+
+        Args:
+            preds: the eval-mode model output: 'loc' [B, P, 4] offsets,
+                'conf' [B, P, C] softmax probabilities, 'mask' [B, P, K]
+                coefficients, 'priors' [P, 4] center form, 'proto' [B, S, S, K].
+        Returns:
+            one dict per image: 'box' [D, 4] point form relative, 'mask' [D, K],
+            'class' [D] int64 0-based (background removed), 'score' [D],
+            'proto' [S, S, K]. Per-class rules give descending scores; D may be 0.
+        """
+        loc, conf, coeffs, priors = preds['loc'], preds['conf'], preds['mask'], preds['priors']
+        out = []
+        for b in range(loc.shape[0]):
+            boxes = decode(loc[b], priors)
+            det = self._detect_image(boxes, conf[b], coeffs[b])
+            det['proto'] = preds['proto'][b]
+            out.append(det)
+        return out
+
+    def _detect_image(self, boxes, conf, coeffs):
+        """boxes [P, 4] point form, conf [P, C], coeffs [P, K] -> detection dict without 'proto'."""
+        class_scores = conf[:, 1:]
+        candidates = paddle.nonzero(class_scores.max(axis=1) > self.conf_thresh).flatten()
+        if candidates.shape[0] == 0:
+            return _empty_detections(boxes.dtype, coeffs.shape[1])
+        # [C-1, M]: each class's scores over the M candidate anchors.
+        scores = paddle.gather(class_scores, candidates).t()
+        boxes = paddle.gather(boxes, candidates)
+        coeffs = paddle.gather(coeffs, candidates)
+
+        if not self.use_fast_nms:
+            idx, classes, scores = self._traditional_nms(boxes, scores)
+        elif self.use_cross_class_nms:
+            idx, classes, scores = self._cc_fast_nms(boxes, scores)
+        else:
+            idx, classes, scores = self._fast_nms(boxes, scores)
+        return {'box': paddle.gather(boxes, idx), 'mask': paddle.gather(coeffs, idx),
+                'class': classes, 'score': scores}
+
+    def _fast_nms(self, boxes, scores):
+        """boxes [M, 4], scores [C-1, M] -> (candidate index [D], class [D], score [D])."""
+        num_classes, num_candidates = scores.shape
+        k = min(self.top_k, num_candidates)
+        order = _top_k_desc(scores, k)                                 # [C-1, k]
+        scores = paddle.take_along_axis(scores, order, axis=1)
+        class_boxes = paddle.gather(boxes, order.flatten()).reshape([num_classes, k, 4])
+
+        # Upper triangle (j > i) holds the IoU of box j with the better box i;
+        # a column's max is the worst overlap with any better box of the class.
+        iou = paddle.triu(jaccard(class_boxes, class_boxes), diagonal=1)
+        keep = (iou.max(axis=1) <= self.nms_thresh).flatten()
+
+        # Survivors in class-major order, then the best of all classes.
+        flat = paddle.nonzero(keep).flatten()
+        scores = paddle.gather(scores.flatten(), flat)
+        best = _argsort_desc(scores, axis=0)[:self.max_num_detections]
+        flat = paddle.gather(flat, best)
+        return (paddle.gather(order.flatten(), flat), flat // k,
+                paddle.gather(scores, best))
+
+    def _cc_fast_nms(self, boxes, scores):
+        """Fast NMS over each candidate's best class only; at most top_k results, best first."""
+        classes = scores.argmax(axis=0)
+        scores = scores.max(axis=0)
+        order = _top_k_desc(scores.unsqueeze(0), min(self.top_k, scores.shape[0]))[0]
+        top_boxes = paddle.gather(boxes, order)
+        # Column max of the upper triangle: worst overlap with any better box, any class.
+        iou = paddle.triu(jaccard(top_boxes, top_boxes), diagonal=1)
+        idx = paddle.gather(order, paddle.nonzero(iou.max(axis=0) <= self.nms_thresh).flatten())
+        return idx, paddle.gather(classes, idx), paddle.gather(scores, idx)
+
+    def _traditional_nms(self, boxes, scores):
+        """Greedy NMS per class (numpy); the max_num_detections best survivors of all classes."""
+        boxes_px = boxes.numpy() * self.max_size
+        scores_np = scores.numpy()
+        idx, classes, kept_scores = [], [], []
+        for c in range(scores_np.shape[0]):
+            cls_idx = np.nonzero(scores_np[c] > self.conf_thresh)[0]
+            if cls_idx.size == 0:
+                continue
+            # A class's survivors come best first, and only max_num_detections
+            # of all survivors are kept: later ones of this class cannot make it.
+            keep = cls_idx[_greedy_nms(boxes_px[cls_idx], scores_np[c, cls_idx], self.nms_thresh,
+                                       self.max_num_detections)]
+            idx.append(keep)
+            classes.append(np.full(keep.size, c, dtype=np.int64))
+            kept_scores.append(scores_np[c, keep])
+        if not idx:
+            return (paddle.zeros([0], 'int64'),) * 2 + (paddle.zeros([0], scores.dtype),)
+        idx, classes, kept_scores = (np.concatenate(a) for a in (idx, classes, kept_scores))
+        best = np.argsort(-kept_scores, kind='stable')[:self.max_num_detections]
+        return (paddle.to_tensor(idx[best]), paddle.to_tensor(classes[best]),
+                paddle.to_tensor(kept_scores[best]))
+
+
+def _argsort_desc(x, axis):
+    """Descending argsort; equal values keep their index order (the module's tie rule)."""
+    return paddle.argsort(x, axis=axis, descending=True, stable=True)
+
+
+def _top_k_desc(scores, k):
+    """Column indices of each row's k largest values, descending; ties by index.
+
+    scores: [R, M] -> [R, k] int64. A partial top-k is much cheaper than a full
+    sort of M ~ 20k-60k candidates; its own order of equal values is
+    unspecified, so its k winners are re-sorted stably by index, and a full
+    stable sort decides when equal values straddle the k-th place.
+    """
+    if k < scores.shape[1]:
+        values, idx = paddle.topk(scores, k + 1, axis=1)
+        if not bool((values[:, k - 1] == values[:, k]).any()):
+            idx = paddle.sort(idx[:, :k], axis=1)
+            order = _argsort_desc(paddle.take_along_axis(scores, idx, axis=1), axis=1)
+            return paddle.take_along_axis(idx, order, axis=1)
+    return _argsort_desc(scores, axis=1)[:, :k]
+
+
+def _greedy_nms(boxes, scores, thresh, max_keep):
+    """Classic greedy NMS of one class, as the reference's Cython NMS computes it.
+
+    boxes: [M, 4] point form in pixels, scores: [M]. Widths and heights count
+    both end pixels (x2 - x1 + 1); a box is suppressed when its IoU with a kept
+    box is >= thresh. Returns the indices of the first ``max_keep`` kept boxes,
+    best first.
+    """
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(-scores, kind='stable')
+    keep = []
+    while order.size and len(keep) < max_keep:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        inter = w * h
+        order = rest[inter / (areas[i] + areas[rest] - inter) < thresh]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def _empty_detections(dtype, mask_dim):
+    """A detection dict with D = 0."""
+    return {'box': paddle.zeros([0, 4], dtype), 'mask': paddle.zeros([0, mask_dim], dtype),
+            'class': paddle.zeros([0], 'int64'), 'score': paddle.zeros([0], dtype)}

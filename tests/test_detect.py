@@ -1,0 +1,443 @@
+"""Detect (decode + NMS), postprocess and Predictor.
+
+Hand-made cases use boxes with dyadic coordinates and zero offsets, so every
+decoded box and IoU is exact and the expected detections are worked out by
+hand in the comments. The parity tests run the seed-0 network on the
+reference fixtures and require the reference's detections, in its order.
+"""
+import numpy as np
+import paddle
+import pytest
+
+from data.config import get_config
+from layers.functions import Detect
+from layers.functions.detection import _top_k_desc
+from layers.output_utils import postprocess, undo_image_transformation
+from tests.conftest import needs_reference, reference_npz, reference_state_dict
+from utils.augmentations import FastBaseTransform
+from utils.convert import convert_state_dict, fpn_downsample_drop
+from utils.predictor import Predictor
+from yolact import Yolact
+
+MASK_DIM = 2
+
+
+def _preds(boxes, conf):
+    """One image whose anchors decode exactly to ``boxes`` (all offsets 0).
+
+    boxes: [P, 4] point form; conf: [P, C] scores, column 0 background.
+    Mask coefficient 0 of each anchor is its index, to tell which anchor a detection is.
+    """
+    boxes = np.asarray(boxes, np.float32)
+    conf = np.asarray(conf, np.float32)
+    n = len(boxes)
+    priors = np.concatenate([(boxes[:, :2] + boxes[:, 2:]) / 2, boxes[:, 2:] - boxes[:, :2]], axis=1)
+    coeffs = np.stack([np.arange(n), np.zeros(n)], axis=1).astype(np.float32)
+    return {'loc': paddle.zeros([1, n, 4]), 'conf': paddle.to_tensor(conf[None]),
+            'mask': paddle.to_tensor(coeffs[None]), 'priors': paddle.to_tensor(priors),
+            'proto': paddle.zeros([1, 4, 4, MASK_DIM])}
+
+
+def _detect(boxes, conf, **kwargs):
+    """[(anchor, class, score)] of one image, in output order."""
+    args = dict(num_classes=len(conf[0]), top_k=200, conf_thresh=0.05, nms_thresh=0.5, max_num_detections=100)
+    args.update(kwargs)
+    det = Detect(**args)(_preds(boxes, conf))[0]
+    assert det['class'].dtype == paddle.int64
+    anchors = det['mask'].numpy()[:, 0].astype(int)
+    return [(int(a), int(c), round(float(s), 6))
+            for a, c, s in zip(anchors, det['class'].numpy(), det['score'].numpy())]
+
+
+# Boxes on the unit square spanning the full height; IoU of x-intervals.
+X_0_50 = [0, 0, 0.5, 1]
+X_125_625 = [0.125, 0, 0.625, 1]     # IoU with X_0_50: 0.375 / 0.625 = 0.6
+X_25_75 = [0.25, 0, 0.75, 1]         # IoU with X_125_625: 0.6, with X_0_50: 0.25 / 0.75 = 1/3
+X_25_50 = [0.25, 0, 0.5, 1]          # IoU with X_0_50: 0.25 / 0.5 = 0.5 exactly
+FAR = [[0, 0, 0.125, 0.125], [0.25, 0.25, 0.375, 0.375], [0.5, 0.5, 0.625, 0.625],
+       [0.75, 0.75, 0.875, 0.875], [0.875, 0, 1, 0.125]]   # pairwise disjoint
+
+
+class TestFastNMS:
+    def test_suppresses_overlapping_lower_score(self):
+        # Anchor 1 overlaps anchor 0 (IoU 0.6) and scores lower; anchor 2 is far away.
+        conf = [[0, 0.9], [0, 0.8], [0, 0.7]]
+        assert _detect([X_0_50, X_125_625, FAR[3]], conf) == [(0, 0, 0.9), (2, 0, 0.7)]
+
+    def test_higher_score_wins_whatever_the_anchor_order(self):
+        assert _detect([X_0_50, X_125_625], [[0, 0.8], [0, 0.9]]) == [(1, 0, 0.9)]
+
+    def test_suppressed_boxes_still_suppress(self):
+        # 2 is suppressed by 1 (IoU 0.6) although 1 is itself suppressed by 0;
+        # greedy NMS would keep 2, as IoU(0, 2) = 1/3.
+        boxes, conf = [X_0_50, X_125_625, X_25_75], [[0, 0.9], [0, 0.8], [0, 0.7]]
+        assert _detect(boxes, conf) == [(0, 0, 0.9)]
+
+    def test_threshold_boundary(self):
+        boxes, conf = [X_0_50, X_25_50], [[0, 0.9], [0, 0.8]]
+        # IoU exactly 0.5 is not above nms_thresh 0.5: kept.
+        assert _detect(boxes, conf, nms_thresh=0.5) == [(0, 0, 0.9), (1, 0, 0.8)]
+        assert _detect(boxes, conf, nms_thresh=0.4375) == [(0, 0, 0.9)]
+
+    def test_classes_are_independent(self):
+        # Overlapping anchors, each best in another class. Class 0: anchor 0 (0.9)
+        # suppresses anchor 1 (0.2); class 1: anchor 1 (0.8) suppresses anchor 0 (0.1).
+        assert _detect([X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]]) == [(0, 0, 0.9), (1, 1, 0.8)]
+
+    def test_cross_class(self):
+        # Each anchor competes with its best class only: 0 (class 0, 0.9) suppresses 1 (class 1, 0.8).
+        assert _detect([X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]],
+                       use_cross_class_nms=True) == [(0, 0, 0.9)]
+        # Disjoint boxes all survive, best first, with their best class.
+        assert _detect(FAR[:3], [[0, 0.3, 0.6], [0, 0.9, 0.0], [0, 0.1, 0.2]],
+                       use_cross_class_nms=True) == [(1, 0, 0.9), (0, 1, 0.6), (2, 1, 0.2)]
+
+    def test_every_class_row_is_kept_without_a_second_threshold(self):
+        # As the reference: after candidate selection, each class keeps its
+        # unsuppressed anchors whatever their score in that class.
+        conf = [[0, 0.9, 0.01], [0, 0.02, 0.6]]
+        assert _detect(FAR[:2], conf) == [(0, 0, 0.9), (1, 1, 0.6), (1, 0, 0.02), (0, 1, 0.01)]
+
+    def test_candidates_need_a_foreground_score_above_conf_thresh(self):
+        # Anchor 0's best foreground score is 0.04 <= 0.05: never a candidate, in no class.
+        assert _detect(FAR[:2], [[0.96, 0.04], [0.4, 0.6]]) == [(1, 0, 0.6)]
+
+    def test_no_candidates(self):
+        det = Detect(2, 200, 0.05, 0.5, 100)(_preds(FAR[:2], [[0.99, 0.01], [0.97, 0.03]]))[0]
+        assert det['box'].shape == [0, 4] and det['mask'].shape == [0, MASK_DIM]
+        assert det['class'].shape == [0] and det['score'].shape == [0]
+        assert det['class'].dtype == paddle.int64
+        assert det['proto'].shape == [4, 4, MASK_DIM]
+
+    def test_top_k_per_class(self):
+        conf = [[0, 0.7], [0, 0.9], [0, 0.8]]
+        assert _detect(FAR[:3], conf, top_k=2) == [(1, 0, 0.9), (2, 0, 0.8)]
+        # top_k applies to each class separately: each keeps its own best anchor ...
+        conf = [[0, 0.7, 0.1], [0, 0.9, 0.3], [0, 0.6, 0.2]]
+        assert _detect(FAR[:3], conf, top_k=1) == [(1, 0, 0.9), (1, 1, 0.3)]
+        # ... and to all candidates together in cross-class NMS (best classes: 0.7, 0.9, 0.6).
+        assert _detect(FAR[:3], conf, top_k=2, use_cross_class_nms=True) == [(1, 0, 0.9), (0, 0, 0.7)]
+
+    def test_max_num_detections_keeps_the_best_of_all_classes(self):
+        # Disjoint boxes, pooled: 0.9 (0, c0), 0.8 (1, c1), 0.6 (2, c1), 0.5 (2, c0), 0.3, 0.2.
+        conf = [[0, 0.9, 0.3], [0, 0.2, 0.8], [0, 0.5, 0.6]]
+        assert _detect(FAR[:3], conf, max_num_detections=3) == [(0, 0, 0.9), (1, 1, 0.8), (2, 1, 0.6)]
+
+    def test_ties_go_to_the_lower_index(self):
+        # Equal scores: the earlier anchor ranks first, so it suppresses the later one.
+        assert _detect([X_125_625, X_0_50], [[0, 0.5], [0, 0.5]]) == [(0, 0, 0.5)]
+        # A tie across the top_k cut: the earlier anchors are the ones kept.
+        conf = [[0, 0.5], [0, 0.9], [0, 0.5], [0, 0.5]]
+        assert _detect(FAR[:4], conf, top_k=2) == [(1, 0, 0.9), (0, 0, 0.5)]
+        assert _detect(FAR[:4], conf, top_k=3) == [(1, 0, 0.9), (0, 0, 0.5), (2, 0, 0.5)]
+        # A tie inside the top_k only.
+        conf = [[0, 0.5], [0, 0.9], [0, 0.5], [0, 0.1]]
+        assert _detect(FAR[:4], conf, top_k=3) == [(1, 0, 0.9), (0, 0, 0.5), (2, 0, 0.5)]
+
+    def test_top_k_desc_matches_a_stable_sort(self):
+        rng = np.random.default_rng(0)
+        # Few distinct values: many ties inside and across the cut.
+        scores = rng.integers(0, 6, size=(7, 300)).astype(np.float32) / 8
+        expected = np.argsort(-scores, axis=1, kind='stable')[:, :50]
+        np.testing.assert_array_equal(_top_k_desc(paddle.to_tensor(scores), 50).numpy(), expected)
+        scores = rng.random((7, 300)).astype(np.float32)
+        expected = np.argsort(-scores, axis=1, kind='stable')[:, :50]
+        np.testing.assert_array_equal(_top_k_desc(paddle.to_tensor(scores), 50).numpy(), expected)
+
+    def test_boxes_are_decoded_offsets(self):
+        # Prior (cx, cy, w, h) = (0.5, 0.5, 0.25, 0.5); loc (1, -1, ln 2 / 0.2, 0):
+        # center (0.5 + 0.1 * 0.25, 0.5 - 0.1 * 0.5) = (0.525, 0.45), size (0.5, 0.5).
+        preds = _preds([[0.375, 0.25, 0.625, 0.75]], [[0, 0.9]])
+        preds['loc'] = paddle.to_tensor([[[1.0, -1.0, np.log(2) / 0.2, 0.0]]])
+        det = Detect(2, 200, 0.05, 0.5, 100)(preds)[0]
+        np.testing.assert_allclose(det['box'].numpy(), [[0.275, 0.2, 0.775, 0.7]], atol=1e-6)
+
+    def test_batch(self):
+        # Priors are shared; image 0 prefers anchor 0, image 1 anchor 1 (IoU 0.6: one survivor each).
+        a = _preds([X_0_50, X_125_625], [[0, 0.9], [0, 0.8]])
+        b = _preds([X_0_50, X_125_625], [[0, 0.3], [0, 0.4]])
+        preds = {k: paddle.concat([a[k], b[k]]) for k in ('loc', 'conf', 'mask')}
+        preds['priors'] = a['priors']
+        preds['proto'] = paddle.concat([paddle.zeros([1, 4, 4, MASK_DIM]), paddle.ones([1, 4, 4, MASK_DIM])])
+        out = Detect(2, 200, 0.05, 0.5, 100)(preds)
+        assert len(out) == 2
+        for det, anchor, score in zip(out, (0, 1), (0.9, 0.4)):
+            assert det['mask'].numpy()[:, 0].tolist() == [anchor]
+            assert det['score'].numpy().tolist() == pytest.approx([score])
+        assert float(out[0]['proto'].max()) == 0 and float(out[1]['proto'].min()) == 1
+
+
+class TestTraditionalNMS:
+    def test_greedy(self):
+        # Only kept boxes suppress: 2 survives (IoU with 0 is about 1/3).
+        boxes, conf = [X_0_50, X_125_625, X_25_75], [[0, 0.9], [0, 0.8], [0, 0.7]]
+        assert _detect(boxes, conf, use_fast_nms=False) == [(0, 0, 0.9), (2, 0, 0.7)]
+
+    def test_per_class_conf_threshold(self):
+        conf = [[0, 0.9, 0.01], [0, 0.02, 0.6]]
+        assert _detect(FAR[:2], conf, use_fast_nms=False) == [(0, 0, 0.9), (1, 1, 0.6)]
+        assert _detect([X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]],
+                       use_fast_nms=False) == [(0, 0, 0.9), (1, 1, 0.8)]
+
+    def test_pixel_convention(self):
+        # At max_size 550, widths count both end pixels: X_0_50 spans 0..275 px,
+        # 276 wide, X_25_50 137.5..275, 138.5 wide; IoU 138.5 / 276 = 0.5018
+        # (the relative IoU is 0.5): suppressed at 0.501.
+        boxes, conf = [X_0_50, X_25_50], [[0, 0.9], [0, 0.8]]
+        assert _detect(boxes, conf, use_fast_nms=False, nms_thresh=0.501) == [(0, 0, 0.9)]
+        # At max_size 2: 2 px and 1.5 px wide, IoU 1.5 / 2 = 0.75 exactly; an
+        # IoU equal to the threshold suppresses.
+        assert _detect(boxes, conf, use_fast_nms=False, nms_thresh=0.8,
+                       max_size=2) == [(0, 0, 0.9), (1, 0, 0.8)]
+        assert _detect(boxes, conf, use_fast_nms=False, nms_thresh=0.75, max_size=2) == [(0, 0, 0.9)]
+
+    def test_max_num_detections(self):
+        conf = [[0, 0.9, 0.3], [0, 0.2, 0.8], [0, 0.5, 0.6]]
+        assert _detect(FAR[:3], conf, use_fast_nms=False,
+                       max_num_detections=4) == [(0, 0, 0.9), (1, 1, 0.8), (2, 1, 0.6), (2, 0, 0.5)]
+        # All of the cut from one class.
+        conf = [[0, 0.9], [0, 0.7], [0, 0.8]]
+        assert _detect(FAR[:3], conf, use_fast_nms=False, max_num_detections=2) == [(0, 0, 0.9), (2, 0, 0.8)]
+
+    def test_cross_class_needs_fast_nms(self):
+        with pytest.raises(ValueError, match='cross-class'):
+            Detect(2, 200, 0.05, 0.5, 100, use_fast_nms=False, use_cross_class_nms=True)
+
+
+def _naive_iou(a, b, plus_one):
+    """IoU of two point-form boxes, pixel-inclusive widths when plus_one."""
+    e = 1 if plus_one else 0
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + e)
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + e)
+    inter = iw * ih
+    area = lambda r: (r[2] - r[0] + e) * (r[3] - r[1] + e)
+    return inter / (area(a) + area(b) - inter)
+
+
+def _naive_nms(boxes, conf, fast, top_k, conf_thresh, nms_thresh, max_num, max_size):
+    """Pair-by-pair transcription of the reference rules (Fast NMS / Cython greedy NMS)."""
+    fg = conf[:, 1:]
+    candidates = [p for p in range(len(boxes)) if fg[p].max() > conf_thresh]
+    pooled = []
+    for c in range(fg.shape[1]):
+        pool = candidates if fast else [p for p in candidates if fg[p, c] > conf_thresh]
+        ranked = sorted(pool, key=lambda p: -fg[p, c])[:top_k if fast else None]
+        kept = []
+        for j, p in enumerate(ranked):
+            if fast:
+                if all(_naive_iou(boxes[q], boxes[p], False) <= nms_thresh for q in ranked[:j]):
+                    kept.append(p)
+            elif all(_naive_iou(boxes[q] * max_size, boxes[p] * max_size, True) < nms_thresh for q in kept):
+                kept.append(p)
+        pooled += [(p, c, fg[p, c]) for p in kept]
+    pooled.sort(key=lambda d: -d[2])
+    return [(p, c, round(float(s), 6)) for p, c, s in pooled[:max_num]]
+
+
+@pytest.mark.parametrize('fast', [True, False])
+def test_matches_pairwise_transcription_on_random_boxes(fast):
+    rng = np.random.default_rng(0)
+    n = 120
+    # Large boxes on a 1/64 grid (exact in float32): overlaps of all degrees.
+    xy = rng.integers(0, 32, size=(n, 2)) / 64
+    boxes = np.concatenate([xy, xy + rng.integers(16, 33, size=(n, 2)) / 64], axis=1).astype(np.float32)
+    conf = rng.dirichlet(np.full(3, 0.5), size=n).astype(np.float32)
+    args = dict(top_k=40, conf_thresh=0.05, max_num=20, max_size=550)
+    expected = _naive_nms(boxes, conf, fast, nms_thresh=0.5, **args)
+    # The case exercises suppression and the max_num_detections cut.
+    assert len(expected) == 20 and expected != _naive_nms(boxes, conf, fast, nms_thresh=2, **args)
+    assert _detect(boxes, conf, use_fast_nms=fast, top_k=40, max_num_detections=20) == expected
+
+
+def test_from_config():
+    cfg = get_config('yolact_base')
+    d = Detect.from_config(cfg, conf_thresh=0.3)
+    assert (d.num_classes, d.top_k, d.conf_thresh, d.nms_thresh, d.max_num_detections, d.max_size) == (
+        81, 200, 0.3, 0.5, 100, 550)
+    assert d.use_fast_nms and not d.use_cross_class_nms
+
+
+# ---------------------------------------------------------------- postprocess --
+SIG2 = 1 / (1 + np.exp(-2.0))    # sigmoid of the coefficient 2 on an all-ones prototype
+
+
+def _det(boxes, scores, classes, size=8):
+    """Detections on an 8x8 all-ones prototype with coefficient 2: soft mask value SIG2 everywhere."""
+    n = len(boxes)
+    return {'box': paddle.to_tensor(np.asarray(boxes, np.float32)),
+            'mask': paddle.to_tensor(np.full((n, 1), 2.0, np.float32)),
+            'class': paddle.to_tensor(np.asarray(classes, np.int64)),
+            'score': paddle.to_tensor(np.asarray(scores, np.float32)),
+            'proto': paddle.ones([size, size, 1])}
+
+
+class TestPostprocess:
+    def test_crop_and_boxes(self):
+        # Box [0.25, 0.5] on an 8 px prototype: pixels 2..3, widened by the
+        # 1-pixel crop padding to 1..4. Output at the prototype size: no resampling.
+        out = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), w=8, h=8)
+        expected = np.zeros((1, 8, 8), np.float32)
+        expected[0, 1:5, 1:5] = 1
+        np.testing.assert_array_equal(out['masks'].numpy(), expected)
+        np.testing.assert_array_equal(out['boxes'].numpy(), [[2, 2, 4, 4]])
+        assert out['classes'].numpy().tolist() == [3]
+        assert 'mask_scores' not in out
+        uncropped = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), w=8, h=8, crop_masks=False)
+        np.testing.assert_array_equal(uncropped['masks'].numpy(), np.ones((1, 8, 8)))
+
+    def test_upsampling_then_threshold(self):
+        # 8 -> 16 px, bilinear (align_corners=False): output column o samples
+        # source (o + 0.5) / 2 - 0.5. Columns 2 and 9 sample 0.75 of the way into
+        # the kept pixels 1 and 4 (0.75 * SIG2 = 0.66 > 0.5), columns 1 and 10
+        # only 0.25 (0.22): the mask is rows/cols 2..9, except the corners
+        # (0.75 * 0.75 * SIG2 = 0.495).
+        out = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [0]), w=16, h=16)
+        expected = np.zeros((1, 16, 16), np.float32)
+        expected[0, 2:10, 2:10] = 1
+        expected[0, [2, 2, 9, 9], [2, 9, 2, 9]] = 0
+        np.testing.assert_array_equal(out['masks'].numpy(), expected)
+        np.testing.assert_array_equal(out['boxes'].numpy(), [[4, 4, 8, 8]])
+
+    def test_box_sanitising(self):
+        # x: (-0.1, 0.55) * 10 -> (0, 5.5) -> (0, 5); y: (1.2, 0.2) * 20 -> ordered (4, 24), clamped to 20.
+        out = postprocess(_det([[-0.1, 1.2, 0.55, 0.2]], [0.9], [0]), w=10, h=20)
+        np.testing.assert_array_equal(out['boxes'].numpy(), [[0, 4, 5, 20]])
+        assert out['boxes'].dtype == paddle.int64
+
+    def test_score_threshold(self):
+        det = _det(FAR[:3], [0.9, 0.5, 0.6], [0, 1, 2])
+        out = postprocess(det, w=8, h=8, score_threshold=0.5)
+        assert out['classes'].numpy().tolist() == [0, 2]
+        assert out['scores'].numpy().tolist() == pytest.approx([0.9, 0.6])
+        assert out['masks'].shape == [2, 8, 8]
+        empty = postprocess(det, w=8, h=6, score_threshold=0.95)
+        assert empty['masks'].shape == [0, 6, 8] and empty['boxes'].shape == [0, 4]
+
+    def test_rescoring(self):
+        seen = []
+
+        def maskiou_net(masks):
+            seen.append(masks.numpy())
+            return paddle.to_tensor([[0.5, 0.25], [1.0, 0.125]])
+
+        det = _det([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], [0.8, 0.6], [1, 0])
+        out = postprocess(det, w=8, h=8, maskiou_net=maskiou_net, rescore_mask=True)
+        # Each detection takes the IoU of its own class: 0.25 and 1.0.
+        assert out['scores'].numpy().tolist() == pytest.approx([0.8, 0.6])
+        assert out['mask_scores'].numpy().tolist() == pytest.approx([0.2, 0.6])
+        # The net sees the soft cropped masks at prototype resolution, [N, 1, 8, 8].
+        assert seen[0].shape == (2, 1, 8, 8)
+        np.testing.assert_allclose(np.unique(seen[0]), [0, SIG2], rtol=1e-6)
+        both = postprocess(det, w=8, h=8, maskiou_net=maskiou_net, rescore_mask=True, rescore_bbox=True)
+        assert both['scores'].numpy().tolist() == pytest.approx([0.2, 0.6])
+        assert both['mask_scores'].numpy().tolist() == pytest.approx([0.2, 0.6])
+
+
+@pytest.mark.parametrize('backbone', ['yolact_base', 'yolact_darknet53'])
+def test_undo_image_transformation_inverts_the_preprocessing(backbone):
+    transform = get_config(backbone).backbone.transform
+    bgr = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3)).astype(np.uint8)
+    # Same size in and out: the resizes are identities.
+    x = FastBaseTransform(8, transform)(paddle.to_tensor(bgr[None]))[0]
+    rgb = undo_image_transformation(x, 8, 8, transform)
+    np.testing.assert_allclose(rgb, bgr[:, :, ::-1] / 255.0, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------ reference parity --
+W, H = 640, 480
+
+
+def _fixture_masks(ref):
+    shape = tuple(ref['post_masks_shape'])
+    return np.unpackbits(ref['post_masks_packed'], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+
+
+def _seed0_params(net, cfg):
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    params, _ = convert_state_dict(reference_state_dict(cfg.name), shapes,
+                                   [fpn_downsample_drop(cfg.fpn.num_downsample)])
+    return params
+
+
+@pytest.fixture(scope='module', params=['yolact_base', 'yolact_plus_resnet50'])
+def reference_run(request):
+    """(cfg, seed-0 network in eval mode, its params, fixture, raw eval outputs on the fixture's x)."""
+    cfg = get_config(request.param)
+    net = Yolact.from_config(cfg)
+    params = _seed0_params(net, cfg)
+    net.set_state_dict(params)
+    net.eval()
+    ref = reference_npz(f'forward_{cfg.name}')
+    with paddle.no_grad():
+        preds = net(paddle.to_tensor(ref['x']))
+    return cfg, net, params, ref, preds
+
+
+def _assert_post_matches(post, ref):
+    np.testing.assert_array_equal(post['classes'], ref['post_classes'])
+    np.testing.assert_allclose(post['scores'], ref['post_scores'], rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(post['boxes'], ref['post_boxes'])
+    agreement = (post['masks'] == _fixture_masks(ref)).mean()
+    assert agreement >= 0.9999, f'masks agree on {agreement:.6%} of the pixels'
+    if 'post_mask_scores' in ref:
+        np.testing.assert_allclose(post['mask_scores'], ref['post_mask_scores'], rtol=0, atol=1e-5)
+    else:
+        assert 'mask_scores' not in post
+
+
+@needs_reference
+@pytest.mark.parametrize('name', ['forward_yolact_base', 'forward_yolact_plus_resnet50'])
+def test_postprocess_reproduces_reference_from_its_detections(name):
+    """postprocess alone, fed the reference's own Detect output."""
+    ref = reference_npz(name)
+    # The reference's postprocess converts its input boxes to pixels in place, so the
+    # stored det_box are sanitised pixel coordinates; /(w, h) gives back the relative boxes.
+    det = {'box': paddle.to_tensor(ref['det_box'] / np.float32([W, H, W, H])),
+           'mask': paddle.to_tensor(ref['det_mask']), 'class': paddle.to_tensor(ref['det_class']),
+           'score': paddle.to_tensor(ref['det_score']), 'proto': paddle.to_tensor(ref['det_proto'])}
+    post = {k: v.numpy() for k, v in postprocess(det, W, H).items()}
+    ref.pop('post_mask_scores', None)     # the mask-IoU net is tested with the network below
+    post['masks'] = post['masks'] > 0.5
+    _assert_post_matches(post, ref)
+
+
+@needs_reference
+def test_detect_and_postprocess_match_reference(reference_run):
+    cfg, net, _, ref, preds = reference_run
+    det = Detect(cfg.num_classes, top_k=200, conf_thresh=0.05, nms_thresh=0.5, max_num_detections=100,
+                 use_fast_nms=True, use_cross_class_nms=False)(preds)[0]
+    # Same detections in the same order: classes, scores and (identifying the
+    # anchor) mask coefficients row by row.
+    np.testing.assert_array_equal(det['class'].numpy(), ref['det_class'])
+    np.testing.assert_allclose(det['score'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(det['mask'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(det['proto'].numpy(), ref['det_proto'], rtol=0, atol=1e-4)
+    # det_box holds the pixel boxes the reference's postprocess wrote in place (see above).
+    scale = np.float32([W, H, W, H])
+    pixel_boxes = np.clip(det['box'].numpy() * scale, 0, scale)
+    np.testing.assert_allclose(pixel_boxes, ref['det_box'], rtol=0, atol=1e-2)
+
+    post = postprocess(det, W, H, maskiou_net=net.maskiou_net, rescore_bbox=cfg.rescore_bbox,
+                       rescore_mask=cfg.rescore_mask, crop_masks=True, score_threshold=0)
+    post = {k: v.numpy() for k, v in post.items()}
+    post['masks'] = post['masks'] > 0.5
+    _assert_post_matches(post, ref)
+
+
+@needs_reference
+def test_predictor_matches_reference(reference_run, tmp_path):
+    cfg, _, params, ref, _ = reference_run
+    path = str(tmp_path / f'{cfg.name}_seed0.pdparams')
+    paddle.save(params, path)
+    result = Predictor(cfg.name, path)(ref['input_bgr'])
+    assert result['masks'].dtype == np.bool_ and result['masks'].shape == (len(ref['post_classes']), H, W)
+    _assert_post_matches(result, ref)
+
+
+def test_predictor_names_mismatched_keys(tmp_path):
+    path = str(tmp_path / 'bad.pdparams')
+    paddle.save({'backbone.conv1.weight': np.zeros((1, 1), np.float32),
+                 'not.a.key': np.zeros(1, np.float32)}, path)
+    with pytest.raises(ValueError, match='not.a.key') as info:
+        Predictor('yolact_resnet50', path)
+    assert 'backbone.conv1.weight' in str(info.value) and 'fpn.lat_layers.0.weight' in str(info.value)

@@ -1,0 +1,173 @@
+"""MultiBoxLoss against the reference loss values (loss_*.npz), plus gradient and sampling behaviour.
+
+The fixtures hold the reference's training-mode predictions rounded to float16
+and the loss the reference computed on exactly those rounded values, so the
+terms must agree to float32 accuracy.
+"""
+import numpy as np
+import paddle
+import pytest
+
+from data.config import get_config
+from layers.box_utils import match
+from layers.modules.multibox_loss import MultiBoxLoss
+from tests.conftest import needs_reference, reference_npz, reference_state_dict
+
+PRED_KEYS = ('loc', 'conf', 'mask', 'priors', 'proto', 'segm')
+TERMS = {'loss_box': 'loss_B', 'loss_conf': 'loss_C', 'loss_mask': 'loss_M', 'loss_segm': 'loss_S'}
+RTOL = 1e-4
+
+
+def _batch(name, trainable=False):
+    """(predictions, targets, masks, num_crowds) of loss_<name>.npz as float32 Paddle tensors."""
+    data = reference_npz(f'loss_{name}')
+    predictions = {}
+    for key in PRED_KEYS:
+        tensor = paddle.to_tensor(data[f'pred_{key}'].astype(np.float32))
+        tensor.stop_gradient = not trainable or key == 'priors'
+        predictions[key] = tensor
+    batch_size = data['pred_loc'].shape[0]
+    targets = [paddle.to_tensor(data[f'targets_{i}']) for i in range(batch_size)]
+    masks = [paddle.to_tensor(data[f'masks_{i}'].astype(np.float32)) for i in range(batch_size)]
+    return data, predictions, targets, masks, [int(n) for n in data['num_crowds']]
+
+
+def _relative_errors(losses, data, terms):
+    return {k: abs(float(losses[k]) - float(data[ref])) / abs(float(data[ref])) for k, ref in terms.items()}
+
+
+@pytest.fixture(scope='module')
+def yolact_plus_net():
+    """The YOLACT++ ResNet-50 model with the seed-0 reference weights (its maskiou_net runs in the loss)."""
+    from utils.convert import convert_state_dict, fpn_downsample_drop
+    from yolact import Yolact
+
+    cfg = get_config('yolact_plus_resnet50')
+    net = Yolact.from_config(cfg)
+    params, _ = convert_state_dict(reference_state_dict(cfg.name),
+                                   {k: v.shape for k, v in net.state_dict().items()},
+                                   [fpn_downsample_drop(cfg.fpn.num_downsample)])
+    net.set_state_dict(params)
+    return net
+
+
+@needs_reference
+def test_yolact_base_loss_matches_reference():
+    data, predictions, targets, masks, num_crowds = _batch('yolact_base')
+    criterion = MultiBoxLoss.from_config(get_config('yolact_base'))
+    losses = criterion(None, predictions, targets, masks, num_crowds)
+
+    assert set(losses) == set(TERMS)
+    errors = _relative_errors(losses, data, TERMS)
+    assert max(errors.values()) < RTOL, errors
+
+
+@needs_reference
+def test_yolact_plus_loss_matches_reference(yolact_plus_net):
+    data, predictions, targets, masks, num_crowds = _batch('yolact_plus_resnet50')
+    criterion = MultiBoxLoss.from_config(get_config('yolact_plus_resnet50'))
+    losses = criterion(yolact_plus_net, predictions, targets, masks, num_crowds)
+
+    terms = dict(TERMS, loss_maskiou='loss_I')
+    assert set(losses) == set(terms)
+    errors = _relative_errors(losses, data, terms)
+    assert max(errors.values()) < RTOL, errors
+
+
+@needs_reference
+def test_loss_leaves_inputs_untouched():
+    """The reference strips crowd masks from the caller's list in place; this port must not."""
+    _, predictions, targets, masks, num_crowds = _batch('yolact_base')
+    shapes = [m.shape for m in masks]
+    MultiBoxLoss.from_config(get_config('yolact_base'))(None, predictions, targets, masks, num_crowds)
+    assert [m.shape for m in masks] == shapes
+    assert [t.shape[0] for t in targets] == [s[0] for s in shapes]
+
+
+@needs_reference
+def test_gradients_are_finite_and_reach_every_prediction():
+    _, predictions, targets, masks, num_crowds = _batch('yolact_base', trainable=True)
+    losses = MultiBoxLoss.from_config(get_config('yolact_base'))(None, predictions, targets, masks, num_crowds)
+    paddle.add_n(list(losses.values())).backward()
+
+    for key in ('loc', 'conf', 'mask', 'proto', 'segm'):
+        grad = predictions[key].grad.numpy()
+        assert np.isfinite(grad).all(), key
+        assert np.abs(grad).max() > 0, key
+
+
+@needs_reference
+def test_mask_iou_loss_trains_maskiou_net_and_masks(yolact_plus_net):
+    _, predictions, targets, masks, num_crowds = _batch('yolact_plus_resnet50', trainable=True)
+    criterion = MultiBoxLoss.from_config(get_config('yolact_plus_resnet50'))
+    yolact_plus_net.clear_gradients()
+    criterion(yolact_plus_net, predictions, targets, masks, num_crowds)['loss_maskiou'].backward()
+
+    grads = [p.grad.numpy() for p in yolact_plus_net.maskiou_net.parameters() if p.grad is not None]
+    assert grads and all(np.isfinite(g).all() for g in grads)
+    assert any(np.abs(g).max() > 0 for g in grads)
+    # As in the reference, the mask-IoU net's input is not detached from the assembled masks.
+    assert np.isfinite(predictions['mask'].grad.numpy()).all()
+    assert np.abs(predictions['proto'].grad.numpy()).max() > 0
+    yolact_plus_net.clear_gradients()
+
+
+def _positives_per_image(cfg, priors, targets, num_crowds):
+    counts = []
+    for target, num_crowd in zip(targets, num_crowds):
+        objects, crowds = target[:target.shape[0] - num_crowd], target[target.shape[0] - num_crowd:]
+        _, conf_t, _ = match(cfg.positive_iou_threshold, cfg.negative_iou_threshold, cfg.crowd_iou_threshold,
+                             objects[:, :4], priors, objects[:, 4].astype('int64'), crowds[:, :4])
+        counts.append(int((conf_t > 0).astype('int64').sum()))
+    return counts
+
+
+@needs_reference
+def test_masks_to_train_samples_exactly_that_many_masks():
+    masks_to_train = 5
+    cfg = get_config('yolact_base', masks_to_train=masks_to_train)
+    _, predictions, targets, masks, num_crowds = _batch('yolact_base', trainable=True)
+    criterion = MultiBoxLoss.from_config(cfg, rng=np.random.default_rng(0))
+    num_pos = _positives_per_image(cfg, predictions['priors'], targets, num_crowds)
+    assert min(num_pos) > masks_to_train
+
+    def anchors_in_mask_loss(criterion):
+        predictions['mask'].clear_gradient()
+        criterion(None, predictions, targets, masks, num_crowds)['loss_mask'].backward()
+        return (np.abs(predictions['mask'].grad.numpy()).max(axis=2) > 0).sum(axis=1).tolist()
+
+    # Only the sampled anchors' coefficients take part in the mask loss ...
+    assert anchors_in_mask_loss(criterion) == [masks_to_train] * len(targets)
+    # ... while without the cap every positive does.
+    assert anchors_in_mask_loss(MultiBoxLoss.from_config(get_config('yolact_base'))) == num_pos
+
+
+@needs_reference
+def test_masks_to_train_sampling_is_seedable_and_rescaled():
+    _, predictions, targets, masks, num_crowds = _batch('yolact_base')
+    cfg = get_config('yolact_base', masks_to_train=5)
+
+    def mask_loss(seed):
+        criterion = MultiBoxLoss.from_config(cfg, rng=np.random.default_rng(seed))
+        return float(criterion(None, predictions, targets, masks, num_crowds)['loss_mask'])
+
+    full = float(MultiBoxLoss.from_config(get_config('yolact_base'))(
+        None, predictions, targets, masks, num_crowds)['loss_mask'])
+    assert mask_loss(3) == mask_loss(3)
+    assert mask_loss(3) != mask_loss(4)
+    # Rescaled by num_pos / masks_to_train, a subset's loss estimates the full loss.
+    samples = [mask_loss(seed) for seed in range(8)]
+    assert abs(np.mean(samples) / full - 1) < 0.1, (samples, full)
+
+
+@needs_reference
+def test_crowd_only_and_empty_images_give_finite_losses():
+    _, predictions, targets, masks, num_crowds = _batch('yolact_base')
+    # Image 0 keeps its objects, image 1 is all crowd; then image 1 without any annotation.
+    crowd_only = [targets[0], targets[1]], [masks[0], masks[1]], [num_crowds[0], targets[1].shape[0]]
+    empty = ([targets[0], paddle.zeros([0, 5])], [masks[0], paddle.zeros([0] + masks[1].shape[1:])],
+             [num_crowds[0], 0])
+    criterion = MultiBoxLoss.from_config(get_config('yolact_base'))
+    for batch_targets, batch_masks, batch_crowds in (crowd_only, empty):
+        losses = criterion(None, predictions, batch_targets, batch_masks, batch_crowds)
+        assert all(np.isfinite(float(v)) for v in losses.values())

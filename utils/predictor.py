@@ -1,0 +1,64 @@
+"""One-call inference: a BGR image in, instance masks, boxes, classes and scores out."""
+import logging
+
+import numpy as np
+import paddle
+
+from data.config import get_config
+from layers.functions import Detect
+from layers.output_utils import postprocess
+from utils.augmentations import FastBaseTransform
+from utils.checkpoint import load_weights
+from yolact import Yolact
+
+logger = logging.getLogger(__name__)
+
+
+class Predictor:
+    """A YOLACT / YOLACT++ network with its preprocessing and post-processing.
+
+    Args:
+        config_name: a data.config preset, e.g. 'yolact_base' or 'yolact_plus_resnet50'.
+        weights_path: a ``.pdparams`` state dict for that config (converted
+            reference weights or a training checkpoint). Every key and shape
+            must match; otherwise a ValueError names the offending keys.
+        device: Paddle device for the network, e.g. 'cpu' or 'gpu:0'; None
+            keeps the current one. Set process-wide (paddle.set_device).
+        **detect_overrides: Detect.from_config overrides, e.g.
+            ``use_fast_nms=False`` or ``conf_thresh=0.3``.
+    """
+
+    def __init__(self, config_name, weights_path, device=None, **detect_overrides):
+        if device is not None:
+            paddle.set_device(device)
+        self.cfg = get_config(config_name)
+        self.net = Yolact.from_config(self.cfg)
+        load_weights(self.net, weights_path)
+        self.net.eval()
+        self.transform = FastBaseTransform.from_config(self.cfg)
+        self.detect = Detect.from_config(self.cfg, **detect_overrides)
+        logger.info('loaded %s from %s', self.cfg.name, weights_path)
+
+    @paddle.no_grad()
+    def __call__(self, image, score_threshold=0.0):
+        """Detect the instances in one image.
+
+        Args:
+            image: [H, W, 3] uint8 BGR (as cv2.imread gives it).
+            score_threshold: keep detections whose box score is above it.
+        Returns:
+            dict of numpy arrays in Detect's order: 'classes' [N] int64
+            (0-based, background excluded), 'scores' [N] float32 box scores,
+            'boxes' [N, 4] int64 pixel x1, y1, x2, y2, 'masks' [N, H, W] bool;
+            with YOLACT++ also 'mask_scores' [N] (box score x predicted mask IoU).
+        """
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f'expected an [H, W, 3] BGR image, got shape {image.shape}')
+        h, w = image.shape[:2]
+        x = self.transform(paddle.to_tensor(np.ascontiguousarray(image)[None]))
+        det = self.detect(self.net(x))[0]
+        out = postprocess(det, w, h, maskiou_net=self.net.maskiou_net, rescore_bbox=self.cfg.rescore_bbox,
+                          rescore_mask=self.cfg.rescore_mask, score_threshold=score_threshold)
+        result = {k: v.numpy() for k, v in out.items()}
+        result['masks'] = result['masks'] > 0.5
+        return result
