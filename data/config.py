@@ -297,9 +297,36 @@ YOLACT_PLUS_BASE = dataclasses.replace(
 YOLACT_PLUS_RESNET50 = dataclasses.replace(
     YOLACT_PLUS_BASE, name='yolact_plus_resnet50', backbone=RESNET50_DCNV2)
 
+# ------------------------------------------------ CPU-sized quickstart model --
+# The same architecture, narrowed and shrunk so that it trains from scratch on
+# the synthetic shapes dataset (tools/make_shapes_dataset.py) on 2 CPU cores.
+SHAPE_CLASSES = ('circle', 'square', 'triangle', 'star')   # tools/make_shapes_dataset.py order
+
+SHAPES = DatasetConfig(
+    name='Shapes (synthetic)',
+    train_images='./data/shapes/train/', train_info='./data/shapes/annotations/instances_train.json',
+    valid_images='./data/shapes/val/', valid_info='./data/shapes/annotations/instances_val.json',
+    class_names=SHAPE_CLASSES)
+DATASETS['shapes_dataset'] = SHAPES
+
+RESNET_SHAPES = BackboneConfig(
+    name='ResNet26-w16', kind='resnet', path='', layers=(2, 2, 2, 2), base_width=16,
+    transform=RESNET_TRANSFORM, selected_layers=(1, 2, 3),
+    # Shapes are 35-85 px across in 192 px images: anchors sized for that range.
+    pred_scales=((24,), (40,), (64,), (96,), (144,)), pred_aspect_ratios=_YOLACT_RATIOS)
+
+YOLACT_SHAPES = YolactConfig(
+    name='yolact_shapes', backbone=RESNET_SHAPES, dataset=SHAPES,
+    num_classes=len(SHAPE_CLASSES) + 1, max_size=192,
+    fpn=FPNConfig(num_features=64),
+    mask_proto_net=((64, 3, 1, 1),) * 3 + ((None, -2, 0, 1), (64, 3, 1, 1), (32, 1, 0, 1)),
+    extra_head_net=((64, 3, 1, 1),),
+    max_iter=1200, lr=4e-3, lr_steps=(900, 1100), lr_warmup_init=4e-4, lr_warmup_until=100,
+    decay=1e-4, discard_box_width=4 / 192, discard_box_height=4 / 192)
+
 CONFIGS = {c.name: c for c in (
     YOLACT_BASE, YOLACT_IM400, YOLACT_IM700, YOLACT_DARKNET53, YOLACT_RESNET50,
-    YOLACT_PLUS_BASE, YOLACT_PLUS_RESNET50)}
+    YOLACT_PLUS_BASE, YOLACT_PLUS_RESNET50, YOLACT_SHAPES)}
 
 
 def get_config(name, **overrides):

@@ -1,0 +1,251 @@
+"""Backbones: Bottleneck ResNet (optionally with DCNv2 blocks, YOLACT++) and DarkNet-53.
+
+Every backbone maps an image batch [B, 3, H, W] to a list with one feature map
+per stage, [B, channels[i], H / 2**(i+2), W / 2**(i+2)] for ResNet (strides 4,
+8, 16, 32) and [B, channels[i], H / 2**(i+1), W / 2**(i+1)] for DarkNet-53
+(strides 2 to 32). Parameter names are the reference's (``layers.i.j.conv1``,
+``downsample.0``, ``conv2.conv_offset_mask`` ...), so converted reference
+checkpoints load by name.
+"""
+import logging
+import math
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+from paddle.vision.ops import deform_conv2d
+
+from utils.convert import DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES, convert_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+class ModulatedDeformConv2D(nn.Layer):
+    """The reference's ``DCN`` layer: a modulated deformable convolution (DCNv2).
+
+    A plain convolution ``conv_offset_mask`` predicts, per output pixel, 3 * k * k
+    channels: the first two thirds are the sampling offsets (as (dy, dx) pairs
+    per kernel point, the layout deform_conv2d expects), the last third the
+    modulation mask, squashed with a sigmoid.
+
+    Input [B, in_channels, H, W] -> output [B, out_channels, H / stride, W / stride].
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1):
+        super().__init__()
+        self.stride, self.padding = stride, padding
+        fan_in = in_channels * kernel_size * kernel_size
+        stdv = 1.0 / math.sqrt(fan_in)
+        # Reference initialisation: ImageNet backbones have no weights for these
+        # layers, so training starts from exactly this.
+        self.weight = self.create_parameter(
+            [out_channels, in_channels, kernel_size, kernel_size],
+            default_initializer=nn.initializer.Uniform(-stdv, stdv))
+        self.bias = self.create_parameter(
+            [out_channels], is_bias=True, default_initializer=nn.initializer.Constant(0.0))
+        # Zero offsets and a constant mask of sigmoid(0) at the start of training.
+        self.conv_offset_mask = nn.Conv2D(
+            in_channels, 3 * kernel_size * kernel_size, kernel_size, stride=stride, padding=padding,
+            weight_attr=nn.initializer.Constant(0.0), bias_attr=nn.initializer.Constant(0.0))
+
+    def forward(self, x):
+        o1, o2, mask = paddle.chunk(self.conv_offset_mask(x), 3, axis=1)
+        offset = paddle.concat([o1, o2], axis=1)
+        return deform_conv2d(x, offset, self.weight, self.bias, stride=self.stride,
+                             padding=self.padding, mask=F.sigmoid(mask))
+
+
+class Bottleneck(nn.Layer):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv), torchvision layout.
+
+    Input [B, inplanes, H, W] -> [B, planes * 4, H / stride, W / stride].
+    ``use_dcn`` replaces the 3x3 conv by a modulated deformable conv with bias.
+    """
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, use_dcn=False):
+        super().__init__()
+        self.conv1 = nn.Conv2D(inplanes, planes, 1, bias_attr=False)
+        self.bn1 = nn.BatchNorm2D(planes)
+        if use_dcn:
+            self.conv2 = ModulatedDeformConv2D(planes, planes, 3, stride=stride, padding=1)
+        else:
+            self.conv2 = nn.Conv2D(planes, planes, 3, stride=stride, padding=1, bias_attr=False)
+        self.bn2 = nn.BatchNorm2D(planes)
+        self.conv3 = nn.Conv2D(planes, planes * self.expansion, 1, bias_attr=False)
+        self.bn3 = nn.BatchNorm2D(planes * self.expansion)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class ResNetBackbone(nn.Layer):
+    """Bottleneck ResNet without its classifier; returns all four stages.
+
+    Args:
+        layers: blocks per stage, e.g. (3, 4, 23, 3) for ResNet-101.
+        dcn_layers: per stage, how many of the last blocks may use DCNv2.
+        dcn_interval: among those, only every dcn_interval-th block does
+            (block index i % dcn_interval == 0; the first block of a stage
+            uses DCN only when the whole stage may).
+        base_width: stem and first-stage width; stages use base_width * (1, 2, 4, 8).
+    Forward: [B, 3, H, W] -> list of 4 maps, channels base_width * (4, 8, 16, 32)
+    ((256, 512, 1024, 2048) for the published width 64), strides (4, 8, 16, 32).
+    """
+
+    def __init__(self, layers, dcn_layers=(0, 0, 0, 0), dcn_interval=1, base_width=64):
+        super().__init__()
+        # Registered first, as in the reference, so state_dict orders agree.
+        self.layers = nn.LayerList()
+        self.channels = []
+        self.conv1 = nn.Conv2D(3, base_width, 7, stride=2, padding=3, bias_attr=False)
+        self.bn1 = nn.BatchNorm2D(base_width)
+        self.maxpool = nn.MaxPool2D(3, stride=2, padding=1)
+
+        inplanes = base_width
+        widths = tuple(base_width * m for m in (1, 2, 4, 8))
+        for stage, (planes, blocks, num_dcn) in enumerate(zip(widths, layers, dcn_layers)):
+            stride = 1 if stage == 0 else 2
+            self.layers.append(self._make_stage(inplanes, planes, blocks, stride, num_dcn, dcn_interval))
+            inplanes = planes * Bottleneck.expansion
+            self.channels.append(inplanes)
+
+    @staticmethod
+    def _make_stage(inplanes, planes, blocks, stride, num_dcn, dcn_interval):
+        """nn.Sequential of Bottlenecks; the first one projects the shortcut."""
+        downsample = None
+        if stride != 1 or inplanes != planes * Bottleneck.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2D(inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias_attr=False),
+                nn.BatchNorm2D(planes * Bottleneck.expansion))
+        # The reference's rule, kept verbatim because it decides which checkpoint
+        # keys exist: block 0 only when every block may use DCN.
+        stage = [Bottleneck(inplanes, planes, stride, downsample, use_dcn=num_dcn >= blocks)]
+        for i in range(1, blocks):
+            use_dcn = i + num_dcn >= blocks and i % dcn_interval == 0
+            stage.append(Bottleneck(planes * Bottleneck.expansion, planes, use_dcn=use_dcn))
+        return nn.Sequential(*stage)
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        outs = []
+        for stage in self.layers:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def init_backbone(self, path):
+        """Load ImageNet weights: a .pdparams from utils.convert.convert_backbone.
+
+        See load_backbone_weights; torchvision names (``layer1.``, ``fc.``) are
+        accepted too.
+        """
+        load_backbone_weights(self, path)
+
+
+def _darknet_conv(in_channels, out_channels, kernel_size, stride=1):
+    """Conv (no bias) + BN + LeakyReLU(0.1): the reference's darknetconvlayer."""
+    return nn.Sequential(
+        nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride,
+                  padding=kernel_size // 2, bias_attr=False),
+        nn.BatchNorm2D(out_channels),
+        nn.LeakyReLU(0.1))
+
+
+class DarkNetBlock(nn.Layer):
+    """Residual 1x1 (channels) -> 3x3 (2 * channels) pair; shape preserving.
+
+    The residual sum is not followed by an activation (as in the reference).
+    """
+    expansion = 2
+
+    def __init__(self, in_channels, channels):
+        super().__init__()
+        self.conv1 = _darknet_conv(in_channels, channels, 1)
+        self.conv2 = _darknet_conv(channels, channels * self.expansion, 3)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x)) + x
+
+
+class DarkNetBackbone(nn.Layer):
+    """YOLOv3's DarkNet-53 feature extractor; returns all five stages.
+
+    Args:
+        layers: residual blocks per stage, (1, 2, 8, 8, 4) for DarkNet-53.
+    Forward: [B, 3, H, W] -> list of 5 maps, channels (64, 128, 256, 512, 1024),
+    strides (2, 4, 8, 16, 32). Stage i is a stride-2 3x3 conv (``layers.i.0``)
+    followed by its residual blocks (``layers.i.1`` ...).
+    """
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.LayerList()
+        self.channels = []
+        self._preconv = _darknet_conv(3, 32, 3)
+        in_channels = 32
+        for stage, num_blocks in enumerate(layers):
+            channels = 32 * 2 ** stage
+            out_channels = channels * DarkNetBlock.expansion
+            blocks = [_darknet_conv(in_channels, out_channels, 3, stride=2)]
+            blocks += [DarkNetBlock(out_channels, channels) for _ in range(num_blocks)]
+            self.layers.append(nn.Sequential(*blocks))
+            self.channels.append(out_channels)
+            in_channels = out_channels
+
+    def forward(self, x):
+        x = self._preconv(x)
+        outs = []
+        for stage in self.layers:
+            x = stage(x)
+            outs.append(x)
+        return outs
+
+    def init_backbone(self, path):
+        """Load ImageNet weights: a .pdparams from utils.convert.convert_backbone (darknet53.pth)."""
+        load_backbone_weights(self, path)
+
+
+def load_backbone_weights(backbone, path):
+    """Strictly load ImageNet weights (.pdparams) into a backbone, in place.
+
+    Every backbone parameter must be in the file except the DCN extras
+    (utils.convert.DCN_INIT_KEYS), which ImageNet models do not have and which
+    then keep their reference initialisation; every tensor in the file must be
+    used, except an ImageNet classifier. Raises utils.convert.ConversionError
+    naming each key that does not fit.
+    """
+    source = paddle.load(path, return_numpy=True)
+    target = {k: v.shape for k, v in backbone.state_dict().items()
+              if k in source or not DCN_INIT_KEYS.match(k)}
+    params, dropped = convert_state_dict(source, target, [IMAGENET_CLASSIFIER_DROP],
+                                         context=f' (backbone weights {path})',
+                                         extra_renames=TORCHVISION_RENAMES)
+    for key, reason in dropped:
+        logger.debug('backbone weights: dropped %s (%s)', key, reason)
+    # Tensor by tensor: set_state_dict would warn about every DCN extra left at its init.
+    state = backbone.state_dict()
+    for key, value in params.items():
+        state[key].set_value(value)
+    logger.info('loaded %d backbone tensors from %s (%d left at initialisation)',
+                len(params), path, len(state) - len(params))
+
+
+def construct_backbone(backbone_cfg):
+    """The backbone a data.config.BackboneConfig describes (fresh, untrained)."""
+    if backbone_cfg.kind == 'resnet':
+        backbone = ResNetBackbone(backbone_cfg.layers, backbone_cfg.dcn_layers, backbone_cfg.dcn_interval,
+                                  backbone_cfg.base_width)
+    elif backbone_cfg.kind == 'darknet':
+        backbone = DarkNetBackbone(backbone_cfg.layers)
+    else:
+        raise ValueError(f'unknown backbone kind {backbone_cfg.kind!r} (expected resnet or darknet)')
+    if max(backbone_cfg.selected_layers) >= len(backbone.channels):
+        raise ValueError(f'{backbone_cfg.name}: selected_layers {backbone_cfg.selected_layers} '
+                         f'exceed its {len(backbone.channels)} stages')
+    return backbone
