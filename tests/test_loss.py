@@ -171,3 +171,13 @@ def test_crowd_only_and_empty_images_give_finite_losses():
     for batch_targets, batch_masks, batch_crowds in (crowd_only, empty):
         losses = criterion(None, predictions, batch_targets, batch_masks, batch_crowds)
         assert all(np.isfinite(float(v)) for v in losses.values())
+
+
+@needs_reference
+def test_non_finite_predictions_give_a_nan_loss_not_an_exception():
+    """A diverged network must surface as a NaN loss (which train.py reports), not a kernel error."""
+    _, predictions, targets, masks, num_crowds = _batch('yolact_base')
+    predictions['proto'] = paddle.full_like(predictions['proto'], float('nan'))
+    losses = MultiBoxLoss.from_config(get_config('yolact_base'))(None, predictions, targets, masks, num_crowds)
+    assert np.isnan(float(losses['loss_mask']))
+    assert np.isfinite(float(losses['loss_box']))

@@ -249,7 +249,7 @@ class MultiBoxLoss:
             pred_masks = F.sigmoid(paddle.matmul(proto[b], paddle.gather(coeffs[b], pos_index), transpose_y=True))
             if self.mask_proto_crop:
                 pred_masks = crop(pred_masks, boxes_t)
-            pixel_loss = F.binary_cross_entropy(pred_masks, mask_t, reduction='none')   # [h, w, n]
+            pixel_loss = _binary_cross_entropy(pred_masks, mask_t)                     # [h, w, n]
 
             if self.normalize_emulate_roi_pooling:
                 weight = mask_h * mask_w if self.mask_proto_crop else 1
@@ -336,3 +336,22 @@ class MultiBoxLoss:
                     segm_t = paddle.zeros(segm.shape[1:], dtype=segm.dtype)
             loss = loss + F.binary_cross_entropy_with_logits(segm[b], segm_t, reduction='sum')
         return loss / seg_h / seg_w * self.semantic_segmentation_alpha
+
+
+def _binary_cross_entropy(probs, targets):
+    """Element-wise BCE of probabilities [...] -> [...], as torch's (log clamped at -100).
+
+    Written out rather than F.binary_cross_entropy because Paddle's CPU kernel
+    raises on a NaN input, while a diverged network must give a NaN loss that
+    the trainer reports. Exact zeros and ones take the -100 branch directly so
+    that the gradient stays finite (d log p / dp is infinite at p = 0).
+    """
+    return -(targets * _clamped_log(probs) + (1.0 - targets) * _clamped_log(1.0 - probs))
+
+
+def _clamped_log(x):
+    """max(log x, -100) with a finite gradient at x = 0; NaN stays NaN."""
+    tiny = float(np.finfo(np.float32).tiny)
+    # `x <= 0`, not `x == 0`: Paddle's float equality is |a - b| < 1e-8.
+    return paddle.where(x <= 0, paddle.full_like(x, -100.0),
+                        paddle.clip(paddle.log(paddle.clip(x, min=tiny)), min=-100.0))

@@ -1,0 +1,444 @@
+"""train.py and its helpers: schedule, checkpoints, configuration, and short CPU training runs.
+
+The runs fine-tune the reference's seed-0 stand-in ``yolact_resnet50`` weights
+(81 classes, converted) on a generated 4-class shapes dataset at a 128-pixel
+input, with BatchNorm frozen (batch 2, the reference rule).
+"""
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import paddle
+import pytest
+from visualdl import LogReader
+
+import train
+from data.config import CONFIGS, get_config
+from tests.conftest import ROOT, make_weights_module, needs_reference, reference_state_dict
+from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
+from utils import checkpoint
+from utils.convert import convert_state_dict, fpn_downsample_drop, save_params
+from utils.lr_schedule import WarmupStepSchedule
+from yolact import Yolact
+
+CONFIG = 'train_test_tiny'
+SIDE = 128
+
+
+@pytest.fixture(scope='module')
+def tiny_config():
+    """A yolact_resnet50 at a 128-pixel input, registered under CONFIG for --config."""
+    cfg = dataclasses.replace(get_config('yolact_resnet50', max_size=SIDE, lr_warmup_until=5), name=CONFIG)
+    CONFIGS[CONFIG] = cfg
+    yield cfg
+    del CONFIGS[CONFIG]
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    """8 training images (4 iterations per epoch at batch 2) and 2 validation images."""
+    return make_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_train=8, num_val=2, size=SIDE, seed=0)
+
+
+@pytest.fixture(scope='module')
+def coco_weights(tmp_path_factory):
+    """The 81-class stand-in yolact_resnet50 weights, converted to .pdparams as a user would."""
+    cfg = get_config('yolact_resnet50')
+    shapes = {k: v.shape for k, v in Yolact.from_config(cfg).state_dict().items()}
+    params, _ = convert_state_dict(reference_state_dict(cfg.name), shapes, [fpn_downsample_drop(cfg.fpn.num_downsample)])
+    path = str(tmp_path_factory.mktemp('weights') / 'yolact_resnet50_54_800000.pdparams')
+    save_params(params, path)
+    return path
+
+
+def train_argv(shapes, tmp_path, *extra):
+    return ['--config', CONFIG, '--batch_size', '2', '--no_autoscale', '--num_workers', '0',
+            '--train_images', shapes.train_images, '--train_info', shapes.train_info,
+            '--valid_images', shapes.valid_images, '--valid_info', shapes.valid_info,
+            '--validation_epoch', '-1', '--save_folder', str(tmp_path / 'weights'),
+            '--log_folder', str(tmp_path / 'logs'), '--log_interval', '1', *extra]
+
+
+@pytest.fixture
+def recorded_losses(monkeypatch):
+    """{iteration: {term: value}} of every train_step run during the test."""
+    records = {}
+    original = train.Trainer.train_step
+
+    def recording(self, *args):
+        iteration = self.iteration
+        records[iteration] = original(self, *args)
+        return records[iteration]
+
+    monkeypatch.setattr(train.Trainer, 'train_step', recording)
+    return records
+
+
+def total(losses):
+    return sum(losses.values())
+
+
+# ------------------------------------------------------------------ schedule --
+def reference_lr_sequence(lr, gamma, steps, warmup_init, warmup_until, num_iters):
+    """The learning rate of each iteration, by the reference's loop (train.py, set_lr)."""
+    cur_lr, step_index, out = lr, 0, []
+    for iteration in range(num_iters):
+        if warmup_until > 0 and iteration <= warmup_until:
+            cur_lr = (lr - warmup_init) * (iteration / warmup_until) + warmup_init
+        while step_index < len(steps) and iteration >= steps[step_index]:
+            step_index += 1
+            cur_lr = lr * (gamma ** step_index)
+        out.append(cur_lr)
+    return out
+
+
+@pytest.mark.parametrize('steps, warmup_until', [
+    ((20, 35, 35, 50), 10),     # steps after warm-up, two at once
+    ((4, 9, 30), 10),           # steps during warm-up are overwritten by it
+    ((10, 40), 10),             # a step on the last warm-up iteration wins
+    ((15, 40), 0),              # no warm-up
+])
+def test_schedule_matches_reference_loop(steps, warmup_until):
+    schedule = WarmupStepSchedule(base_lr=1e-3, gamma=0.1, steps=steps, warmup_init=1e-4, warmup_until=warmup_until)
+    expected = reference_lr_sequence(1e-3, 0.1, steps, 1e-4, warmup_until, 60)
+    assert [schedule.lr_at(i) for i in range(60)] == expected
+
+
+def test_schedule_of_config():
+    cfg = get_config('yolact_base')
+    schedule = WarmupStepSchedule.from_config(cfg)
+    assert schedule.lr_at(0) == cfg.lr_warmup_init
+    assert schedule.lr_at(500) == pytest.approx(cfg.lr)
+    assert schedule.lr_at(279999) == cfg.lr
+    assert schedule.lr_at(280000) == pytest.approx(cfg.lr * 0.1)
+    assert schedule.lr_at(799999) == pytest.approx(cfg.lr * 1e-4)
+
+
+# ------------------------------------------------------------- configuration --
+def test_batch_size_scaling_and_frozen_bn(shapes):
+    cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--batch_size', '2']), world_size=1)
+    base = get_config('yolact_base')
+    assert cfg.lr == pytest.approx(base.lr / 4)
+    assert cfg.max_iter == base.max_iter * 4
+    assert cfg.lr_steps == tuple(s * 4 for s in base.lr_steps)
+    assert cfg.freeze_bn    # 2 images per device < 6
+
+    cfg = train.build_config(train.parse_args(['--batch_size', '16', '--lr', '0.01', '--max_iter', '7']),
+                             world_size=2)
+    assert (cfg.lr, cfg.max_iter) == (0.01, 7)     # explicit flags win over the scaling
+    assert cfg.freeze_bn is False                   # 8 per device
+
+    cfg = train.build_config(train.parse_args(['--batch_size', '2', '--no_autoscale']), world_size=1)
+    assert (cfg.lr, cfg.max_iter, cfg.lr_steps) == (base.lr, base.max_iter, base.lr_steps)
+
+
+def test_custom_dataset_flags(shapes):
+    args = train.parse_args(['--config', 'yolact_base', '--train_images', shapes.train_images,
+                             '--train_info', shapes.train_info, '--valid_images', shapes.valid_images,
+                             '--valid_info', shapes.valid_info])
+    cfg = train.build_config(args, world_size=1)
+    assert cfg.num_classes == len(SHAPE_CLASSES) + 1
+    assert cfg.dataset.class_names == SHAPE_CLASSES
+    assert cfg.dataset.label_map_dict() == {1: 1, 2: 2, 3: 3, 4: 4}
+    assert cfg.dataset.valid_info == shapes.valid_info
+
+    args.class_names = 'star, circle'
+    cfg = train.build_config(args, world_size=1)
+    assert cfg.num_classes == 3
+    assert cfg.dataset.class_names == ('star', 'circle')
+    assert cfg.dataset.label_map_dict() == {4: 1, 1: 2}
+
+    args.class_names = 'circle,hexagon'
+    with pytest.raises(ValueError, match='hexagon'):
+        train.build_config(args, world_size=1)
+
+
+def test_sampler_resumes_mid_epoch_and_splits_global_batches():
+    data = list(range(20))
+    full = list(train.ResumableBatchSampler(data, 4, num_replicas=1, rank=0))
+    sampler = train.ResumableBatchSampler(data, 4, num_replicas=1, rank=0)
+    sampler.set_epoch(0, start_batch=2)
+    assert list(sampler) == full[2:]
+    assert len(sampler) == len(full) - 2
+
+    sampler.set_epoch(1)
+    assert list(sampler) != full     # another shuffle each epoch
+
+    # Two devices with 2 images each see the same global batches as one with 4.
+    halves = []
+    for rank in (0, 1):
+        s = train.ResumableBatchSampler(data, 2, num_replicas=2, rank=rank)
+        s.set_epoch(0, start_batch=1)
+        halves.append(list(s))
+    assert [a + b for a, b in zip(*halves)] == full[1:]
+
+
+def test_optimizer_matches_torch_sgd():
+    """Momentum SGD with weight decay on every parameter, step for step as the reference's torch.optim.SGD."""
+    torch = pytest.importorskip('torch')
+    cfg = get_config('yolact_base', lr=0.05, momentum=0.9, decay=5e-4)
+    rs = np.random.RandomState(0)
+    weight, bias = rs.randn(3, 4).astype(np.float32), rs.randn(3).astype(np.float32)
+    xs = [rs.randn(5, 4).astype(np.float32) for _ in range(4)]
+
+    net = paddle.nn.Linear(4, 3)
+    net.weight.set_value(weight.T)
+    net.bias.set_value(bias)
+    optimizer = train.build_optimizer(net, cfg)
+    t_weight = torch.tensor(weight, requires_grad=True)
+    t_bias = torch.tensor(bias, requires_grad=True)
+    t_optimizer = torch.optim.SGD([t_weight, t_bias], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.decay)
+    for i, x in enumerate(xs):
+        lr = cfg.lr * (0.1 if i == 3 else 1.0)    # a step change, set the way train.py sets it
+        optimizer.set_lr(lr)
+        for group in t_optimizer.param_groups:
+            group['lr'] = lr
+        net(paddle.to_tensor(x)).square().sum().backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        t_optimizer.zero_grad()
+        (torch.tensor(x) @ t_weight.T + t_bias).square().sum().backward()
+        t_optimizer.step()
+        np.testing.assert_allclose(net.weight.numpy().T, t_weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(net.bias.numpy(), t_bias.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- checkpoints --
+def small_net_and_optimizer():
+    net = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Conv2D(4, 2, 1))
+    optimizer = paddle.optimizer.Momentum(0.1, 0.9, parameters=net.parameters(), weight_decay=5e-4)
+    x = paddle.to_tensor(np.random.RandomState(0).randn(2, 3, 8, 8).astype(np.float32))
+
+    def step():
+        loss = net(x).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.clear_grad()
+        return float(loss)
+    return net, optimizer, step
+
+
+def test_save_path_names():
+    assert checkpoint.SavePath('yolact_base', 3, 1200).path('w') == os.path.join('w', 'yolact_base_3_1200.pdparams')
+    assert checkpoint.SavePath.from_path('w/yolact_plus_resnet50_12_3000_interrupt.pdparams') == \
+        checkpoint.SavePath('yolact_plus_resnet50', 12, 3000, interrupt=True)
+    assert checkpoint.SavePath.from_path('yolact_base_54_800000.pth').iteration == 800000
+    with pytest.raises(ValueError):
+        checkpoint.SavePath.from_path('resnet101_reducedfc.pdparams')
+
+
+def test_optimizer_state_survives_new_parameter_names(tmp_path):
+    """Momentum restored into a network built later in the process (other automatic tensor names)."""
+    paddle.seed(0)
+    net, optimizer, step = small_net_and_optimizer()
+    for _ in range(3):
+        step()
+    path = checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
+    checkpoint.save_checkpoint(path, net, optimizer, {'iteration': 3})
+    expected = [step() for _ in range(3)]
+
+    net2, optimizer2, step2 = small_net_and_optimizer()
+    assert [p.name for p in net2.parameters()] != [p.name for p in net.parameters()]
+    state, has_optimizer = checkpoint.load_checkpoint(path, net2, optimizer2)
+    assert state == {'iteration': 3} and has_optimizer
+    assert [step2() for _ in range(3)] == expected
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """A write that fails midway (disk full) changes nothing visible."""
+    net, optimizer, step = small_net_and_optimizer()
+    folder = str(tmp_path)
+    good = checkpoint.SavePath('m', 0, 3).path(folder)
+    checkpoint.save_checkpoint(good, net, optimizer, {'iteration': 3})
+    saved = {k: v.numpy() for k, v in net.state_dict().items()}
+    step()
+
+    def partial_write(f, data):
+        f.write(data[:len(data) // 2])
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(checkpoint, '_write_all', partial_write)
+    bad = checkpoint.SavePath('m', 0, 6).path(folder)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(bad, net, optimizer, {'iteration': 6})
+    assert sorted(os.listdir(folder)) == ['m_0_3.json', 'm_0_3.pdopt', 'm_0_3.pdparams']
+    assert checkpoint.latest_checkpoint(folder, 'm') == good
+
+    fresh, fresh_optimizer, _ = small_net_and_optimizer()
+    assert checkpoint.load_checkpoint(good, fresh, fresh_optimizer) == ({'iteration': 3}, True)
+    for key, value in fresh.state_dict().items():
+        np.testing.assert_array_equal(value.numpy(), saved[key])
+
+
+def test_killed_save_keeps_previous_checkpoint(tmp_path):
+    """A process killed in the middle of writing a checkpoint leaves the previous one the latest, intact."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {ROOT!r})
+        from tests.test_train import small_net_and_optimizer
+        from utils import checkpoint
+        net, optimizer, step = small_net_and_optimizer()
+        checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 3).path({str(tmp_path)!r}), net, optimizer,
+                                   {{'iteration': 3}})
+        step()
+        def die_midway(f, data):
+            f.write(data[:len(data) // 2])
+            f.flush()
+            os._exit(9)     # no cleanup, as with SIGKILL
+        checkpoint._write_all = die_midway
+        checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 6).path({str(tmp_path)!r}), net, optimizer,
+                                   {{'iteration': 6}})
+    """)
+    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 9, result.stderr
+    names = os.listdir(tmp_path)
+    assert 'm_0_6.pdparams' not in names and any(n.endswith('.tmp') for n in names)
+    good = checkpoint.latest_checkpoint(str(tmp_path), 'm')
+    assert good == checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
+    net, optimizer, _ = small_net_and_optimizer()
+    assert checkpoint.load_checkpoint(good, net, optimizer) == ({'iteration': 3}, True)
+
+
+# ------------------------------------------------------------------ training --
+@needs_reference
+def test_fine_tuning_from_a_reference_pth(tiny_config, tmp_path):
+    """A published-style .pth (81 classes) is converted on the fly; only the class-dependent tensors are skipped."""
+    pytest.importorskip('torch')
+    mw = make_weights_module()
+    source = mw.make_state_dict(mw.load_manifest('yolact_resnet50'), 0)
+    path = str(tmp_path / 'yolact_resnet50_54_800000.pth')
+    mw.save_pth(source, path, legacy=True)
+
+    cfg = dataclasses.replace(tiny_config, num_classes=len(SHAPE_CLASSES) + 1)
+    net = Yolact.from_config(cfg)
+    net.init_weights()
+    fresh_conf = net.state_dict()['prediction_layers.0.conf_layer.weight'].numpy()
+    skipped = train.load_trained_model(net, path, cfg)
+    assert skipped == ['prediction_layers.0.conf_layer.bias', 'prediction_layers.0.conf_layer.weight',
+                       'semantic_seg_conv.bias', 'semantic_seg_conv.weight']
+    state = net.state_dict()
+    np.testing.assert_array_equal(state['prediction_layers.0.conf_layer.weight'].numpy(), fresh_conf)
+    np.testing.assert_array_equal(state['prediction_layers.0.mask_layer.weight'].numpy(),
+                                  source['prediction_layers.0.mask_layer.weight'])
+    np.testing.assert_array_equal(state['backbone.layers.0.0.bn1._mean'].numpy(),
+                                  source['backbone.layers.0.0.bn1.running_mean'])
+
+
+@needs_reference
+def test_fine_tuning_lowers_the_loss(tiny_config, shapes, coco_weights, tmp_path, recorded_losses, caplog):
+    """81-class weights fine-tuned on the 4 shape classes: skipped layers reported, loss going down.
+
+    Also validates (mAP) after epoch 4 and at the end, and logs everything to VisualDL.
+    """
+    caplog.set_level(logging.INFO)
+    iters = 32
+    argv = train_argv(shapes, tmp_path, '--trained_model', coco_weights, '--max_iter', str(iters),
+                      '--save_interval', '1000')
+    argv[argv.index('--validation_epoch') + 1] = '4'
+    assert train.main(argv) == 0
+
+    reinitialised = [r.getMessage() for r in caplog.records if 're-initialised' in r.getMessage()]
+    assert len(reinitialised) == 1
+    for key in ('prediction_layers.0.conf_layer.weight', 'prediction_layers.0.conf_layer.bias',
+                'semantic_seg_conv.weight', 'semantic_seg_conv.bias'):
+        assert key in reinitialised[0]
+    assert 'mask_layer' not in reinitialised[0]
+
+    totals = [total(recorded_losses[i]) for i in range(iters)]
+    assert all(np.isfinite(totals))
+    # Each window is two epochs (4 iterations each): both see every image twice.
+    start, end = np.mean(totals[:8]), np.mean(totals[-8:])
+    assert end < 0.9 * start, totals
+
+    final = checkpoint.SavePath(CONFIG, 7, iters).path(str(tmp_path / 'weights'))
+    state, _ = checkpoint.load_checkpoint(final, Yolact.from_config(
+        dataclasses.replace(tiny_config, num_classes=len(SHAPE_CLASSES) + 1)))
+    assert state['iteration'] == iters and state['class_names'] == list(SHAPE_CLASSES)
+    # Batch 2 per device: BatchNorm frozen (no statistics update, no gradient, no weight decay).
+    trained, initial = paddle.load(final, return_numpy=True), paddle.load(coco_weights, return_numpy=True)
+    for key in ('backbone.bn1.weight', 'backbone.bn1._mean', 'backbone.layers.3.2.bn3._variance'):
+        np.testing.assert_array_equal(trained[key], initial[key])
+    assert not np.array_equal(trained['backbone.conv1.weight'], initial['backbone.conv1.weight'])
+
+    records = [os.path.join(tmp_path / 'logs', f) for f in os.listdir(tmp_path / 'logs') if f.startswith('vdlrecords')]
+    assert len(records) == 1
+    reader = LogReader(file_path=records[0])
+    scalars = set(reader.get_tags()['scalar'])
+    assert {'train/loss_box', 'train/loss_conf', 'train/loss_mask', 'train/loss_segm', 'train/loss_total',
+            'train/lr', 'train/iter_time', 'val/box_AP', 'val/mask_AP'} <= scalars
+    logged = {x.id: x.value for x in reader.get_data('scalar', 'train/loss_total')}
+    assert sorted(logged) == list(range(iters))
+    assert logged[iters - 1] == pytest.approx(totals[-1], rel=1e-6)
+    assert [x.id for x in reader.get_data('scalar', 'val/mask_AP')] == [20, iters]
+    assert len([f for f in os.listdir(tmp_path / 'logs') if f.startswith('eval_')]) == 2
+
+
+@needs_reference
+def test_interrupt_and_resume_match_an_uninterrupted_run(tiny_config, shapes, coco_weights, tmp_path,
+                                                         recorded_losses, monkeypatch):
+    """Ctrl+C at iteration 3, then --resume interrupt: iterations 3..5 (crossing an epoch) as if never stopped.
+
+    The full random augmentation is on, as in real training.
+    """
+    common = ('--trained_model', coco_weights, '--max_iter', '6', '--save_interval', '1000')
+    assert train.main(train_argv(shapes, tmp_path / 'straight', *common)) == 0
+    straight = dict(recorded_losses)
+    recorded_losses.clear()
+
+    recording = train.Trainer.train_step
+
+    def ctrl_c_at_3(self, *args):
+        if self.iteration == 3:
+            raise KeyboardInterrupt
+        return recording(self, *args)
+
+    monkeypatch.setattr(train.Trainer, 'train_step', ctrl_c_at_3)
+    assert train.main(train_argv(shapes, tmp_path / 'split', *common)) == 130
+    folder = tmp_path / 'split' / 'weights'
+    assert sorted(os.listdir(folder)) == [f'{CONFIG}_0_3_interrupt.{ext}' for ext in ('json', 'pdopt', 'pdparams')]
+
+    monkeypatch.setattr(train.Trainer, 'train_step', recording)
+    recorded_losses.clear()
+    # With worker processes this time: augmentation is seeded per sample, not per process.
+    argv = train_argv(shapes, tmp_path / 'split', '--resume', 'interrupt', '--max_iter', '6', '--save_interval', '1000')
+    argv[argv.index('--num_workers') + 1] = '2'
+    assert train.main(argv) == 0
+    assert sorted(recorded_losses) == [3, 4, 5]
+    for i in (3, 4, 5):
+        assert recorded_losses[i] == straight[i], i
+
+
+@needs_reference
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_config, shapes, coco_weights, tmp_path,
+                                                             monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    original = train.NetLoss.forward
+    calls = []
+
+    def nan_at_third_call(self, *args):
+        losses = original(self, *args)
+        calls.append(1)
+        if len(calls) == 3:
+            losses['loss_box'] = losses['loss_box'] * float('nan')
+        return losses
+
+    monkeypatch.setattr(train.NetLoss, 'forward', nan_at_third_call)
+    argv = train_argv(shapes, tmp_path, '--trained_model', coco_weights, '--max_iter', '10',
+                      '--save_interval', '1', '--keep_latest')
+    assert train.main(argv) == 1
+
+    folder = str(tmp_path / 'weights')
+    last_good = checkpoint.SavePath(CONFIG, 0, 2).path(folder)
+    # --keep_latest removed the checkpoint at 1; nothing was saved after the NaN.
+    assert sorted(os.listdir(folder)) == [f'{CONFIG}_0_2.{ext}' for ext in ('json', 'pdopt', 'pdparams')]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert 'not finite at iteration 2' in errors[0] and 'loss_box nan' in errors[0]
+    assert last_good in errors[0]
+    with open(checkpoint.sidecar_paths(last_good)[1]) as f:
+        assert json.load(f)['iteration'] == 2

@@ -1,0 +1,323 @@
+"""Training checkpoints: atomic, resumable, named the reference's way.
+
+A checkpoint is up to three files sharing one stem, ``<config>_<epoch>_<iteration>``
+(``..._interrupt`` when saved on Ctrl+C), as the reference names its ``.pth``:
+
+- ``<stem>.pdparams``: the network's state dict (structured names, loadable
+  by ``net.set_state_dict(paddle.load(path))`` or eval.py like any weights file);
+- ``<stem>.pdopt``: the optimizer's accumulators (SGD momentum) keyed by the
+  network's structured parameter names, so that they load into a freshly built
+  network whose automatic Paddle tensor names differ, plus the AMP loss-scaler state;
+- ``<stem>.json``: iteration, epoch, learning rate, schedule and run settings.
+
+Every file is written to a temporary file in the same folder and moved into
+place with ``os.replace``, so a file either has its old content or its new
+one. The JSON is written last: a checkpoint whose JSON exists is complete,
+and ``latest_checkpoint``/``interrupt_checkpoint`` only return complete ones.
+A save that dies midway therefore never hides or damages the previous checkpoint.
+"""
+import io
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import paddle
+
+WEIGHTS_EXT = '.pdparams'
+OPTIMIZER_EXT = '.pdopt'
+STATE_EXT = '.json'
+
+# Separates the structured parameter name from the accumulator suffix in .pdopt keys.
+_ACC_SEP = '@'
+
+_STEM = re.compile(r'^(?P<name>.+)_(?P<epoch>\d+)_(?P<iteration>\d+)(?P<interrupt>_interrupt)?$')
+
+
+@dataclass(frozen=True)
+class SavePath:
+    """The reference's checkpoint name: ``<model_name>_<epoch>_<iteration>[_interrupt]``."""
+    model_name: str
+    epoch: int
+    iteration: int
+    interrupt: bool = False
+
+    @property
+    def stem(self):
+        suffix = '_interrupt' if self.interrupt else ''
+        return f'{self.model_name}_{self.epoch}_{self.iteration}{suffix}'
+
+    def path(self, folder):
+        """The weights file of this checkpoint in ``folder``."""
+        return os.path.join(folder, self.stem + WEIGHTS_EXT)
+
+    @classmethod
+    def from_path(cls, path):
+        """Parse a weights file name (``.pdparams`` or the reference's ``.pth``).
+
+        Raises ValueError when the name does not follow the pattern.
+        """
+        stem = os.path.basename(path)
+        for ext in (WEIGHTS_EXT, '.pth'):
+            if stem.endswith(ext):
+                stem = stem[:-len(ext)]
+        m = _STEM.match(stem)
+        if m is None:
+            raise ValueError(f'{os.path.basename(path)!r} is not named <config>_<epoch>_<iteration>'
+                             f'[_interrupt]{WEIGHTS_EXT}')
+        return cls(m['name'], int(m['epoch']), int(m['iteration']), bool(m['interrupt']))
+
+
+def sidecar_paths(weights_path):
+    """(optimizer path, state path) belonging to a weights path."""
+    stem = weights_path[:-len(WEIGHTS_EXT)] if weights_path.endswith(WEIGHTS_EXT) else weights_path
+    return stem + OPTIMIZER_EXT, stem + STATE_EXT
+
+
+def is_complete(weights_path):
+    """Whether the save of this checkpoint finished (its state file is written last)."""
+    return os.path.isfile(weights_path) and os.path.isfile(sidecar_paths(weights_path)[1])
+
+
+def save_checkpoint(weights_path, net, optimizer=None, state=None, scaler=None):
+    """Write a checkpoint atomically: weights, then optimizer, then the JSON state.
+
+    Args:
+        weights_path: ``<folder>/<stem>.pdparams`` (see SavePath.path).
+        net: the paddle.nn.Layer to save (not a DataParallel wrapper).
+        optimizer: its optimizer, or None for a weights-only checkpoint.
+        state: JSON-serialisable dict (iteration, epoch, ...), or None.
+        scaler: a paddle.amp.GradScaler whose state goes with the optimizer's.
+    """
+    folder = os.path.dirname(os.path.abspath(weights_path))
+    os.makedirs(folder, exist_ok=True)
+    opt_path, state_path = sidecar_paths(weights_path)
+    if os.path.exists(state_path):
+        # Rewriting a checkpoint of the same name: incomplete until its new state lands.
+        os.remove(state_path)
+    _atomic_write(weights_path, _to_bytes(net.state_dict()))
+    if optimizer is not None:
+        opt_state = {'accumulators': optimizer_state_by_name(optimizer, net)}
+        if scaler is not None:
+            opt_state['grad_scaler'] = scaler.state_dict()
+        _atomic_write(opt_path, _to_bytes(opt_state))
+    if state is not None:
+        _atomic_write(state_path, json.dumps(state, indent=1, sort_keys=True).encode())
+    _fsync_dir(folder)
+
+
+def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
+    """Load a checkpoint saved by save_checkpoint (or bare weights) into ``net``.
+
+    The weights must match the network exactly (every key, every shape).
+    The optimizer and scaler states are loaded when given and present.
+
+    Returns:
+        (state dict from the JSON or None when absent, whether optimizer state was loaded).
+    Raises:
+        ValueError naming the keys that do not match.
+    """
+    load_weights(net, weights_path)
+    opt_path, state_path = sidecar_paths(weights_path)
+    loaded_opt = False
+    if optimizer is not None and os.path.isfile(opt_path):
+        opt_state = paddle.load(opt_path)
+        load_optimizer_state_by_name(optimizer, net, opt_state['accumulators'])
+        if scaler is not None and opt_state.get('grad_scaler'):
+            scaler.load_state_dict(opt_state['grad_scaler'])
+        loaded_opt = True
+    state = None
+    if os.path.isfile(state_path):
+        with open(state_path) as f:
+            state = json.load(f)
+    return state, loaded_opt
+
+
+def load_weights(net, source, skip=lambda key: False):
+    """Load weights into ``net``, strictly.
+
+    Args:
+        source: a ``.pdparams`` path, or a {key: array} state dict.
+        skip: predicate on a key; a key it accepts whose shape differs from the
+            network's is left at the network's current value instead of failing
+            (fine-tuning with another class count).
+    Returns:
+        the sorted list of skipped keys.
+    Raises:
+        ValueError listing keys missing from the source, keys the network lacks
+        and shape mismatches not allowed by ``skip``.
+    """
+    name = source if isinstance(source, str) else 'the weights'
+    if isinstance(source, str):
+        source = paddle.load(source)
+    target = net.state_dict()
+    missing = sorted(set(target) - set(source))
+    unexpected = sorted(set(source) - set(target))
+    skipped, mismatched, to_load = [], [], {}
+    for key, value in source.items():
+        if key not in target:
+            continue
+        if tuple(value.shape) == tuple(target[key].shape):
+            to_load[key] = value
+        elif skip(key):
+            skipped.append(key)
+            to_load[key] = target[key]
+        else:
+            mismatched.append(f'{key}: {tuple(value.shape)} in the file, {tuple(target[key].shape)} in the model')
+    if missing or unexpected or mismatched:
+        lines = [f'{name} does not match the model:']
+        lines += [f'  missing from the file: {k}' for k in missing]
+        lines += [f'  not in the model: {k}' for k in unexpected]
+        lines += [f'  shape mismatch: {m}' for m in mismatched]
+        raise ValueError('\n'.join(lines))
+    net.set_state_dict(to_load)
+    return sorted(skipped)
+
+
+def optimizer_state_by_name(optimizer, net):
+    """The optimizer's accumulators keyed ``<structured param name>@<accumulator>``.
+
+    Paddle keys them by automatic tensor names (``conv2d_12.w_0_velocity_0``),
+    which depend on how many layers the process built before; structured
+    names (``backbone.conv1.weight@velocity_0``) do not.
+    """
+    by_tensor_name = {p.name: name for name, p in net.named_parameters()}
+    out = {}
+    for key, value in optimizer.state_dict().items():
+        if key == 'master_weights':
+            # AMP O2 float32 copies: {tensor name: tensor}.
+            out[key] = {by_tensor_name[k]: v for k, v in value.items()}
+        elif isinstance(value, paddle.Tensor):
+            param_name, suffix = _split_accumulator_key(key, by_tensor_name)
+            out[by_tensor_name[param_name] + _ACC_SEP + suffix] = value
+        else:
+            # Bookkeeping entries that depend on nothing but the optimizer.
+            out[key] = value
+    return out
+
+
+def load_optimizer_state_by_name(optimizer, net, state):
+    """Inverse of optimizer_state_by_name, for the parameters of ``net``."""
+    by_struct_name = {name: p.name for name, p in net.named_parameters()}
+    renamed = {}
+    for key, value in state.items():
+        if key == 'master_weights':
+            value = {by_struct_name[k]: v for k, v in value.items()}
+        elif _ACC_SEP in key:
+            struct_name, suffix = key.split(_ACC_SEP, 1)
+            if struct_name not in by_struct_name:
+                raise ValueError(f'optimizer state for {struct_name!r}, which the model does not have')
+            key = f'{by_struct_name[struct_name]}_{suffix}'
+        renamed[key] = value
+    optimizer.set_state_dict(renamed)
+
+
+def latest_checkpoint(folder, model_name):
+    """The complete checkpoint of ``model_name`` in ``folder`` with the highest iteration, or None.
+
+    Interrupt checkpoints count too, as in the reference's ``--resume latest``.
+    """
+    best, best_iter = None, -1
+    for path in _checkpoints(folder):
+        save = SavePath.from_path(path)
+        if save.model_name == model_name and save.iteration > best_iter:
+            best, best_iter = path, save.iteration
+    return best
+
+
+def interrupt_checkpoint(folder):
+    """A complete interrupt checkpoint in ``folder`` (the newest), or None."""
+    saves = [(SavePath.from_path(p).iteration, p) for p in _checkpoints(folder)
+             if SavePath.from_path(p).interrupt]
+    return max(saves)[1] if saves else None
+
+
+def remove_checkpoint(weights_path):
+    """Delete a checkpoint's files, the state first so that it never looks complete half-deleted."""
+    opt_path, state_path = sidecar_paths(weights_path)
+    for path in (state_path, opt_path, weights_path):
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def remove_interrupts(folder, keep=None):
+    """Delete every interrupt checkpoint in ``folder`` except ``keep`` (a weights path)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if not name.endswith(WEIGHTS_EXT) or (keep and os.path.abspath(path) == os.path.abspath(keep)):
+            continue
+        try:
+            interrupt = SavePath.from_path(path).interrupt
+        except ValueError:
+            continue
+        if interrupt:
+            remove_checkpoint(path)
+
+
+def _checkpoints(folder):
+    """Complete checkpoints in ``folder`` whose names parse."""
+    if not os.path.isdir(folder):
+        return []
+    out = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not name.endswith(WEIGHTS_EXT) or not is_complete(path):
+            continue
+        try:
+            SavePath.from_path(path)
+        except ValueError:
+            continue
+        out.append(path)
+    return out
+
+
+def _split_accumulator_key(key, tensor_names):
+    """``conv2d_3.w_0_velocity_0`` -> (``conv2d_3.w_0``, ``velocity_0``) for a known tensor name."""
+    # Longest first, so that a name that happens to prefix another cannot steal its key.
+    for name in sorted(tensor_names, key=len, reverse=True):
+        if key.startswith(name + '_'):
+            return name, key[len(name) + 1:]
+    raise ValueError(f'optimizer state {key!r} belongs to no parameter of the model')
+
+
+def _to_bytes(obj):
+    buf = io.BytesIO()
+    paddle.save(obj, buf)
+    return buf.getvalue()
+
+
+def _atomic_write(path, data):
+    """Replace ``path`` with ``data`` so that it never holds a partial write."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            _write_all(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _write_all(f, data):
+    """Write ``data`` to the open file ``f`` (a separate step so tests can interrupt it)."""
+    f.write(data)
+
+
+def _fsync_dir(folder):
+    """Persist the renames themselves (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
