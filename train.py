@@ -202,30 +202,36 @@ class SeededSamples(paddle.io.Dataset):
 
 
 class ResumableBatchSampler(paddle.io.DistributedBatchSampler):
-    """Shuffled, drop_last DistributedBatchSampler that can start an epoch at a given batch.
+    """Shuffled, drop_last DistributedBatchSampler over a window [start_batch, end_batch) of an epoch.
 
     The parent shuffles with ``np.random.RandomState(epoch)``, so skipping the
     first batches of an epoch yields exactly the batches an uninterrupted run
-    would have continued with. Each device gets its slice of every global batch.
+    would have continued with. Ending the window at the last iteration to run
+    lets the DataLoader iterator finish by itself: an iterator abandoned
+    mid-way keeps its worker processes alive, one set per epoch.
+    Each device gets its slice of every global batch.
     num_replicas/rank default to the distributed environment's, as in the parent.
     """
 
     def __init__(self, dataset, batch_size, num_replicas=None, rank=None):
         super().__init__(dataset, batch_size, num_replicas=num_replicas, rank=rank, shuffle=True, drop_last=True)
-        self.start_batch = 0
+        self.start_batch, self.end_batch = 0, None
 
-    def set_epoch(self, epoch, start_batch=0):
+    def set_epoch(self, epoch, start_batch=0, end_batch=None):
+        """Batches start_batch..end_batch-1 of ``epoch`` (end_batch None: to the end of the epoch)."""
         super().set_epoch(epoch)
-        self.start_batch = start_batch
+        self.start_batch, self.end_batch = start_batch, end_batch
 
     def __iter__(self):
         batches = super().__iter__()
         for _ in range(self.start_batch):
             next(batches)
-        yield from batches
+        for _ in range(len(self)):
+            yield next(batches)
 
     def __len__(self):
-        return super().__len__() - self.start_batch
+        end = super().__len__() if self.end_batch is None else min(self.end_batch, super().__len__())
+        return max(end - self.start_batch, 0)
 
 
 # ---------------------------------------------------------------------- model --
@@ -452,9 +458,9 @@ class Trainer:
     def _run_epoch(self):
         """Iterations of the current epoch from self.iteration, up to its end or max_iter."""
         start_batch = self.iteration - self.epoch * self.epoch_size
-        self.train_set.set_epoch(self.epoch)
-        self.sampler.set_epoch(self.epoch, start_batch)
         end = min((self.epoch + 1) * self.epoch_size, self.cfg.max_iter)
+        self.train_set.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, start_batch, end - self.epoch * self.epoch_size)
         last_time = time.perf_counter()
         for images, targets, masks, num_crowds in self.loader:
             lr = self.schedule.lr_at(self.iteration)
@@ -466,10 +472,9 @@ class Trainer:
             self.iteration += 1
             if self.iteration % self.args.save_interval == 0:
                 self.save()
-            if self.iteration >= end:
-                return
-        raise RuntimeError(f'the data loader ended at iteration {self.iteration}, before the end of epoch '
-                           f'{self.epoch} ({end})')
+        if self.iteration < end:
+            raise RuntimeError(f'the data loader ended at iteration {self.iteration}, before the end of '
+                               f'epoch {self.epoch} ({end})')
 
     def train_step(self, images, targets, masks, num_crowds, lr):
         """One SGD update at ``lr``; returns {loss term: float}.

@@ -7,6 +7,7 @@ input, with BatchNorm frozen (batch 2, the reference rule).
 import dataclasses
 import json
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -176,6 +177,21 @@ def test_sampler_resumes_mid_epoch_and_splits_global_batches():
         s.set_epoch(0, start_batch=1)
         halves.append(list(s))
     assert [a + b for a, b in zip(*halves)] == full[1:]
+
+    # A window that ends early (max_iter inside the epoch).
+    sampler.set_epoch(0, start_batch=1, end_batch=3)
+    assert list(sampler) == full[1:3] and len(sampler) == 2
+
+
+def test_many_epochs_leave_no_worker_processes_behind(tiny_config, shapes, tmp_path):
+    """Every epoch's DataLoader iterator must finish: an abandoned one keeps its workers alive,
+    which over a small dataset's many epochs exhausted the machine's memory."""
+    before = len(multiprocessing.active_children())
+    # 8 images at batch 2: 4 iterations per epoch, so 10 iterations end inside epoch 2.
+    argv = train_argv(shapes, tmp_path, '--max_iter', '10', '--save_interval', '1000', '--backbone_weights', 'none')
+    argv[argv.index('--num_workers') + 1] = '1'
+    assert train.main(argv) == 0
+    assert len(multiprocessing.active_children()) == before
 
 
 def test_optimizer_matches_torch_sgd():
