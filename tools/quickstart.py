@@ -1,0 +1,118 @@
+"""Quickstart: the whole system on a CPU in minutes, with nothing to download.
+
+1. writes the synthetic shapes dataset (tools/make_shapes_dataset.py) if it is absent,
+2. trains the CPU-sized ``yolact_shapes`` config from scratch with train.py,
+3. evaluates it with eval.py: COCO box and mask mAP through pycocotools, and
+   bbox_detections.json / mask_detections.json,
+4. draws the detections on a few validation images,
+and prints where everything went. ``--quick`` is the short variant CI runs.
+
+    python tools/quickstart.py            # ~12 min on 2 cores
+    python tools/quickstart.py --quick    # ~3 min: the CI variant
+
+--quick trains on 16 images and evaluates on those same images: it checks
+that the whole path learns (the model must fit what it saw), not how well it
+generalises.
+"""
+import argparse
+import dataclasses
+import glob
+import json
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import eval as yolact_eval  # noqa: E402
+import train as yolact_train  # noqa: E402
+from data.config import get_config  # noqa: E402
+from tools.make_shapes_dataset import make_shapes_dataset  # noqa: E402
+from utils.checkpoint import latest_checkpoint  # noqa: E402
+
+CONFIG = 'yolact_shapes'
+NUM_DRAWN = 6
+# --quick: a few images, learned by heart and scored on themselves.
+QUICK = dict(num_train=16, num_val=16, max_iter=250)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
+    p.add_argument('--out', default=os.path.join(ROOT, 'runs', 'quickstart'),
+                   help='folder for weights, logs, results and drawn images (default: runs/quickstart)')
+    p.add_argument('--data', default=None,
+                   help='shapes dataset folder, written if absent (default: data/shapes, or <out>/shapes with --quick)')
+    p.add_argument('--quick', action='store_true', help='the short CI variant: %s' % QUICK)
+    p.add_argument('--max_iter', type=int, default=None, help='training iterations (default: the config)')
+    p.add_argument('--num_workers', type=int, default=2, help='DataLoader worker processes')
+    return p.parse_args(argv)
+
+
+def ensure_dataset(folder, num_train, num_val):
+    """The shapes DatasetConfig at ``folder``, generating it first if its annotations are missing."""
+    train_info = os.path.join(folder, 'annotations', 'instances_train.json')
+    val_info = os.path.join(folder, 'annotations', 'instances_val.json')
+    if not (os.path.isfile(train_info) and os.path.isfile(val_info)):
+        print(f'[1/4] writing the shapes dataset to {folder} ...', flush=True)
+        return make_shapes_dataset(folder, num_train=num_train, num_val=num_val)
+    print(f'[1/4] using the shapes dataset in {folder}', flush=True)
+    return dataclasses.replace(get_config(CONFIG).dataset, train_images=os.path.join(folder, 'train'),
+                               train_info=train_info, valid_images=os.path.join(folder, 'val'), valid_info=val_info)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    quick = QUICK if args.quick else {}
+    data_dir = args.data or (os.path.join(args.out, 'shapes') if args.quick else os.path.join(ROOT, 'data', 'shapes'))
+    dataset = ensure_dataset(data_dir, quick.get('num_train', 600), quick.get('num_val', 100))
+    weights_dir, log_dir = os.path.join(args.out, 'weights'), os.path.join(args.out, 'logs')
+    results_dir, drawn_dir = os.path.join(args.out, 'results'), os.path.join(args.out, 'drawn')
+    if args.quick:
+        dataset = dataclasses.replace(dataset, valid_images=dataset.train_images, valid_info=dataset.train_info)
+    data_flags = ['--valid_images', dataset.valid_images, '--valid_info', dataset.valid_info]
+
+    print(f'[2/4] training {CONFIG} (checkpoints in {weights_dir}) ...', flush=True)
+    max_iter = args.max_iter or quick.get('max_iter')
+    code = yolact_train.main(
+        ['--config', CONFIG, '--batch_size', '8', '--num_workers', str(args.num_workers),
+         '--save_folder', weights_dir, '--log_folder', log_dir, '--validation_epoch', '-1',
+         '--train_images', dataset.train_images, '--train_info', dataset.train_info, *data_flags]
+        + (['--max_iter', str(max_iter)] if max_iter else []))
+    if code:
+        return code
+    weights = latest_checkpoint(weights_dir, CONFIG)
+
+    print(f'[3/4] evaluating {os.path.basename(weights)} with pycocotools ...', flush=True)
+    eval_logs = os.path.join(log_dir, 'quickstart_eval')
+    shutil.rmtree(eval_logs, ignore_errors=True)
+    code = yolact_eval.main(['--trained_model', weights, '--results_dir', results_dir, '--log_dir', eval_logs,
+                             '--num_workers', str(args.num_workers), *data_flags])
+    if code:
+        return code
+    with open(glob.glob(os.path.join(eval_logs, 'eval_*.json'))[0]) as f:
+        results = json.load(f)['results']
+
+    print(f'[4/4] drawing detections on {NUM_DRAWN} validation images ...', flush=True)
+    samples = os.path.join(args.out, 'samples')
+    os.makedirs(samples, exist_ok=True)
+    for name in sorted(os.listdir(dataset.valid_images))[:NUM_DRAWN]:
+        shutil.copy(os.path.join(dataset.valid_images, name), samples)
+    code = yolact_eval.main(['--trained_model', weights, '--images', f'{samples}:{drawn_dir}',
+                             '--score_threshold', '0.3'])
+    if code:
+        return code
+
+    print(f'\nquickstart done: box AP {results["bbox"]["AP"]:.3f}, mask AP {results["segm"]["AP"]:.3f} '
+          f'(COCO AP@[.5:.95] on {dataset.valid_info})')
+    print(f'  weights: {weights}\n  results: {results_dir}/mask_detections.json, bbox_detections.json\n'
+          f'  drawn:   {drawn_dir}\n  curves:  visualdl --logdir {log_dir}')
+    summary = {'box_AP': results['bbox']['AP'], 'mask_AP': results['segm']['AP'], 'weights': weights}
+    with open(os.path.join(args.out, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
