@@ -1,0 +1,585 @@
+"""eval.py, COCO results files and mAP, drawing, the exported (Paddle Inference) path.
+
+Most tests use the small yolact_shapes config with random weights on a tiny
+synthetic COCO-format dataset written by tools/make_shapes_dataset.py; the
+model is not the point there. One test exports yolact_base with the
+reference's seed-0 weights and checks it against dygraph on the fixture input.
+"""
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import paddle
+import pycocotools.mask as mask_util
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import eval as eval_script
+from data.config import COLORS, get_config
+from layers.functions import Detect
+from layers.output_utils import postprocess
+from tests.conftest import needs_reference, reference_npz, reference_state_dict
+from tools import benchmark as benchmark_tool
+from tools import export_model
+from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
+from utils import coco_eval
+from utils.convert import convert_state_dict, fpn_downsample_drop
+from utils.drawing import detection_color, draw_detections
+from utils.inference import StaticYolact, export_yolact, interpolation_matrix
+from yolact import Yolact
+
+NUM_VAL = 6
+SIDE = 128
+
+
+# ------------------------------------------------------------------ fixtures --
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    """DatasetConfig of NUM_VAL validation images (no training images)."""
+    return make_shapes_dataset(str(tmp_path_factory.mktemp('shapes')), num_train=0, num_val=NUM_VAL,
+                               size=SIDE, seed=0)
+
+
+@pytest.fixture(scope='module')
+def weights(tmp_path_factory):
+    """A yolact_shapes .pdparams with random weights, named so eval.py infers the config.
+
+    The weights have trained-like statistics (tools/benchmark.py), so every
+    image gets confident detections to write and draw.
+    """
+    net = Yolact.from_config(get_config('yolact_shapes'))
+    benchmark_tool.benchmark_weights(net, seed=0)
+    path = str(tmp_path_factory.mktemp('weights') / 'yolact_shapes_1_100.pdparams')
+    paddle.save(net.state_dict(), path)
+    return path
+
+
+def _dataset_flags(ds):
+    return ['--valid_images', ds.valid_images, '--valid_info', ds.valid_info]
+
+
+def _run_eval(argv):
+    code = eval_script.main(argv)
+    assert code == 0
+    return code
+
+
+def _single_log(log_dir):
+    logs = [os.path.join(log_dir, n) for n in os.listdir(log_dir) if n.startswith('eval_')]
+    assert len(logs) == 1, logs
+    with open(logs[0]) as f:
+        return json.load(f)
+
+
+def _cocoeval(gt_file, results_file, iou_type, image_ids=None):
+    """COCOeval.stats[:6] computed independently of utils.coco_eval."""
+    gt = COCO(gt_file)
+    dt = gt.loadRes(results_file)
+    e = COCOeval(gt, dt, iou_type)
+    if image_ids is not None:
+        e.params.imgIds = sorted(image_ids)
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+    return [float(v) for v in e.stats[:6]]
+
+
+def _gt_detections(coco, image_id, label_of):
+    """The ground truth of an image as postprocess-style numpy detections (perfect model)."""
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+    boxes = np.array([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]]
+                      for a in anns], dtype=np.float64)
+    return {'classes': np.array([label_of[a['category_id']] - 1 for a in anns]),
+            'scores': np.linspace(0.9, 0.6, len(anns)), 'boxes': boxes,
+            'masks': np.stack([coco.annToMask(a) for a in anns]).astype(np.float32)}
+
+
+# ------------------------------------------------------- results + COCOeval --
+def test_ground_truth_as_detections_scores_ap_one(shapes, tmp_path):
+    coco = COCO(shapes.valid_info)
+    label_map = {i + 1: i + 1 for i in range(len(SHAPE_CLASSES))}
+    with coco_eval.CocoResultsWriter(str(tmp_path), coco_eval.class_to_category(label_map)) as writer:
+        for image_id in coco.getImgIds():
+            det = _gt_detections(coco, image_id, label_map)
+            writer.add(image_id, det['classes'], det['boxes'], det['scores'], det['masks'])
+    assert writer.num_images == NUM_VAL
+    assert writer.num_detections == len(coco.getAnnIds())
+    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path})
+    for iou_type in ('bbox', 'segm'):
+        assert results[iou_type]['AP'] == pytest.approx(1.0)
+        assert results[iou_type]['AP50'] == pytest.approx(1.0)
+        assert results[iou_type]['AP75'] == pytest.approx(1.0)
+
+
+def test_records_map_categories_back_and_encode_rle_as_text():
+    masks = np.zeros((3, 20, 30), dtype=np.float32)
+    masks[0, 2:6, 3:9] = 1
+    masks[1, 10:15, 0:4] = 1
+    boxes = np.array([[3, 2, 9, 6], [0, 10, 4, 15], [5, 5, 5, 9]])   # the last one has no width
+    class_to_cat = coco_eval.class_to_category({7: 1, 42: 2})
+    bbox, segm = coco_eval.detection_records(5, [1, 0, 0], boxes, [0.9, 0.8, 0.7], masks, class_to_cat,
+                                             mask_scores=[0.5, 0.4, 0.3])
+    assert [r['category_id'] for r in bbox] == [42, 7]
+    assert bbox[0]['bbox'] == [3.0, 2.0, 6.0, 4.0] and all(isinstance(v, float) for v in bbox[0]['bbox'])
+    assert [r['score'] for r in bbox] == [0.9, 0.8]
+    # YOLACT++: masks carry the rescored mask score, boxes the box score.
+    assert [r['score'] for r in segm] == [0.5, 0.4]
+    assert isinstance(segm[0]['segmentation']['counts'], str)
+    decoded = mask_util.decode({'size': segm[0]['segmentation']['size'],
+                                'counts': segm[0]['segmentation']['counts'].encode()})
+    np.testing.assert_array_equal(decoded, masks[0])
+    json.dumps(bbox + segm)
+
+
+def test_empty_results_score_zero(shapes, tmp_path):
+    with coco_eval.CocoResultsWriter(str(tmp_path), {0: 1}) as writer:
+        pass
+    with open(writer.bbox_path) as f:
+        assert json.load(f) == []
+    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path})
+    assert results['bbox']['AP'] == 0.0 and results['segm']['AP'] == 0.0
+
+
+def test_unwritable_results_dir_is_a_clear_error(tmp_path):
+    blocker = tmp_path / 'file'
+    blocker.write_text('')
+    with pytest.raises(OSError, match='cannot create results directory'):
+        coco_eval.CocoResultsWriter(str(blocker / 'results'), {0: 1})
+
+
+class _IdImages(paddle.io.Dataset):
+    """COCOEvalImages look-alike whose 'image' carries its id, for a scripted model."""
+
+    def __init__(self, coco, unreadable=()):
+        self.coco = coco
+        self.ids = coco.getImgIds()
+        self.unreadable = set(unreadable)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        return (np.full((3, 2, 2), image_id, dtype=np.float32), image_id, info['height'], info['width'],
+                image_id not in self.unreadable)
+
+
+def _imperfect_detections(coco, label_map, seed=0):
+    """Per image: ground truth with shifted masks and boxes, wrong classes and false positives."""
+    rng = np.random.RandomState(seed)
+    out = {}
+    for image_id in coco.getImgIds():
+        det = _gt_detections(coco, image_id, label_map)
+        n = len(det['scores'])
+        shift = rng.randint(-3, 4, size=(n, 2))
+        det['masks'] = np.stack([np.roll(m, tuple(s), axis=(0, 1)) for m, s in zip(det['masks'], shift)])
+        det['boxes'] = np.clip(det['boxes'] + np.tile(shift[:, ::-1], 2), 0, SIDE)
+        det['classes'] = np.where(rng.rand(n) < 0.2, (det['classes'] + 1) % len(SHAPE_CLASSES), det['classes'])
+        det['scores'] = rng.uniform(0.1, 1.0, n)
+        false_box = np.array([[10, 10, 50, 40]], dtype=np.float64)
+        false_mask = np.zeros((1, SIDE, SIDE), dtype=np.float32)
+        false_mask[0, 10:40, 10:50] = 1
+        for key, value in (('classes', [0]), ('scores', [0.95]), ('boxes', false_box), ('masks', false_mask)):
+            det[key] = np.concatenate([det[key], value])
+        order = np.argsort(-det['scores'])
+        out[image_id] = {k: v[order] for k, v in det.items()}
+    return out
+
+
+def test_evaluate_map_equals_cocoeval_on_the_written_files(shapes, tmp_path, monkeypatch):
+    coco = COCO(shapes.valid_info)
+    cfg = get_config('yolact_shapes', dataset=shapes)
+    scripted = _imperfect_detections(coco, cfg.dataset.label_map_dict())
+    # The "network" is a lookup by the image id the dataset put in the image.
+    monkeypatch.setattr(eval_script, 'detect_image',
+                        lambda net, detect, cfg, x, w, h, thresh: scripted[int(x[0, 0, 0, 0])])
+    summary = eval_script.evaluate(None, None, cfg, _IdImages(coco), str(tmp_path / 'results'),
+                                   num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
+    assert sorted(summary.image_ids) == sorted(coco.getImgIds()) and summary.skipped == []
+    logged = _single_log(str(tmp_path / 'logs'))
+    for iou_type in ('bbox', 'segm'):
+        expected = _cocoeval(shapes.valid_info, summary.files[iou_type], iou_type)
+        assert [summary.results[iou_type][m] for m in coco_eval.METRICS] == expected
+        assert [logged['results'][iou_type][m] for m in coco_eval.METRICS] == expected
+        # A real score, neither perfect nor zero.
+        assert 0.1 < expected[0] < 0.9
+
+
+def test_evaluate_counts_and_reports_unreadable_images(shapes, tmp_path, monkeypatch):
+    coco = COCO(shapes.valid_info)
+    cfg = get_config('yolact_shapes', dataset=shapes)
+    scripted = {i: _gt_detections(coco, i, cfg.dataset.label_map_dict()) for i in coco.getImgIds()}
+    monkeypatch.setattr(eval_script, 'detect_image',
+                        lambda net, detect, cfg, x, w, h, thresh: scripted[int(x[0, 0, 0, 0])])
+    bad = coco.getImgIds()[2]
+    summary = eval_script.evaluate(None, None, cfg, _IdImages(coco, unreadable=[bad]), str(tmp_path / 'r'),
+                                   num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
+    assert summary.skipped == [bad]
+    assert bad not in summary.image_ids and len(summary.image_ids) == NUM_VAL - 1
+    logged = _single_log(str(tmp_path / 'logs'))
+    assert logged['skipped'] == [bad] and logged['num_images'] == NUM_VAL - 1
+    # The mAP covers the images that were read: a perfect model scores 1 on them.
+    assert summary.results['segm']['AP'] == pytest.approx(1.0)
+
+
+def test_evaluate_writes_box_scores_with_boxes_and_mask_scores_with_masks(shapes, tmp_path, monkeypatch):
+    """YOLACT++ (rescore_mask): the reference's bbox results keep the box score, masks get the rescored one."""
+    coco = COCO(shapes.valid_info)
+    cfg = get_config('yolact_shapes', dataset=shapes)
+    scripted = {}
+    for image_id in coco.getImgIds():
+        det = _gt_detections(coco, image_id, cfg.dataset.label_map_dict())
+        det['mask_scores'] = det['scores'] * 0.5
+        scripted[image_id] = det
+    monkeypatch.setattr(eval_script, 'detect_image',
+                        lambda net, detect, cfg, x, w, h, thresh: scripted[int(x[0, 0, 0, 0])])
+    summary = eval_script.evaluate(None, None, cfg, _IdImages(coco), str(tmp_path), num_workers=0,
+                                   compute_map=False, progress=False)
+    assert summary.results is None and summary.log_path is None
+    with open(summary.files['bbox']) as f:
+        bbox = json.load(f)
+    with open(summary.files['segm']) as f:
+        segm = json.load(f)
+    expected = np.concatenate([scripted[i]['scores'] for i in coco.getImgIds()])
+    np.testing.assert_allclose(sorted(r['score'] for r in bbox), sorted(expected))
+    np.testing.assert_allclose(sorted(r['score'] for r in segm), sorted(expected * 0.5))
+
+
+def test_config_takes_the_classes_a_checkpoint_recorded(tmp_path):
+    path = str(tmp_path / 'yolact_resnet50_3_500.pdparams')
+    open(path, 'w').close()
+    with open(str(tmp_path / 'yolact_resnet50_3_500.json'), 'w') as f:
+        json.dump({'num_classes': 3, 'class_names': ['cat', 'dog']}, f)
+    cfg = eval_script.resolve_config(eval_script.parse_args(['--trained_model', path]))
+    assert cfg.name == 'yolact_resnet50' and cfg.num_classes == 3
+    assert cfg.dataset.class_names == ('cat', 'dog')
+
+
+def test_evaluation_order_is_the_reference_hash_order():
+    ids = [139, 285, 632, 724, 776, 785, 802, 872]
+    order = eval_script.evaluation_order(ids)
+    assert sorted(order) == list(range(len(ids)))
+    hashes = [eval_script._reference_hash(ids[i]) for i in order]
+    assert hashes == sorted(hashes)
+    assert eval_script.evaluation_order(ids, max_images=3) == order[:3]
+
+
+# ------------------------------------------------------------- eval.py CLI --
+def test_cli_map_equals_cocoeval_on_its_json(shapes, weights, tmp_path):
+    results_dir, log_dir = str(tmp_path / 'results'), str(tmp_path / 'logs')
+    _run_eval(['--trained_model', weights, *_dataset_flags(shapes), '--results_dir', results_dir,
+               '--log_dir', log_dir, '--num_workers', '2'])
+    logged = _single_log(log_dir)
+    assert logged['config'] == 'yolact_shapes' and logged['num_images'] == NUM_VAL
+    for iou_type, name in (('bbox', coco_eval.BBOX_FILE), ('segm', coco_eval.MASK_FILE)):
+        path = os.path.join(results_dir, name)
+        assert logged['result_files'][iou_type] == path
+        expected = _cocoeval(shapes.valid_info, path, iou_type)
+        assert [logged['results'][iou_type][m] for m in coco_eval.METRICS] == expected
+
+
+def test_cli_max_images_evaluates_the_hash_ordered_subset(shapes, weights, tmp_path):
+    log_dir = str(tmp_path / 'logs')
+    _run_eval(['--trained_model', weights, *_dataset_flags(shapes), '--results_dir', str(tmp_path / 'r'),
+               '--log_dir', log_dir, '--num_workers', '0', '--max_images', '3'])
+    logged = _single_log(log_dir)
+    all_ids = COCO(shapes.valid_info).getImgIds()
+    expected = [all_ids[i] for i in eval_script.evaluation_order(all_ids, 3)]
+    assert logged['image_ids'] == expected
+    results_file = logged['result_files']['segm']
+    assert [logged['results']['segm'][m] for m in coco_eval.METRICS] == \
+        _cocoeval(shapes.valid_info, results_file, 'segm', image_ids=expected)
+
+
+def test_cli_test_dev_mode_writes_loadable_json_for_every_image(shapes, weights, tmp_path):
+    with open(shapes.valid_info) as f:
+        full = json.load(f)
+    # An image-info file like image_info_test-dev2017.json: images and categories, no annotations.
+    info_file = str(tmp_path / 'image_info_test.json')
+    with open(info_file, 'w') as f:
+        json.dump({'images': full['images'], 'categories': full['categories']}, f)
+    results_dir = str(tmp_path / 'results')
+    _run_eval(['--trained_model', weights, '--valid_images', shapes.valid_images, '--valid_info', info_file,
+               '--output_coco_json', '--results_dir', results_dir, '--log_dir', str(tmp_path / 'logs'),
+               '--num_workers', '0'])
+    assert not os.path.exists(tmp_path / 'logs')          # no ground truth, no mAP
+    listed = {img['id'] for img in full['images']}
+    info = COCO(info_file)
+    for name in (coco_eval.BBOX_FILE, coco_eval.MASK_FILE):
+        results = info.loadRes(os.path.join(results_dir, name))
+        assert {ann['image_id'] for ann in results.dataset['annotations']} == listed
+        assert {ann['category_id'] for ann in results.dataset['annotations']} <= {c['id'] for c in full['categories']}
+
+
+def test_cli_dataset_with_corrupt_image_is_counted(shapes, weights, tmp_path):
+    images = str(tmp_path / 'images')
+    shutil.copytree(shapes.valid_images, images)
+    with open(os.path.join(images, '000002.jpg'), 'wb') as f:
+        f.write(b'not a jpeg')
+    log_dir = str(tmp_path / 'logs')
+    _run_eval(['--trained_model', weights, '--valid_images', images, '--valid_info', shapes.valid_info,
+               '--results_dir', str(tmp_path / 'r'), '--log_dir', log_dir, '--num_workers', '2'])
+    logged = _single_log(log_dir)
+    assert logged['skipped'] == [2] and logged['num_images'] == NUM_VAL - 1 and 2 not in logged['image_ids']
+
+
+def test_cli_image_and_images_write_drawings(shapes, weights, tmp_path):
+    src = os.path.join(shapes.valid_images, '000001.jpg')
+    out = str(tmp_path / 'one.png')
+    _run_eval(['--trained_model', weights, '--image', f'{src}:{out}'])
+    drawn, original = cv2.imread(out), cv2.imread(src)
+    assert drawn.shape == original.shape and (drawn != original).any()
+
+    folder = str(tmp_path / 'in')
+    os.makedirs(folder)
+    for name in ('000001.jpg', '000002.jpg'):
+        shutil.copy(os.path.join(shapes.valid_images, name), folder)
+    with open(os.path.join(folder, 'broken.jpg'), 'w') as f:
+        f.write('text')
+    out_dir = str(tmp_path / 'out')
+    _run_eval(['--trained_model', weights, '--images', f'{folder}:{out_dir}'])
+    # The unreadable file is skipped; the same image drawn by --image and --images is the same picture.
+    assert sorted(os.listdir(out_dir)) == ['000001.png', '000002.png']
+    np.testing.assert_array_equal(drawn, cv2.imread(os.path.join(out_dir, '000001.png')))
+
+
+def test_cli_video_file_to_file(shapes, weights, tmp_path):
+    src = str(tmp_path / 'in.mp4')
+    writer = cv2.VideoWriter(src, cv2.VideoWriter_fourcc(*'mp4v'), 10, (SIDE, SIDE))
+    for name in sorted(os.listdir(shapes.valid_images))[:4]:
+        writer.write(cv2.imread(os.path.join(shapes.valid_images, name)))
+    writer.release()
+    out = str(tmp_path / 'out.mp4')
+    _run_eval(['--trained_model', weights, '--video', f'{src}:{out}'])
+    capture = cv2.VideoCapture(out)
+    assert capture.isOpened() and round(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    capture.release()
+
+
+def test_drawing_assembles_only_the_top_k_masks_it_draws(shapes, weights):
+    cfg = get_config('yolact_shapes')
+    net = Yolact.from_config(cfg)
+    net.set_state_dict(paddle.load(weights))
+    net.eval()
+    image = cv2.imread(os.path.join(shapes.valid_images, '000003.jpg'))
+    x = eval_script.FastBaseTransform.from_config(cfg)(paddle.to_tensor(image[None]))
+    detect = Detect.from_config(cfg)
+    full = eval_script.detect_image(net, detect, cfg, x, SIDE, SIDE, score_threshold=0.3)
+    top = eval_script.detect_image(net, detect, cfg, x, SIDE, SIDE, score_threshold=0.3, max_detections=5)
+    assert len(full['scores']) > 5 and len(top['scores']) == 5
+    for key in full:
+        np.testing.assert_array_equal(top[key], full[key][:5], err_msg=key)
+
+
+@pytest.mark.parametrize('flag, spec, error, message', [
+    ('--video', '{tmp}/missing.mp4:{tmp}/out.mp4', FileNotFoundError, 'not found'),
+    ('--video', '{tmp}/not_a_video.mp4:{tmp}/out.mp4', OSError, 'cannot open video'),
+    ('--video', '{video}:{tmp}/no/such/folder/out.mp4', FileNotFoundError, 'output folder does not exist'),
+    ('--image', '{image}:{tmp}/no/such/folder/out.png', FileNotFoundError, 'output folder does not exist'),
+    ('--image', '{tmp}/not_a_video.mp4:{tmp}/out.png', OSError, 'cannot decode image file'),
+    ('--images', '{tmp}/not_a_video.mp4:{tmp}/out', NotADirectoryError, 'is not a folder'),
+])
+def test_bad_input_and_output_paths_are_clear_errors(shapes, weights, tmp_path, flag, spec, error, message):
+    (tmp_path / 'not_a_video.mp4').write_text('text')
+    video = str(tmp_path / 'ok.mp4')
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*'mp4v'), 10, (SIDE, SIDE))
+    writer.write(np.zeros((SIDE, SIDE, 3), np.uint8))
+    writer.release()
+    spec = spec.format(tmp=tmp_path, video=video, image=os.path.join(shapes.valid_images, '000001.jpg'))
+    with pytest.raises(error, match=message):
+        eval_script.run(eval_script.parse_args(['--trained_model', weights, flag, spec]))
+
+
+def test_cli_reports_bad_input_with_exit_code_one(weights, tmp_path):
+    assert eval_script.main(['--trained_model', weights, '--image', f'{tmp_path}/missing.png:out.png']) == 1
+    assert eval_script.main(['--trained_model', str(tmp_path / 'no_config_in_name.pdparams')]) == 1
+
+
+def test_cli_needs_a_model_and_one_mode(weights):
+    with pytest.raises(SystemExit):
+        eval_script.parse_args([])
+    with pytest.raises(SystemExit):
+        eval_script.parse_args(['--trained_model', weights, '--image', 'a.png', '--video', 'b.mp4'])
+    args = eval_script.parse_args(['--trained_model', weights])
+    assert (args.fast_nms, args.cross_class_nms, args.top_k, args.score_threshold) == (True, False, 5, 0.0)
+
+
+def test_config_from_weights_name_and_override(shapes, weights):
+    args = eval_script.parse_args(['--trained_model', weights])
+    assert eval_script.resolve_config(args).name == 'yolact_shapes'
+    args = eval_script.parse_args(['--trained_model', weights, '--config', 'yolact_base'])
+    assert eval_script.resolve_config(args).name == 'yolact_base'
+    args = eval_script.parse_args(['--trained_model', weights, '--dataset', 'coco2017_testdev_dataset'])
+    cfg = eval_script.resolve_config(args)
+    assert not cfg.dataset.has_gt and cfg.dataset.label_map is not None
+
+
+# ------------------------------------------------------------------ drawing --
+def test_draw_detections_reference_colours_and_order():
+    image = np.full((40, 60, 3), 100, dtype=np.uint8)
+    masks = np.zeros((2, 40, 60), dtype=np.float32)
+    masks[0, 5:20, 5:30] = 1
+    masks[1, 10:30, 20:50] = 1
+    boxes = np.array([[5, 5, 30, 20], [20, 10, 50, 30]])
+    out = draw_detections(image, np.array([3, 1]), np.array([0.9, 0.8]), boxes, masks, SHAPE_CLASSES,
+                          draw_boxes=False, draw_text=False)
+    alpha = 0.45
+
+    def blended(*colors):
+        value = np.full(3, 100 / 255.0, dtype=np.float32)
+        for color in colors:
+            value = value * (1 - alpha) + np.asarray(color, dtype=np.float32) / 255.0 * alpha
+        return (value * 255).astype(np.uint8)
+
+    # Per instance: detection j gets COLORS[j * 5], BGR; the first (best) is blended last, on top.
+    assert detection_color(1) == tuple(reversed(COLORS[5]))
+    np.testing.assert_array_equal(out[6, 6], blended(detection_color(0)))
+    np.testing.assert_array_equal(out[25, 45], blended(detection_color(1)))
+    np.testing.assert_array_equal(out[15, 25], blended(detection_color(1), detection_color(0)))
+    np.testing.assert_array_equal(out[35, 5], image[35, 5])
+
+    by_class = draw_detections(image, np.array([3, 1]), np.array([0.9, 0.8]), boxes, masks, SHAPE_CLASSES,
+                               draw_boxes=False, draw_text=False, class_color=True)
+    np.testing.assert_array_equal(by_class[6, 6], blended(detection_color(3)))
+
+
+def test_draw_detections_threshold_top_k_boxes_and_text():
+    image = np.zeros((80, 120, 3), dtype=np.uint8)
+    boxes = np.array([[10, 30, 60, 70], [70, 40, 110, 75], [0, 0, 5, 5]])
+    scores = np.array([0.9, 0.5, 0.3])
+    out = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, SHAPE_CLASSES, top_k=5,
+                          score_threshold=0.4)
+    assert tuple(out[50, 10]) == detection_color(0)          # left edge of the first box
+    assert tuple(out[60, 110]) == detection_color(1)
+    assert not out[:6, :6].any()                              # below the threshold: not drawn
+    assert out[18:30, 10:60].any()                            # the label above the first box
+    only_one = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, SHAPE_CLASSES, top_k=1)
+    assert not only_one[60, 110].any()
+
+
+# ----------------------------------------------------- exported model, tools --
+def test_interpolation_matrix_matches_paddle_bilinear():
+    x = paddle.rand([2, 3, 35, 18])
+    expected = paddle.nn.functional.interpolate(x, size=(69, 35), mode='bilinear', align_corners=False)
+    rows, cols = interpolation_matrix(35, 69), interpolation_matrix(18, 35)
+    np.testing.assert_allclose(rows @ x.numpy() @ cols.T, expected.numpy(), rtol=0, atol=2e-6)
+
+
+def test_export_tool_and_static_shapes_model_match_dygraph(shapes, weights, tmp_path):
+    prefix = str(tmp_path / 'exported' / 'shapes')
+    assert export_model.main(['--trained_model', weights, '--output', prefix]) == 0
+    cfg = get_config('yolact_shapes')
+    net = Yolact.from_config(cfg)
+    net.set_state_dict(paddle.load(weights))
+    net.eval()
+    x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
+    with paddle.no_grad():
+        expected = net(x)
+    got = StaticYolact(prefix)(x)
+    for key in expected:
+        np.testing.assert_allclose(got[key].numpy(), expected[key].numpy(), rtol=0, atol=1e-4, err_msg=key)
+
+    # eval.py on the exported model writes the same detections as on the weights.
+    runs = {}
+    for label, model in (('dygraph', ['--trained_model', weights]), ('exported', ['--inference_model', prefix])):
+        results_dir = str(tmp_path / label)
+        _run_eval([*model, *_dataset_flags(shapes), '--results_dir', results_dir, '--output_coco_json',
+                   '--num_workers', '0'])
+        with open(os.path.join(results_dir, coco_eval.MASK_FILE)) as f:
+            runs[label] = json.load(f)
+    assert [(r['image_id'], r['category_id']) for r in runs['exported']] == \
+        [(r['image_id'], r['category_id']) for r in runs['dygraph']]
+    np.testing.assert_allclose([r['score'] for r in runs['exported']], [r['score'] for r in runs['dygraph']],
+                               rtol=0, atol=1e-5)
+
+
+def test_exported_mask_iou_net_rescores_like_dygraph(tmp_path):
+    """YOLACT++ rescoring through the exported mask-IoU net (a small YOLACT++-style config)."""
+    plus = get_config('yolact_plus_base')
+    cfg = get_config('yolact_shapes', max_size=550, use_maskiou=True, maskiou_net=plus.maskiou_net,
+                     rescore_mask=True)
+    net = Yolact.from_config(cfg)
+    benchmark_tool.benchmark_weights(net, seed=1)
+    net.eval()
+    prefix = str(tmp_path / 'plus')
+    export_yolact(net, cfg, prefix)
+    static = StaticYolact(prefix)
+    assert static.maskiou_net is not None
+
+    x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
+    detect = Detect.from_config(cfg)
+    with paddle.no_grad():
+        outs = [postprocess(detect(model(x))[0], 200, 150, maskiou_net=model.maskiou_net,
+                            rescore_mask=True) for model in (net, static)]
+    assert outs[0]['mask_scores'].shape[0] == cfg.max_num_detections
+    np.testing.assert_array_equal(outs[1]['classes'].numpy(), outs[0]['classes'].numpy())
+    np.testing.assert_allclose(outs[1]['mask_scores'].numpy(), outs[0]['mask_scores'].numpy(), rtol=0, atol=1e-5)
+    # No detections: the exported net is not even run.
+    assert static.maskiou_net(paddle.zeros([0, 1, 138, 138])).shape == [0, cfg.num_classes - 1]
+
+
+@needs_reference
+def test_exported_yolact_base_equals_dygraph_on_reference_fixture(tmp_path):
+    """ResNet-101, seed-0 weights: raw outputs and detections, exported vs dygraph vs the reference."""
+    cfg = get_config('yolact_base')
+    net = Yolact.from_config(cfg)
+    params, _ = convert_state_dict(reference_state_dict(cfg.name),
+                                   {k: v.shape for k, v in net.state_dict().items()},
+                                   [fpn_downsample_drop(cfg.fpn.num_downsample)])
+    net.set_state_dict(params)
+    net.eval()
+    ref = reference_npz('forward_yolact_base')
+    x = paddle.to_tensor(ref['x'])
+    with paddle.no_grad():
+        dygraph = net(x)
+    prefix = str(tmp_path / 'yolact_base')
+    export_yolact(net, cfg, prefix)
+    exported = StaticYolact(prefix)(ref['x'])
+
+    for key in ('loc', 'conf', 'mask', 'priors', 'proto'):
+        np.testing.assert_allclose(exported[key].numpy(), dygraph[key].numpy(), rtol=0, atol=1e-4, err_msg=key)
+
+    detect = Detect.from_config(cfg)
+    dets = [detect(p)[0] for p in (dygraph, exported)]
+    h, w = ref['input_bgr'].shape[:2]
+    scale = np.float32([w, h, w, h])
+    for det in dets:
+        # The reference's detections, in its order (the anchor identified by its coefficients);
+        # det_box holds the pixel boxes the reference's postprocess wrote into it in place.
+        np.testing.assert_array_equal(det['class'].numpy(), ref['det_class'])
+        np.testing.assert_allclose(det['score'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(det['mask'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(np.clip(det['box'].numpy() * scale, 0, scale), ref['det_box'], rtol=0, atol=1e-2)
+
+    posts = [{k: v.numpy() for k, v in postprocess(det, w, h).items()} for det in dets]
+    reference_masks = np.unpackbits(ref['post_masks_packed'], axis=-1)[..., :w].astype(bool)
+    for post in posts:
+        np.testing.assert_array_equal(post['classes'], ref['post_classes'])
+        np.testing.assert_array_equal(post['boxes'], ref['post_boxes'])
+        assert (post['masks'].astype(bool) == reference_masks).mean() > 0.999
+    assert (posts[1]['masks'] == posts[0]['masks']).mean() > 0.9999
+
+
+def test_benchmark_tool_times_every_stage(tmp_path):
+    cfg = get_config('yolact_shapes')
+    net = Yolact.from_config(cfg)
+    benchmark_tool.benchmark_weights(net, seed=0)
+    net.eval()
+    prefix = str(tmp_path / 'shapes')
+    export_yolact(net, cfg, prefix)
+    image = benchmark_tool.synthetic_image(str(tmp_path / 'image.jpg'), width=160, height=120)
+    medians = benchmark_tool.benchmark({'exported': StaticYolact(prefix), 'dygraph': net}, cfg, image,
+                                       runs=2, warmup=1)
+    for label in ('exported', 'dygraph'):
+        assert set(medians[label]) == set(benchmark_tool.STAGES) | {'total'}
+        assert all(v > 0 for v in medians[label].values())
+        assert medians[label]['total'] >= medians[label]['network']
+    # Trained-like random weights: Detect keeps the full number of detections.
+    with paddle.no_grad():
+        det = Detect.from_config(cfg)(net(paddle.rand([1, 3, cfg.max_size, cfg.max_size])))[0]
+    assert det['score'].shape[0] == cfg.max_num_detections
+

@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""Time single-image YOLACT inference on this machine, stage by stage.
+
+Stages: decode (cv2.imread), preprocess (FastBaseTransform), the network in
+dygraph and exported (Paddle Inference, oneDNN on CPU), detect (Fast NMS) and
+postprocess (masks at image size, copied to numpy). Each run goes through the
+whole chain once; the table gives, per network, the median over --runs runs
+after --warmup runs of each stage and of the end-to-end total.
+
+Without --trained_model the network gets random weights with trained-like
+statistics (see ``benchmark_weights``), so that Detect and postprocess work
+on a full set of detections as with a real model on a busy image.
+
+    python tools/benchmark.py --config yolact_base --runs 5
+    python tools/benchmark.py --trained_model weights/yolact_base_54_800000.pth --image photo.jpg
+"""
+import argparse
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+# Run from any directory: the project's top-level packages live one level up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Paddle's custom-op machinery warns about a missing compiler cache on import; no op is compiled here.
+warnings.filterwarnings('ignore', message='No ccache found')
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+from data.config import get_config  # noqa: E402
+from eval import first_detections, load_trained_model  # noqa: E402
+from layers.functions import Detect  # noqa: E402
+from layers.output_utils import postprocess  # noqa: E402
+from utils.augmentations import FastBaseTransform  # noqa: E402
+from utils.inference import StaticYolact, export_yolact  # noqa: E402
+from yolact import Yolact  # noqa: E402
+
+logger = logging.getLogger('benchmark')
+
+STAGES = ('decode', 'preprocess', 'network', 'detect', 'postprocess')
+# Prediction-head kernels are scaled up so that random weights give confident,
+# well separated class scores (and so detections), as trained weights do.
+HEAD_GAIN = {'conf_layer.weight': 9.0, 'mask_layer.weight': 5.0}
+
+
+def benchmark_weights(net, seed=0):
+    """Fill ``net`` with random weights whose outputs look like a trained model's.
+
+    Paddle's default initialisation gives near-uniform class scores, below
+    Detect's confidence threshold, so nothing would reach NMS or postprocess.
+    Here BatchNorm statistics and scales are moderate, convolutions are
+    He-scaled and the class and mask-coefficient kernels are amplified: the
+    network then yields the full max_num_detections, the heaviest case for
+    Detect and postprocess.
+    """
+    rng = np.random.RandomState(seed)
+    params = {}
+    for name, value in net.state_dict().items():
+        shape = tuple(value.shape)
+        if name.endswith('._mean'):
+            array = rng.normal(0.0, 0.1, shape)
+        elif name.endswith('._variance'):
+            array = rng.uniform(0.5, 1.5, shape)
+        elif name.endswith('.weight') and len(shape) == 1:   # BatchNorm scale
+            array = rng.uniform(0.3, 0.7, shape)
+        elif name.endswith('.bias'):
+            array = rng.normal(0.0, 0.05, shape)
+        elif len(shape) == 4:                                  # conv kernel
+            array = rng.normal(0.0, 1.0, shape) / np.sqrt(np.prod(shape[1:]))
+            array *= next((g for suffix, g in HEAD_GAIN.items() if name.endswith(suffix)), 1.0)
+        else:
+            array = rng.normal(0.0, 0.02, shape)
+        params[name] = array.astype(np.float32)
+    net.set_state_dict(params)
+
+
+def synthetic_image(path, width=640, height=480, seed=0):
+    """Write a JPEG of smooth random colour blobs (a COCO-sized image) and return its path."""
+    rng = np.random.RandomState(seed)
+    small = rng.uniform(0, 255, (height // 40, width // 40, 3)).astype(np.float32)
+    image = cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    image += rng.normal(0, 8, image.shape)
+    cv2.imwrite(path, np.clip(image, 0, 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 95])
+    return path
+
+
+def run_chain(net, detect, transform, cfg, image_path, top_k=None):
+    """One pass decode -> postprocess; returns ({stage: seconds}, number of detections).
+
+    top_k: postprocess only the k best detections (eval.py's drawing path); None: all.
+    """
+    times = {}
+    t = time.perf_counter()
+    image = cv2.imread(image_path)
+    times['decode'] = time.perf_counter() - t
+    height, width = image.shape[:2]
+
+    t = time.perf_counter()
+    x = transform(paddle.to_tensor(image[None]))
+    times['preprocess'] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    preds = net(x)
+    times['network'] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    det = detect(preds)[0]
+    if top_k is not None:
+        det = first_detections(det, top_k)
+    times['detect'] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    out = postprocess(det, width, height, maskiou_net=net.maskiou_net, rescore_bbox=cfg.rescore_bbox,
+                      rescore_mask=cfg.rescore_mask)
+    host = {k: v.numpy() for k, v in out.items()}
+    times['postprocess'] = time.perf_counter() - t
+    return times, len(host['scores'])
+
+
+def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None):
+    """Median stage times of each chain.
+
+    chains: {label: network} (dygraph Yolact or StaticYolact), timed one
+    after the other: alternating them would time each network while the
+    other's CPU threads are still spinning down. top_k: see run_chain. Returns
+    {label: {stage or 'total': median seconds}} and logs the table.
+    """
+    detect = Detect.from_config(cfg)
+    transform = FastBaseTransform.from_config(cfg)
+    samples = {label: [] for label in chains}
+    detections = {}
+    with paddle.no_grad():
+        for label, net in chains.items():
+            for run in range(warmup + runs):
+                times, detections[label] = run_chain(net, detect, transform, cfg, image_path, top_k)
+                if run >= warmup:
+                    samples[label].append(times)
+                    logger.info('run %d %-9s %.3f s', run - warmup + 1, label, sum(times.values()))
+    medians = {}
+    for label, runs_times in samples.items():
+        medians[label] = {s: statistics.median(t[s] for t in runs_times) for s in STAGES}
+        medians[label]['total'] = statistics.median(sum(t.values()) for t in runs_times)
+    header = f"{'stage':<12}" + ''.join(f'{label:>12}' for label in chains)
+    rows = [f'{s:<12}' + ''.join(f'{1000 * medians[label][s]:10.1f}ms' for label in chains)
+            for s in STAGES + ('total',)]
+    logger.info('%s at %dx%d on %s, median of %d runs (%s detections):\n%s', cfg.name, cfg.max_size,
+                cfg.max_size, paddle.device.get_device(), runs,
+                ', '.join(f'{label} {n}' for label, n in detections.items()), '\n'.join([header] + rows))
+    return medians
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', default='yolact_base', help='config name (default: yolact_base)')
+    p.add_argument('--trained_model', default=None,
+                   help='weights (.pth or .pdparams); default: random weights, see --seed')
+    p.add_argument('--seed', default=0, type=int, help='seed of the random weights')
+    p.add_argument('--image', default=None,
+                   help='image to run on (default: a synthetic 640x480 JPEG, decoded every run)')
+    p.add_argument('--runs', default=5, type=int, help='timed runs (the median is reported)')
+    p.add_argument('--warmup', default=1, type=int, help='untimed runs first (graph setup, caches)')
+    p.add_argument('--export_dir', default=None,
+                   help='where to export the static model (default: a temporary folder)')
+    p.add_argument('--no_dygraph', action='store_true', help='time only the exported network')
+    p.add_argument('--top_k', default=None, type=int,
+                   help='postprocess only the k best detections, as eval.py --image/--video do for drawing '
+                        '(default: all, as dataset evaluation does)')
+    p.add_argument('--device', default='cpu', choices=('cpu', 'gpu'), help='where the networks run')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
+    paddle.set_device(args.device)
+    cfg = get_config(args.config)
+    net = Yolact.from_config(cfg)
+    if args.trained_model:
+        load_trained_model(net, args.trained_model, cfg)
+    else:
+        benchmark_weights(net, args.seed)
+    net.eval()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        image_path = args.image or synthetic_image(os.path.join(tmp, 'image.jpg'))
+        prefix = os.path.join(args.export_dir or tmp, cfg.name)
+        export_yolact(net, cfg, prefix)
+        chains = {'exported': StaticYolact(prefix, device=args.device)}
+        if not args.no_dygraph:
+            chains['dygraph'] = net
+        benchmark(chains, cfg, image_path, args.runs, args.warmup, args.top_k)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

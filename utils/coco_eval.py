@@ -1,0 +1,270 @@
+"""COCO results files and COCO mAP.
+
+Detections of one image (after ``layers.output_utils.postprocess``) become
+COCO result records the moment they are produced and are appended to two
+JSON arrays on disk, so evaluating 5,000 or 20,288 images never holds more
+than one image's full-size masks:
+
+* ``bbox_detections.json``: ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``
+  with ``bbox`` in pixels of the original image, floats;
+* ``mask_detections.json``: ``{"image_id", "category_id", "segmentation": RLE, "score"}``
+  with the RLE ``counts`` as a str (pycocotools gives bytes; JSON needs text).
+
+Category ids are the dataset's own (label map inverted); YOLACT++ writes the
+box score with boxes and the mask-IoU rescored score with masks, as the
+reference does. :func:`evaluate_coco` runs pycocotools' COCOeval on those
+files and returns AP, AP50, AP75, APs, APm, APl for ``bbox`` and ``segm``.
+"""
+import contextlib
+import io
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import pycocotools.mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+logger = logging.getLogger(__name__)
+
+BBOX_FILE = 'bbox_detections.json'
+MASK_FILE = 'mask_detections.json'
+
+# COCOeval.stats[0:6] in order; the "maxDets=100" averages the reference reports.
+METRICS = ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')
+IOU_TYPES = ('bbox', 'segm')
+
+
+def class_to_category(label_map):
+    """{0-based class index: dataset category id} from a ``{category_id: 1-based label}`` map."""
+    return {label - 1: category for category, label in label_map.items()}
+
+
+def detection_records(image_id, classes, boxes, scores, masks, class_to_cat, mask_scores=None):
+    """COCO result records for the detections of one image.
+
+    Args:
+        image_id: the dataset's image id.
+        classes: [N] int, 0-based class indices (background removed).
+        boxes: [N, 4] pixel (x1, y1, x2, y2) in the original image.
+        scores: [N] box scores.
+        masks: [N, H, W] full-image masks (0/1, any numeric or bool dtype).
+        class_to_cat: {class index: category id}, see :func:`class_to_category`.
+        mask_scores: [N] scores for the mask records (YOLACT++ mask-IoU rescoring);
+            ``None`` uses ``scores``.
+
+    Returns:
+        (bbox_records, mask_records), two lists of dicts ready for ``json.dumps``.
+        Detections whose box has no positive width and height are left out of
+        both, as the reference intends: such a box carries no mask after
+        cropping. (The reference tests ``w * h > 0``, which lets through a box
+        lying wholly left of and above the image, where both are negative.)
+    """
+    classes = np.asarray(classes).astype(np.int64)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64)
+    mask_scores = scores if mask_scores is None else np.asarray(mask_scores, dtype=np.float64)
+    keep = np.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[0]
+    if keep.size == 0:
+        return [], []
+
+    # One call encodes every mask; pycocotools wants [H, W, N] in Fortran order.
+    kept_masks = np.asarray(masks)[keep]
+    rles = mask_util.encode(np.asfortranarray(kept_masks.transpose(1, 2, 0).astype(np.uint8)))
+
+    bbox_records, mask_records = [], []
+    for rle, i in zip(rles, keep):
+        category = int(class_to_cat[int(classes[i])])
+        x1, y1, x2, y2 = boxes[i]
+        # Rounded to 0.1 px as the reference does, to keep the files small.
+        xywh = [round(float(v) * 10) / 10 for v in (x1, y1, x2 - x1, y2 - y1)]
+        bbox_records.append({'image_id': int(image_id), 'category_id': category,
+                             'bbox': xywh, 'score': float(scores[i])})
+        rle['counts'] = rle['counts'].decode('ascii')
+        mask_records.append({'image_id': int(image_id), 'category_id': category,
+                             'segmentation': rle, 'score': float(mask_scores[i])})
+    return bbox_records, mask_records
+
+
+class JsonArrayWriter:
+    """A JSON array written one record at a time, so memory does not grow with the file.
+
+    The file is a valid JSON array only after :meth:`close` (or leaving the
+    ``with`` block); ``json.load`` reads it back as a list.
+    """
+
+    def __init__(self, path):
+        try:
+            self._file = open(path, 'w')
+        except OSError as e:
+            raise OSError(f'cannot write results file {path!r}: {e.strerror}') from e
+        self.path = path
+        self.count = 0
+        self._file.write('[')
+
+    def write(self, record):
+        """Append one JSON-serialisable record."""
+        self._file.write((',\n' if self.count else '\n') + json.dumps(record))
+        self.count += 1
+
+    def close(self):
+        if not self._file.closed:
+            self._file.write('\n]\n')
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class CocoResultsWriter:
+    """Streams detections into ``bbox_detections.json`` and ``mask_detections.json``.
+
+    Use as a context manager; call :meth:`add` once per image right after
+    post-processing so that the image's full-size masks can be freed.
+    """
+
+    def __init__(self, results_dir, class_to_cat, bbox_file=BBOX_FILE, mask_file=MASK_FILE):
+        """class_to_cat: {0-based class index: category id}, see :func:`class_to_category`."""
+        try:
+            os.makedirs(results_dir, exist_ok=True)
+        except OSError as e:
+            raise OSError(f'cannot create results directory {results_dir!r}: {e.strerror}') from e
+        self.class_to_cat = dict(class_to_cat)
+        self.bbox_path = os.path.join(results_dir, bbox_file)
+        self.mask_path = os.path.join(results_dir, mask_file)
+        self._bbox = JsonArrayWriter(self.bbox_path)
+        try:
+            self._mask = JsonArrayWriter(self.mask_path)
+        except OSError:
+            self._bbox.close()
+            raise
+        self.num_images = 0
+
+    @property
+    def num_detections(self):
+        return self._bbox.count
+
+    def add(self, image_id, classes, boxes, scores, masks, mask_scores=None):
+        """Encode and append one image's detections (arguments as :func:`detection_records`)."""
+        bbox_records, mask_records = detection_records(
+            image_id, classes, boxes, scores, masks, self.class_to_cat, mask_scores)
+        for record in bbox_records:
+            self._bbox.write(record)
+        for record in mask_records:
+            self._mask.write(record)
+        self.num_images += 1
+
+    def close(self):
+        self._bbox.close()
+        self._mask.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_coco(annotation_file):
+    """A pycocotools COCO object, with its chatter sent to the debug log."""
+    with _quiet():
+        return COCO(annotation_file)
+
+
+def load_results(coco_gt, results):
+    """``coco_gt.loadRes`` that also accepts an empty result list.
+
+    results: a results JSON path or a list of records. pycocotools cannot load
+    an empty list (it inspects the first record); an image set without a single
+    detection is still a valid result, scored 0.
+    """
+    if isinstance(results, str):
+        with open(results) as f:
+            results = json.load(f)
+    if results:
+        with _quiet():
+            return coco_gt.loadRes(results)
+    empty = COCO()
+    empty.dataset = {'images': list(coco_gt.dataset['images']),
+                     'categories': list(coco_gt.dataset.get('categories', [])),
+                     'annotations': []}
+    with _quiet():
+        empty.createIndex()
+    return empty
+
+
+def evaluate_coco(coco_gt, result_files, image_ids=None):
+    """COCO mAP of results files against ground truth.
+
+    Args:
+        coco_gt: a pycocotools COCO object or an annotation file path.
+        result_files: {'bbox': path, 'segm': path}; either may be absent.
+        image_ids: evaluate on these images only (e.g. when ``--max_images`` was
+            used); ``None`` means every image of the ground truth.
+
+    Returns:
+        {iou_type: {metric: value}} with the metrics of :data:`METRICS` as
+        COCOeval reports them (fractions in [0, 1]; -1 where the ground truth
+        has no object of that size).
+    """
+    if isinstance(coco_gt, str):
+        coco_gt = load_coco(coco_gt)
+    results = {}
+    for iou_type in IOU_TYPES:
+        if iou_type not in result_files:
+            continue
+        coco_dt = load_results(coco_gt, result_files[iou_type])
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        with _quiet():
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        results[iou_type] = {name: float(v) for name, v in zip(METRICS, evaluator.stats[:len(METRICS)])}
+    return results
+
+
+def format_table(results):
+    """The mAP table, in percent, one row per IoU type (``n/a``: no ground truth of that size)."""
+    def cell(v):
+        return f'{100 * v:7.2f}' if v >= 0 else '    n/a'
+
+    header = '      |' + '|'.join(f'{m:>7} ' for m in METRICS) + '|'
+    sep = '-' * len(header)
+    rows = [f' {t:<4} |' + '|'.join(cell(results[t][m]) + ' ' for m in METRICS) + '|'
+            for t in IOU_TYPES if t in results]
+    return '\n'.join([header, sep] + rows + [sep])
+
+
+def write_eval_log(results, log_dir, run_name, **info):
+    """Save one evaluation's results as ``<log_dir>/eval_<run_name>_<time>.json``.
+
+    ``info`` (config, weights, dataset, image counts, ...) is stored next to the
+    numbers so that a log alone says what was measured. Returns the path.
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    stem = os.path.join(log_dir, f"eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = stem + '.json', 1
+    while os.path.exists(path):  # two runs in the same second keep both logs
+        path, n = f'{stem}_{n}.json', n + 1
+    with open(path, 'w') as f:
+        json.dump({'results': results, 'table': format_table(results).splitlines(), **info}, f, indent=2)
+    return path
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Send pycocotools' prints to the debug log instead of stdout."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        if buffer.getvalue().strip():
+            logger.debug('%s', buffer.getvalue().rstrip())
