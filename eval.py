@@ -43,7 +43,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
-from data.coco import COCOEvalImages, read_image
+from data.coco import COCOEvalImages, classes_from_categories, read_image
 from data.config import DATASETS, DatasetConfig, config_name_from_weights, get_config
 from layers.functions import Detect
 from layers.output_utils import postprocess
@@ -193,19 +193,7 @@ def custom_dataset(image_dir, info_file, class_names=None):
         raise ValueError('a custom dataset needs both --valid_images and --valid_info')
     with open(info_file) as f:
         info = json.load(f)
-    categories = sorted(info.get('categories', []), key=lambda c: c['id'])
-    if not categories:
-        raise ValueError(f'{info_file} lists no categories')
-    if class_names is None:
-        names = tuple(c['name'] for c in categories)
-        label_map = tuple((c['id'], i + 1) for i, c in enumerate(categories))
-    else:
-        names = tuple(n.strip() for n in class_names.split(','))
-        id_of = {c['name']: c['id'] for c in categories}
-        unknown = [n for n in names if n not in id_of]
-        if unknown:
-            raise ValueError(f'--class_names {unknown} are not categories of {info_file} (it has {sorted(id_of)})')
-        label_map = tuple((id_of[n], i + 1) for i, n in enumerate(names))
+    names, label_map = classes_from_categories(info.get('categories', []), class_names, info_file)
     return DatasetConfig(name=os.path.basename(info_file), valid_images=image_dir, valid_info=info_file,
                          has_gt='annotations' in info, class_names=names, label_map=label_map)
 

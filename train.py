@@ -37,7 +37,7 @@ import paddle
 import paddle.distributed as dist
 
 import eval as eval_script
-from data.coco import COCODetection, COCOEvalImages, detection_collate
+from data.coco import COCODetection, COCOEvalImages, classes_from_categories, detection_collate
 from data.config import DATASETS, DatasetConfig, get_config
 from layers.functions import Detect
 from layers.modules.multibox_loss import MultiBoxLoss
@@ -157,18 +157,8 @@ def custom_dataset(args, base):
         return None
     paths = {f: getattr(args, f) or getattr(base, f) for f in flags[:4]}
     with open(paths['train_info']) as f:
-        categories = sorted(json.load(f)['categories'], key=lambda c: c['id'])
-    if args.class_names is None:
-        names = tuple(c['name'] for c in categories)
-        label_map = tuple((c['id'], i + 1) for i, c in enumerate(categories))
-    else:
-        names = tuple(n.strip() for n in args.class_names.split(','))
-        id_of = {c['name']: c['id'] for c in categories}
-        unknown = [n for n in names if n not in id_of]
-        if unknown:
-            raise ValueError(f"--class_names {unknown} are not categories of {paths['train_info']} "
-                             f'(it has {sorted(id_of)})')
-        label_map = tuple((id_of[n], i + 1) for i, n in enumerate(names))
+        categories = json.load(f)['categories']
+    names, label_map = classes_from_categories(categories, args.class_names, paths['train_info'])
     return DatasetConfig(name='custom', class_names=names, label_map=label_map, **paths)
 
 

@@ -61,6 +61,27 @@ def _sorted_label_map(coco):
     return {cat: i + 1 for i, cat in enumerate(sorted(coco.getCatIds()))}
 
 
+def classes_from_categories(categories, class_names=None, source=''):
+    """(class_names, label_map) for a COCO-format set, as data.config.DatasetConfig wants them.
+
+    categories: the annotation file's ``categories`` list. Without
+    ``class_names`` every category is a class, in increasing id order; with it
+    (comma-separated names) only those, in that order, matched by name.
+    label_map is ((category_id, 1-based label), ...). ``source`` names the file in errors.
+    """
+    categories = sorted(categories, key=lambda c: c['id'])
+    if not categories:
+        raise ValueError(f'{source} lists no categories')
+    if class_names is None:
+        return tuple(c['name'] for c in categories), tuple((c['id'], i + 1) for i, c in enumerate(categories))
+    names = tuple(n.strip() for n in class_names.split(','))
+    id_of = {c['name']: c['id'] for c in categories}
+    unknown = [n for n in names if n not in id_of]
+    if unknown:
+        raise ValueError(f'--class_names {unknown} are not categories of {source} (it has {sorted(id_of)})')
+    return names, tuple((id_of[n], i + 1) for i, n in enumerate(names))
+
+
 class COCODetection(Dataset):
     """Images with their boxes, classes and instance masks, for training.
 
