@@ -53,6 +53,7 @@ from utils.checkpoint import load_weights, sidecar_paths
 from utils.convert import convert_checkpoint
 from utils.drawing import draw_detections
 from utils.inference import StaticYolact, read_export_meta
+from utils.runtime import select_device
 from yolact import Yolact
 
 logger = logging.getLogger('eval')
@@ -603,8 +604,7 @@ def main(argv=None):
 
 def run(args):
     """main() after argument parsing; raises on bad input."""
-    device = args.device or ('gpu' if paddle.device.cuda.device_count() > 0 else 'cpu')
-    paddle.set_device(device)
+    device = select_device(args.device)
 
     cfg = resolve_config(args)
     net = build_network(args, cfg, device)

@@ -46,6 +46,7 @@ from utils.augmentations import BaseTransform, SSDAugmentation
 from utils.convert import convert_checkpoint
 from utils.logger import TrainingLogger
 from utils.lr_schedule import WarmupStepSchedule
+from utils.runtime import select_device
 from yolact import Yolact
 
 logger = logging.getLogger('train')
@@ -546,8 +547,7 @@ class Trainer:
 def main(argv=None):
     """Run training; returns the process exit code (0 done, 1 non-finite loss, 130 interrupted)."""
     args = parse_args(argv)
-    device = args.device or ('gpu' if paddle.device.cuda.device_count() > 0 else 'cpu')
-    paddle.set_device(device)
+    device = select_device(args.device)
     if args.amp and device == 'cpu':
         logger.warning('--amp needs a GPU: training in float32')
         args.amp = False

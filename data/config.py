@@ -9,8 +9,7 @@ so that converted published weights reproduce the published results.
 """
 import dataclasses
 import os
-from dataclasses import dataclass, field
-from math import sqrt
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 # ImageNet statistics in BGR order, as the reference uses them.
@@ -337,10 +336,11 @@ def get_config(name, **overrides):
 
     Keyword overrides replace top-level fields, e.g.
     ``get_config('yolact_base', max_size=400, dataset=my_dataset)``.
+    Raises ValueError for an unknown name, listing the known ones.
     """
     key = name[:-len('_config')] if name.endswith('_config') else name
     if key not in CONFIGS:
-        raise KeyError(f"unknown config {name!r}; known configs: {', '.join(sorted(CONFIGS))}")
+        raise ValueError(f"unknown config {name!r}; known configs: {', '.join(sorted(CONFIGS))}")
     return dataclasses.replace(CONFIGS[key], **overrides)
 
 

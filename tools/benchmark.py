@@ -38,6 +38,7 @@ from layers.functions import Detect  # noqa: E402
 from layers.output_utils import postprocess  # noqa: E402
 from utils.augmentations import FastBaseTransform  # noqa: E402
 from utils.inference import StaticYolact, export_yolact  # noqa: E402
+from utils.runtime import select_device  # noqa: E402
 from yolact import Yolact  # noqa: E402
 
 logger = logging.getLogger('benchmark')
@@ -177,7 +178,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
-    paddle.set_device(args.device)
+    select_device(args.device)
     cfg = get_config(args.config)
     net = Yolact.from_config(cfg)
     if args.trained_model:

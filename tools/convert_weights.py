@@ -64,10 +64,8 @@ def main(argv=None):
         else:
             cfg = get_config(args.config or config_name_from_weights(args.src))
             params, report = convert_checkpoint(args.src, cfg)
-    except (PthError, ConversionError, KeyError, ValueError, OSError) as exc:
-        # KeyError's str() adds quotes around the message; show the message itself.
-        message = exc.args[0] if isinstance(exc, KeyError) else str(exc)
-        print(f'error: {message}', file=sys.stderr)
+    except (PthError, ConversionError, ValueError, OSError) as exc:
+        print(f'error: {exc}', file=sys.stderr)
         return 1
     print_report(report)
     save_params(params, args.dst)

@@ -46,9 +46,8 @@ def main(argv=None):
         cfg = get_config(args.config or config_name_from_weights(args.trained_model))
         net = Yolact.from_config(cfg)
         load_trained_model(net, args.trained_model, cfg)
-    except (OSError, ValueError, KeyError) as e:
-        message = e.args[0] if isinstance(e, KeyError) else str(e)
-        logger.error('error: %s', message)
+    except (OSError, ValueError) as e:
+        logger.error('error: %s', e)
         return 1
     export_yolact(net, cfg, args.output)
     return 0

@@ -9,6 +9,7 @@ from layers.functions import Detect
 from layers.output_utils import postprocess
 from utils.augmentations import FastBaseTransform
 from utils.checkpoint import load_weights
+from utils.runtime import select_device
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -23,14 +24,13 @@ class Predictor:
             reference weights or a training checkpoint). Every key and shape
             must match; otherwise a ValueError names the offending keys.
         device: Paddle device for the network, e.g. 'cpu' or 'gpu:0'; None
-            keeps the current one. Set process-wide (paddle.set_device).
+            picks a GPU if there is one. Set process-wide (utils.runtime.select_device).
         **detect_overrides: Detect.from_config overrides, e.g.
             ``use_fast_nms=False`` or ``conf_thresh=0.3``.
     """
 
     def __init__(self, config_name, weights_path, device=None, **detect_overrides):
-        if device is not None:
-            paddle.set_device(device)
+        select_device(device)
         self.cfg = get_config(config_name)
         self.net = Yolact.from_config(self.cfg)
         load_weights(self.net, weights_path)
