@@ -73,7 +73,7 @@ def test_fast_base_transform_reproduces_reference_input():
 
 @needs_reference
 def test_base_transform_reproduces_reference_input():
-    # Measured max abs diff 7.2e-7. cv2.resize would be off by 1.7e-4 (see _linear_taps).
+    # Measured max abs diff 7.2e-7. cv2.resize would be off by 1.7e-4 (see linear_taps).
     ref = reference_npz('forward_yolact_base')
     x = BaseTransform.from_config(get_config('yolact_base'))(ref['input_bgr'])
     assert x.shape == ref['x'].shape[1:] and x.dtype == np.float32

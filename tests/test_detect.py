@@ -11,11 +11,13 @@ import pytest
 
 from data.config import get_config
 from layers.functions import Detect
-from layers.functions.detection import _top_k_desc
-from layers.output_utils import postprocess, undo_image_transformation
+from layers.box_utils import crop, jaccard
+from layers.functions.detection import _max_iou_with_better, _top_k_desc
+from layers.output_utils import _crop_in_place, postprocess, undo_image_transformation, upsample_masks
 from tests.conftest import needs_reference, reference_npz, reference_state_dict
 from utils.augmentations import FastBaseTransform
 from utils.convert import convert_state_dict, fpn_downsample_drop
+from utils.inference import export_yolact
 from utils.predictor import Predictor
 from yolact import Yolact
 
@@ -276,14 +278,14 @@ class TestPostprocess:
         # Box [0.25, 0.5] on an 8 px prototype: pixels 2..3, widened by the
         # 1-pixel crop padding to 1..4. Output at the prototype size: no resampling.
         out = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), w=8, h=8)
-        expected = np.zeros((1, 8, 8), np.float32)
-        expected[0, 1:5, 1:5] = 1
-        np.testing.assert_array_equal(out['masks'].numpy(), expected)
-        np.testing.assert_array_equal(out['boxes'].numpy(), [[2, 2, 4, 4]])
-        assert out['classes'].numpy().tolist() == [3]
+        expected = np.zeros((1, 8, 8), bool)
+        expected[0, 1:5, 1:5] = True
+        np.testing.assert_array_equal(out['masks'], expected)
+        np.testing.assert_array_equal(out['boxes'], [[2, 2, 4, 4]])
+        assert out['classes'].tolist() == [3]
         assert 'mask_scores' not in out
         uncropped = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), w=8, h=8, crop_masks=False)
-        np.testing.assert_array_equal(uncropped['masks'].numpy(), np.ones((1, 8, 8)))
+        np.testing.assert_array_equal(uncropped['masks'], np.ones((1, 8, 8), bool))
 
     def test_upsampling_then_threshold(self):
         # 8 -> 16 px, bilinear (align_corners=False): output column o samples
@@ -292,26 +294,26 @@ class TestPostprocess:
         # only 0.25 (0.22): the mask is rows/cols 2..9, except the corners
         # (0.75 * 0.75 * SIG2 = 0.495).
         out = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [0]), w=16, h=16)
-        expected = np.zeros((1, 16, 16), np.float32)
-        expected[0, 2:10, 2:10] = 1
-        expected[0, [2, 2, 9, 9], [2, 9, 2, 9]] = 0
-        np.testing.assert_array_equal(out['masks'].numpy(), expected)
-        np.testing.assert_array_equal(out['boxes'].numpy(), [[4, 4, 8, 8]])
+        expected = np.zeros((1, 16, 16), bool)
+        expected[0, 2:10, 2:10] = True
+        expected[0, [2, 2, 9, 9], [2, 9, 2, 9]] = False
+        np.testing.assert_array_equal(out['masks'], expected)
+        np.testing.assert_array_equal(out['boxes'], [[4, 4, 8, 8]])
 
     def test_box_sanitising(self):
         # x: (-0.1, 0.55) * 10 -> (0, 5.5) -> (0, 5); y: (1.2, 0.2) * 20 -> ordered (4, 24), clamped to 20.
         out = postprocess(_det([[-0.1, 1.2, 0.55, 0.2]], [0.9], [0]), w=10, h=20)
-        np.testing.assert_array_equal(out['boxes'].numpy(), [[0, 4, 5, 20]])
-        assert out['boxes'].dtype == paddle.int64
+        np.testing.assert_array_equal(out['boxes'], [[0, 4, 5, 20]])
+        assert out['boxes'].dtype == np.int64
 
     def test_score_threshold(self):
         det = _det(FAR[:3], [0.9, 0.5, 0.6], [0, 1, 2])
         out = postprocess(det, w=8, h=8, score_threshold=0.5)
-        assert out['classes'].numpy().tolist() == [0, 2]
-        assert out['scores'].numpy().tolist() == pytest.approx([0.9, 0.6])
-        assert out['masks'].shape == [2, 8, 8]
+        assert out['classes'].tolist() == [0, 2]
+        assert out['scores'].tolist() == pytest.approx([0.9, 0.6])
+        assert out['masks'].shape == (2, 8, 8)
         empty = postprocess(det, w=8, h=6, score_threshold=0.95)
-        assert empty['masks'].shape == [0, 6, 8] and empty['boxes'].shape == [0, 4]
+        assert empty['masks'].shape == (0, 6, 8) and empty['boxes'].shape == (0, 4)
 
     def test_rescoring(self):
         seen = []
@@ -323,14 +325,64 @@ class TestPostprocess:
         det = _det([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], [0.8, 0.6], [1, 0])
         out = postprocess(det, w=8, h=8, maskiou_net=maskiou_net, rescore_mask=True)
         # Each detection takes the IoU of its own class: 0.25 and 1.0.
-        assert out['scores'].numpy().tolist() == pytest.approx([0.8, 0.6])
-        assert out['mask_scores'].numpy().tolist() == pytest.approx([0.2, 0.6])
+        assert out['scores'].tolist() == pytest.approx([0.8, 0.6])
+        assert out['mask_scores'].tolist() == pytest.approx([0.2, 0.6])
         # The net sees the soft cropped masks at prototype resolution, [N, 1, 8, 8].
         assert seen[0].shape == (2, 1, 8, 8)
         np.testing.assert_allclose(np.unique(seen[0]), [0, SIG2], rtol=1e-6)
         both = postprocess(det, w=8, h=8, maskiou_net=maskiou_net, rescore_mask=True, rescore_bbox=True)
-        assert both['scores'].numpy().tolist() == pytest.approx([0.2, 0.6])
-        assert both['mask_scores'].numpy().tolist() == pytest.approx([0.2, 0.6])
+        assert both['scores'].tolist() == pytest.approx([0.2, 0.6])
+        assert both['mask_scores'].tolist() == pytest.approx([0.2, 0.6])
+
+
+@pytest.mark.parametrize('src, dst', [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))])
+def test_upsample_masks_equals_torch_bilinear_then_threshold(src, dst):
+    """cv2 plus the exact recomputation near 0.5 = PyTorch's F.interpolate + threshold, pixel for pixel."""
+    torch = pytest.importorskip('torch')
+    rng = np.random.default_rng(0)
+    # Values near the threshold, where cv2's own rounding alone would flip pixels.
+    soft = rng.uniform(0.45, 0.55, (4,) + src).astype(np.float32)
+    soft[0] = rng.uniform(0, 1, src)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(soft)[None], size=dst, mode='bilinear',
+                                               align_corners=False)[0].numpy() > 0.5
+    np.testing.assert_array_equal(upsample_masks(soft, *dst), expected)
+
+
+def test_crop_in_place_equals_box_utils_crop():
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(-0.1, 1.1, (50, 4)).astype(np.float32)
+    # Edges exactly on pixel borders (the kept range is half-open) and degenerate boxes.
+    corners[:10] = rng.integers(0, 17, (10, 4)) / np.float32(16)
+    corners[10, 2] = corners[10, 0]
+    masks = rng.uniform(0, 1, (16, 16, 50)).astype(np.float32)
+    expected = crop(paddle.to_tensor(masks), paddle.to_tensor(corners)).numpy().transpose(2, 0, 1)
+    actual = np.ascontiguousarray(masks.transpose(2, 0, 1))
+    _crop_in_place(actual, paddle.to_tensor(corners))
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_max_iou_with_better_equals_the_reference_jaccard():
+    """Bit for bit the reference's (PyTorch's) float32 IoU; Paddle's jaccard within 1 ulp."""
+    torch = pytest.importorskip('torch')
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 1, (3, 40, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.uniform(0.01, 0.5, (3, 40, 2)).astype(np.float32)], axis=2)
+    boxes[:, 5] = boxes[:, 3]            # an exact duplicate: IoU 1
+    actual = _max_iou_with_better(boxes)
+
+    # The reference's jaccard (box_utils.py), then Fast NMS's triu(diagonal=1).max(dim=1).
+    a = torch.from_numpy(boxes)
+    max_xy = torch.min(a[:, :, None, 2:], a[:, None, :, 2:])
+    min_xy = torch.max(a[:, :, None, :2], a[:, None, :, :2])
+    inter = torch.clamp(max_xy - min_xy, min=0).prod(3)
+    area = ((a[:, :, 2] - a[:, :, 0]) * (a[:, :, 3] - a[:, :, 1]))
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
+    np.testing.assert_array_equal(actual, iou.triu(diagonal=1).max(dim=1)[0].numpy())
+
+    # Paddle's CPU division is not always correctly rounded: 1 ulp (2**-24 relative) apart at most.
+    t = paddle.to_tensor(boxes)
+    np.testing.assert_allclose(actual, paddle.triu(jaccard(t, t), diagonal=1).max(axis=1).numpy(),
+                               rtol=2.0 ** -23, atol=0)
 
 
 @pytest.mark.parametrize('backbone', ['yolact_base', 'yolact_darknet53'])
@@ -395,9 +447,8 @@ def test_postprocess_reproduces_reference_from_its_detections(name):
     det = {'box': paddle.to_tensor(ref['det_box'] / np.float32([W, H, W, H])),
            'mask': paddle.to_tensor(ref['det_mask']), 'class': paddle.to_tensor(ref['det_class']),
            'score': paddle.to_tensor(ref['det_score']), 'proto': paddle.to_tensor(ref['det_proto'])}
-    post = {k: v.numpy() for k, v in postprocess(det, W, H).items()}
+    post = postprocess(det, W, H)
     ref.pop('post_mask_scores', None)     # the mask-IoU net is tested with the network below
-    post['masks'] = post['masks'] > 0.5
     _assert_post_matches(post, ref)
 
 
@@ -419,8 +470,6 @@ def test_detect_and_postprocess_match_reference(reference_run):
 
     post = postprocess(det, W, H, maskiou_net=net.maskiou_net, rescore_bbox=cfg.rescore_bbox,
                        rescore_mask=cfg.rescore_mask, crop_masks=True, score_threshold=0)
-    post = {k: v.numpy() for k, v in post.items()}
-    post['masks'] = post['masks'] > 0.5
     _assert_post_matches(post, ref)
 
 
@@ -441,3 +490,23 @@ def test_predictor_names_mismatched_keys(tmp_path):
     with pytest.raises(ValueError, match='not.a.key') as info:
         Predictor('yolact_resnet50', path)
     assert 'backbone.conv1.weight' in str(info.value) and 'fpn.lat_layers.0.weight' in str(info.value)
+
+
+@needs_reference
+# One export (ResNet-101) is enough here; the YOLACT++ export is tested in test_eval.py.
+@pytest.mark.parametrize('reference_run', ['yolact_base'], indirect=True)
+def test_exported_predictor_equals_dygraph_predictor(reference_run, tmp_path):
+    cfg, net, params, ref, _ = reference_run
+    path = str(tmp_path / 'seed0.pdparams')
+    paddle.save(params, path)
+    prefix = str(tmp_path / 'exported' / cfg.name)
+    export_yolact(net, cfg, prefix)
+    dygraph = Predictor(cfg.name, path)(ref['input_bgr'])
+    exported = Predictor.from_exported(prefix)(ref['input_bgr'])
+    assert set(exported) == set(dygraph)
+    np.testing.assert_array_equal(exported['classes'], dygraph['classes'])
+    np.testing.assert_array_equal(exported['boxes'], dygraph['boxes'])
+    np.testing.assert_allclose(exported['scores'], dygraph['scores'], rtol=0, atol=1e-5)
+    agreement = (exported['masks'] == dygraph['masks']).mean()
+    assert agreement >= 0.9999, f'masks agree on {agreement:.6%} of the pixels'
+    _assert_post_matches(exported, ref)

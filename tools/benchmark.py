@@ -3,7 +3,7 @@
 
 Stages: decode (cv2.imread), preprocess (FastBaseTransform), the network in
 dygraph and exported (Paddle Inference, oneDNN on CPU), detect (Fast NMS) and
-postprocess (masks at image size, copied to numpy). Each run goes through the
+postprocess (numpy masks at image size). Each run goes through the
 whole chain once; the table gives, per network, the median over --runs runs
 after --warmup runs of each stage and of the end-to-end total.
 
@@ -118,9 +118,8 @@ def run_chain(net, detect, transform, cfg, image_path, top_k=None):
     t = time.perf_counter()
     out = postprocess(det, width, height, maskiou_net=net.maskiou_net, rescore_bbox=cfg.rescore_bbox,
                       rescore_mask=cfg.rescore_mask)
-    host = {k: v.numpy() for k, v in out.items()}
     times['postprocess'] = time.perf_counter() - t
-    return times, len(host['scores'])
+    return times, len(out['scores'])
 
 
 def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None):

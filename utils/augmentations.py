@@ -77,7 +77,7 @@ class FastBaseTransform(paddle.nn.Layer):
         return paddle.index_select(x, self.channel_index, axis=1)
 
 
-def _linear_taps(in_size, out_size):
+def linear_taps(in_size, out_size):
     """Source indices and weights of half-pixel linear resampling along one axis.
 
     Sample positions are PyTorch's (bit-identical on ramp images): the scale is
@@ -104,8 +104,8 @@ def resize_bilinear(img, height, width):
     gives in Paddle and PyTorch (no antialiasing when downscaling), computed
     separably: along the width first, then the height.
     """
-    x0, x1, wx0, wx1 = _linear_taps(img.shape[1], width)
-    y0, y1, wy0, wy1 = _linear_taps(img.shape[0], height)
+    x0, x1, wx0, wx1 = linear_taps(img.shape[1], width)
+    y0, y1, wy0, wy1 = linear_taps(img.shape[0], height)
     rows = img[:, x0] * wx0[None, :, None] + img[:, x1] * wx1[None, :, None]
     return rows[y0] * wy0[:, None, None] + rows[y1] * wy1[:, None, None]
 
@@ -115,7 +115,7 @@ class BaseTransform:
 
     Meant for DataLoader workers, where Paddle ops are not wanted. The reference
     ``BaseTransform`` resized with cv2.resize and so fed the network slightly
-    different values than its ``FastBaseTransform`` (see ``_linear_taps``); here
+    different values than its ``FastBaseTransform`` (see ``linear_taps``); here
     both give the same input, so dataset evaluation and single-image inference
     see identical numbers.
     """

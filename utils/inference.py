@@ -27,7 +27,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from utils.augmentations import _linear_taps
+from utils.augmentations import linear_taps
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ def interpolation_matrix(in_size, out_size):
     """[out_size, in_size] float32 matrix of a 1-D linear resize with align_corners=False.
 
     Row i holds the two taps of output sample i with Paddle's kernel weights
-    (utils.augmentations._linear_taps), so ``A @ v`` resizes a vector ``v``.
+    (utils.augmentations.linear_taps), so ``A @ v`` resizes a vector ``v``.
     """
-    i0, i1, w0, w1 = _linear_taps(in_size, out_size)
+    i0, i1, w0, w1 = linear_taps(in_size, out_size)
     rows = np.arange(out_size)
     matrix = np.zeros((out_size, in_size), dtype=np.float32)
     # add.at: at the border both taps are the same pixel and their weights add up.

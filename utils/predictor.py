@@ -9,6 +9,7 @@ from layers.functions import Detect
 from layers.output_utils import postprocess
 from utils.augmentations import FastBaseTransform
 from utils.checkpoint import load_weights
+from utils.inference import StaticYolact
 from utils.runtime import select_device
 from yolact import Yolact
 
@@ -31,13 +32,32 @@ class Predictor:
 
     def __init__(self, config_name, weights_path, device=None, **detect_overrides):
         select_device(device)
-        self.cfg = get_config(config_name)
-        self.net = Yolact.from_config(self.cfg)
-        load_weights(self.net, weights_path)
-        self.net.eval()
-        self.transform = FastBaseTransform.from_config(self.cfg)
-        self.detect = Detect.from_config(self.cfg, **detect_overrides)
-        logger.info('loaded %s from %s', self.cfg.name, weights_path)
+        cfg = get_config(config_name)
+        net = Yolact.from_config(cfg)
+        load_weights(net, weights_path)
+        net.eval()
+        self._setup(cfg, net, detect_overrides)
+        logger.info('loaded %s from %s', cfg.name, weights_path)
+
+    @classmethod
+    def from_exported(cls, path_prefix, device='cpu', **detect_overrides):
+        """A Predictor running a network exported by tools/export_model.py with Paddle Inference.
+
+        path_prefix: the export's path without extension (its metadata names
+        the config); device: 'cpu' (oneDNN) or 'gpu'. Preprocessing, Detect and
+        postprocess are the same as for the dygraph network.
+        """
+        net = StaticYolact(path_prefix, device=device)
+        predictor = cls.__new__(cls)
+        predictor._setup(get_config(net.config_name), net, detect_overrides)
+        return predictor
+
+    def _setup(self, cfg, net, detect_overrides):
+        """cfg, its network in eval mode (Yolact or StaticYolact), Detect overrides."""
+        self.cfg = cfg
+        self.net = net
+        self.transform = FastBaseTransform.from_config(cfg)
+        self.detect = Detect.from_config(cfg, **detect_overrides)
 
     @paddle.no_grad()
     def __call__(self, image, score_threshold=0.0):
@@ -47,18 +67,16 @@ class Predictor:
             image: [H, W, 3] uint8 BGR (as cv2.imread gives it).
             score_threshold: keep detections whose box score is above it.
         Returns:
-            dict of numpy arrays in Detect's order: 'classes' [N] int64
-            (0-based, background excluded), 'scores' [N] float32 box scores,
-            'boxes' [N, 4] int64 pixel x1, y1, x2, y2, 'masks' [N, H, W] bool;
-            with YOLACT++ also 'mask_scores' [N] (box score x predicted mask IoU).
+            postprocess's dict of numpy arrays, in Detect's order: 'classes' [N]
+            int64 (0-based, background excluded), 'scores' [N] float32 box
+            scores, 'boxes' [N, 4] int64 pixel x1, y1, x2, y2, 'masks'
+            [N, H, W] bool; with YOLACT++ also 'mask_scores' [N] (box score x
+            predicted mask IoU).
         """
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f'expected an [H, W, 3] BGR image, got shape {image.shape}')
         h, w = image.shape[:2]
         x = self.transform(paddle.to_tensor(np.ascontiguousarray(image)[None]))
         det = self.detect(self.net(x))[0]
-        out = postprocess(det, w, h, maskiou_net=self.net.maskiou_net, rescore_bbox=self.cfg.rescore_bbox,
-                          rescore_mask=self.cfg.rescore_mask, score_threshold=score_threshold)
-        result = {k: v.numpy() for k, v in out.items()}
-        result['masks'] = result['masks'] > 0.5
-        return result
+        return postprocess(det, w, h, maskiou_net=self.net.maskiou_net, rescore_bbox=self.cfg.rescore_bbox,
+                           rescore_mask=self.cfg.rescore_mask, score_threshold=score_threshold)

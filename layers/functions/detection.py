@@ -19,7 +19,7 @@ scores both orders are the same.
 import numpy as np
 import paddle
 
-from layers.box_utils import decode, jaccard
+from layers.box_utils import decode
 
 
 class Detect:
@@ -115,10 +115,8 @@ class Detect:
         scores = paddle.take_along_axis(scores, order, axis=1)
         class_boxes = paddle.gather(boxes, order.flatten()).reshape([num_classes, k, 4])
 
-        # Upper triangle (j > i) holds the IoU of box j with the better box i;
-        # a column's max is the worst overlap with any better box of the class.
-        iou = paddle.triu(jaccard(class_boxes, class_boxes), diagonal=1)
-        keep = (iou.max(axis=1) <= self.nms_thresh).flatten()
+        # A box's worst overlap with any better box of its class.
+        keep = paddle.to_tensor((_max_iou_with_better(class_boxes.numpy()) <= self.nms_thresh).ravel())
 
         # Survivors in class-major order, then the best of all classes.
         flat = paddle.nonzero(keep).flatten()
@@ -133,10 +131,9 @@ class Detect:
         classes = scores.argmax(axis=0)
         scores = scores.max(axis=0)
         order = _top_k_desc(scores.unsqueeze(0), min(self.top_k, scores.shape[0]))[0]
-        top_boxes = paddle.gather(boxes, order)
-        # Column max of the upper triangle: worst overlap with any better box, any class.
-        iou = paddle.triu(jaccard(top_boxes, top_boxes), diagonal=1)
-        idx = paddle.gather(order, paddle.nonzero(iou.max(axis=0) <= self.nms_thresh).flatten())
+        # Each box's worst overlap with any better box, of any class.
+        max_iou = _max_iou_with_better(paddle.gather(boxes, order).numpy()[None])[0]
+        idx = paddle.gather(order, paddle.to_tensor(np.flatnonzero(max_iou <= self.nms_thresh)))
         return idx, paddle.gather(classes, idx), paddle.gather(scores, idx)
 
     def _traditional_nms(self, boxes, scores):
@@ -183,6 +180,27 @@ def _top_k_desc(scores, k):
             order = _argsort_desc(paddle.take_along_axis(scores, idx, axis=1), axis=1)
             return paddle.take_along_axis(idx, order, axis=1)
     return _argsort_desc(scores, axis=1)[:, :k]
+
+
+def _max_iou_with_better(boxes):
+    """Each box's largest IoU with an earlier (better) box of its row.
+
+    boxes: [n, k, 4] float32 numpy point form -> [n, k] (0 for the first box).
+    The pairwise IoU is ``layers.box_utils.jaccard``'s, operation for operation
+    in float32. numpy computes the [n, k, k] matrix several times faster than
+    Paddle's CPU broadcasting kernels (about 35 ms instead of 190 ms for 80
+    classes x 200 boxes) and divides correctly rounded, as PyTorch (the
+    reference) does; Paddle's CPU division is at times 1 ulp off.
+    """
+    x1, y1, x2, y2 = (boxes[:, :, i] for i in range(4))
+    iw = np.minimum(x2[:, :, None], x2[:, None, :]) - np.maximum(x1[:, :, None], x1[:, None, :])
+    ih = np.minimum(y2[:, :, None], y2[:, None, :]) - np.maximum(y1[:, :, None], y1[:, None, :])
+    inter = np.maximum(iw, 0, out=iw) * np.maximum(ih, 0, out=ih)
+    area = (x2 - x1) * (y2 - y1)
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
+    # Upper triangle (j > i): the IoU of box j with the better box i; a column's max is box j's worst overlap.
+    iou[:, ~np.triu(np.ones(iou.shape[1:], dtype=bool), k=1)] = 0
+    return iou.max(axis=1)
 
 
 def _greedy_nms(boxes, scores, thresh, max_keep):
