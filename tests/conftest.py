@@ -44,3 +44,13 @@ def reference_npz(name):
 def make_weights_module():
     """The reference ``make_weights`` module (load_manifest, make_state_dict, save_pth)."""
     return _load_make_weights()
+
+
+def reference_params(net, cfg, seed=0):
+    """{paddle key: np.ndarray}: the stand-in weights of ``cfg.name`` converted (strictly) for ``net``."""
+    from utils.convert import convert_state_dict, fpn_downsample_drop
+
+    params, _ = convert_state_dict(reference_state_dict(cfg.name, seed),
+                                   {k: v.shape for k, v in net.state_dict().items()},
+                                   [fpn_downsample_drop(cfg.fpn.num_downsample)])
+    return params

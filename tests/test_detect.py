@@ -14,9 +14,8 @@ from layers.functions import Detect
 from layers.box_utils import crop, jaccard
 from layers.functions.detection import _max_iou_with_better, _top_k_desc
 from layers.output_utils import _crop_in_place, postprocess, undo_image_transformation, upsample_masks
-from tests.conftest import needs_reference, reference_npz, reference_state_dict
+from tests.conftest import needs_reference, reference_npz, reference_params
 from utils.augmentations import FastBaseTransform
-from utils.convert import convert_state_dict, fpn_downsample_drop
 from utils.inference import export_yolact
 from utils.predictor import Predictor
 from yolact import Yolact
@@ -404,19 +403,12 @@ def _fixture_masks(ref):
     return np.unpackbits(ref['post_masks_packed'], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
 
 
-def _seed0_params(net, cfg):
-    shapes = {k: v.shape for k, v in net.state_dict().items()}
-    params, _ = convert_state_dict(reference_state_dict(cfg.name), shapes,
-                                   [fpn_downsample_drop(cfg.fpn.num_downsample)])
-    return params
-
-
 @pytest.fixture(scope='module', params=['yolact_base', 'yolact_plus_resnet50'])
 def reference_run(request):
     """(cfg, seed-0 network in eval mode, its params, fixture, raw eval outputs on the fixture's x)."""
     cfg = get_config(request.param)
     net = Yolact.from_config(cfg)
-    params = _seed0_params(net, cfg)
+    params = reference_params(net, cfg)
     net.set_state_dict(params)
     net.eval()
     ref = reference_npz(f'forward_{cfg.name}')

@@ -21,12 +21,11 @@ import eval as eval_script
 from data.config import COLORS, get_config
 from layers.functions import Detect
 from layers.output_utils import postprocess
-from tests.conftest import needs_reference, reference_npz, reference_state_dict
+from tests.conftest import needs_reference, reference_npz, reference_params
 from tools import benchmark as benchmark_tool
 from tools import export_model
 from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
 from utils import coco_eval
-from utils.convert import convert_state_dict, fpn_downsample_drop
 from utils.drawing import detection_color, draw_detections
 from utils.inference import StaticYolact, export_yolact, interpolation_matrix
 from yolact import Yolact
@@ -527,10 +526,7 @@ def test_exported_yolact_base_equals_dygraph_on_reference_fixture(tmp_path):
     """ResNet-101, seed-0 weights: raw outputs and detections, exported vs dygraph vs the reference."""
     cfg = get_config('yolact_base')
     net = Yolact.from_config(cfg)
-    params, _ = convert_state_dict(reference_state_dict(cfg.name),
-                                   {k: v.shape for k, v in net.state_dict().items()},
-                                   [fpn_downsample_drop(cfg.fpn.num_downsample)])
-    net.set_state_dict(params)
+    net.set_state_dict(reference_params(net, cfg))
     net.eval()
     ref = reference_npz('forward_yolact_base')
     x = paddle.to_tensor(ref['x'])

@@ -11,7 +11,7 @@ import pytest
 from data.config import get_config
 from layers.box_utils import match
 from layers.modules.multibox_loss import MultiBoxLoss
-from tests.conftest import needs_reference, reference_npz, reference_state_dict
+from tests.conftest import needs_reference, reference_npz, reference_params
 
 PRED_KEYS = ('loc', 'conf', 'mask', 'priors', 'proto', 'segm')
 TERMS = {'loss_box': 'loss_B', 'loss_conf': 'loss_C', 'loss_mask': 'loss_M', 'loss_segm': 'loss_S'}
@@ -39,15 +39,11 @@ def _relative_errors(losses, data, terms):
 @pytest.fixture(scope='module')
 def yolact_plus_net():
     """The YOLACT++ ResNet-50 model with the seed-0 reference weights (its maskiou_net runs in the loss)."""
-    from utils.convert import convert_state_dict, fpn_downsample_drop
     from yolact import Yolact
 
     cfg = get_config('yolact_plus_resnet50')
     net = Yolact.from_config(cfg)
-    params, _ = convert_state_dict(reference_state_dict(cfg.name),
-                                   {k: v.shape for k, v in net.state_dict().items()},
-                                   [fpn_downsample_drop(cfg.fpn.num_downsample)])
-    net.set_state_dict(params)
+    net.set_state_dict(reference_params(net, cfg))
     return net
 
 

@@ -20,10 +20,10 @@ from visualdl import LogReader
 
 import train
 from data.config import CONFIGS, get_config
-from tests.conftest import ROOT, make_weights_module, needs_reference, reference_state_dict
+from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
 from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
 from utils import checkpoint
-from utils.convert import convert_state_dict, fpn_downsample_drop, save_params
+from utils.convert import save_params
 from utils.lr_schedule import WarmupStepSchedule
 from yolact import Yolact
 
@@ -50,8 +50,7 @@ def shapes(tmp_path_factory):
 def coco_weights(tmp_path_factory):
     """The 81-class stand-in yolact_resnet50 weights, converted to .pdparams as a user would."""
     cfg = get_config('yolact_resnet50')
-    shapes = {k: v.shape for k, v in Yolact.from_config(cfg).state_dict().items()}
-    params, _ = convert_state_dict(reference_state_dict(cfg.name), shapes, [fpn_downsample_drop(cfg.fpn.num_downsample)])
+    params = reference_params(Yolact.from_config(cfg), cfg)
     path = str(tmp_path_factory.mktemp('weights') / 'yolact_resnet50_54_800000.pdparams')
     save_params(params, path)
     return path
