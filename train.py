@@ -566,8 +566,12 @@ def main(argv=None):
     return 130 if status == 'interrupted' else 0
 
 
-if __name__ == '__main__':
-    # One console for a multi-GPU run: the other ranks report only problems.
+def configure_logging():
+    """Console logging of a training process: one console for a multi-device run, the other ranks report only problems."""
     logging.basicConfig(level=logging.INFO if dist.get_rank() == 0 else logging.WARNING,
                         format='%(asctime)s %(message)s', datefmt='%H:%M:%S', force=True)
+
+
+if __name__ == '__main__':
+    configure_logging()
     sys.exit(main())

@@ -454,3 +454,25 @@ def test_info_file_without_annotations(shapes, tmp_path):
     ds = COCODetection(shapes.valid_images, str(info_file), has_gt=False)
     img, (target, masks, num_crowds) = ds[0]
     assert len(ds) == len(info['images']) and target.shape == (0, 5) and masks.shape == (0, SIDE, SIDE)
+
+
+def test_shapes_config_anchors_cover_every_shapes_object(tmp_path):
+    """yolact_shapes' anchors, on the FPN grid of its 192 px input, give each object of the
+    shapes dataset several positives (IoU >= the config's pos_threshold): what its classifier
+    learns from. YOLACT's own 1:1/1:2/2:1 single-scale anchors averaged 3.4 here."""
+    from layers.box_utils import jaccard, point_form
+    from yolact import Yolact
+
+    cfg = get_config('yolact_shapes')
+    ds = make_shapes_dataset(str(tmp_path), num_train=60, num_val=1, size=cfg.max_size, seed=3)
+    net = Yolact.from_config(cfg)
+    net.eval()
+    with paddle.no_grad():
+        priors = net(paddle.zeros([1, 3, cfg.max_size, cfg.max_size]))['priors']
+    coco = COCO(ds.train_info)
+    boxes = np.array([a['bbox'] for a in coco.dataset['annotations']], dtype=np.float32) / cfg.max_size
+    boxes[:, 2:] += boxes[:, :2]
+    iou = jaccard(paddle.to_tensor(boxes), point_form(priors)).numpy()
+    positives = (iou >= cfg.positive_iou_threshold).sum(axis=1)
+    assert positives.min() >= 1, boxes[positives.argmin()] * cfg.max_size
+    assert positives.mean() >= 8, positives.mean()

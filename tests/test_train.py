@@ -457,3 +457,16 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_config, shapes
     assert last_good in errors[0]
     with open(checkpoint.sidecar_paths(last_good)[1]) as f:
         assert json.load(f)['iteration'] == 2
+
+
+def test_cpu_threads_are_shared_among_the_local_processes(monkeypatch):
+    """N data-parallel processes on one machine get cores / N threads each, not a thread per core each."""
+    from utils.runtime import local_process_count
+    monkeypatch.delenv('PADDLE_LOCAL_SIZE', raising=False)
+    monkeypatch.delenv('PADDLE_TRAINERS_NUM', raising=False)
+    assert local_process_count() == 1
+    monkeypatch.setenv('PADDLE_TRAINERS_NUM', '2')      # paddle.distributed.spawn
+    assert local_process_count() == 2
+    monkeypatch.setenv('PADDLE_LOCAL_SIZE', '4')        # paddle.distributed.launch, per node
+    monkeypatch.setenv('PADDLE_TRAINERS_NUM', '8')
+    assert local_process_count() == 4
