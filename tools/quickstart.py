@@ -23,6 +23,8 @@ import os
 import shutil
 import sys
 
+import paddle
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -62,7 +64,6 @@ def parse_args(argv=None):
 
 def default_procs():
     """2 data-parallel CPU processes when there is no GPU and there are two cores for them, else 1."""
-    import paddle
     return 2 if paddle.device.cuda.device_count() == 0 and (os.cpu_count() or 1) >= 2 else 1
 
 
@@ -76,9 +77,8 @@ def run_training(argv, procs):
     """train.py's main in this process, or in ``procs`` data-parallel CPU processes (gloo); the exit code."""
     if procs <= 1:
         return yolact_train.main(argv)
-    import paddle.distributed as dist
     try:
-        context = dist.spawn(_train_process, args=(argv,), nprocs=procs, backend='gloo')
+        context = paddle.distributed.spawn(_train_process, args=(argv,), nprocs=procs, backend='gloo')
     except Exception as err:  # spawn re-raises a child's failure as a bare Exception with its traceback
         print(f'training failed: {err}', file=sys.stderr)
         return 1
