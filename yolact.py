@@ -18,19 +18,21 @@ from backbone import construct_backbone
 
 
 class Conv2D(nn.Conv2D):
-    """nn.Conv2D (same parameters, same result) with a faster bias add in dygraph on CPU.
+    """nn.Conv2D (same parameters, same result) with a faster bias add for batches on the CPU.
 
     Paddle's conv adds its bias as a [1, C, 1, 1] tensor broadcast over
-    [B, C, H, W]; the CPU broadcast kernel (and its gradient) is several times
-    slower than a same-shape add: 11 ms forward, 32 ms forward + backward for
-    8x64x48x48 against 3 ms / 12 ms with the bias expanded first (Paddle 3.3,
-    2 cores), a sixth of a CPU training step of yolact_shapes. Static graphs
-    (tools/export_model.py) and GPUs keep the plain conv, whose conv + add
-    inference passes fuse.
+    [B, C, H, W]. For B > 1 the CPU broadcast kernel is an order of magnitude
+    slower than a same-shape add (Paddle 3.3.1, 2 cores: 10.7 ms against
+    0.6 ms with the bias expanded first for 8x64x48x48, 22 ms against 1.1 ms
+    for 2x256x69x69; its gradient likewise), a sixth of a CPU training step
+    of yolact_shapes. For B = 1 the broadcast is the faster one, and static
+    graphs (tools/export_model.py) and GPUs keep the plain conv, whose
+    conv + add inference passes fuse.
     """
 
     def forward(self, x):
-        if self.bias is None or not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
+        if (self.bias is None or x.shape[0] == 1 or not paddle.in_dynamic_mode()
+                or not x.place.is_cpu_place()):
             return super().forward(x)
         out = F.conv2d(x, self.weight, None, stride=self._stride, padding=self._padding,
                        dilation=self._dilation, groups=self._groups, data_format=self._data_format)
