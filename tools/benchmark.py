@@ -190,8 +190,6 @@ def main(argv=None):
         image_path = args.image or synthetic_image(os.path.join(tmp, 'image.jpg'))
         prefix = os.path.join(args.export_dir or tmp, cfg.name)
         export_yolact(net, cfg, prefix)
-        # Dygraph first: a Paddle Inference run leaves this process's dygraph
-        # operators on one thread (Paddle 3.3.1: yolact_base 1.8 s instead of 1.3 s).
         chains = {} if args.no_dygraph else {'dygraph': net}
         chains['exported'] = StaticYolact(prefix, device=args.device)
         benchmark(chains, cfg, image_path, args.runs, args.warmup, args.top_k)

@@ -28,6 +28,7 @@ import paddle
 import paddle.nn.functional as F
 
 from utils.augmentations import linear_taps
+from utils.runtime import default_cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +193,9 @@ def _run(predictor, array):
     handle.reshape(list(array.shape))
     handle.copy_from_cpu(np.ascontiguousarray(array, dtype=np.float32))
     predictor.run()
+    # A CPU predictor run leaves this process's dygraph operators on one thread
+    # (Paddle 3.3.1), and Detect and postprocess run in dygraph next (68 ms instead of 57 ms for yolact_base).
+    paddle.base.core.set_num_threads(default_cpu_threads())
     return [predictor.get_output_handle(name).copy_to_cpu() for name in predictor.get_output_names()]
 
 

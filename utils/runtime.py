@@ -26,5 +26,10 @@ def select_device(device=None, cpu_threads=None):
     device = device or ('gpu' if paddle.device.cuda.device_count() > 0 else 'cpu')
     paddle.set_device(device)
     if device == 'cpu':
-        paddle.base.core.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // local_process_count()))
+        paddle.base.core.set_num_threads(cpu_threads or default_cpu_threads())
     return device
+
+
+def default_cpu_threads():
+    """This machine's cores shared evenly among its local training processes (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // local_process_count())
