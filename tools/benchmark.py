@@ -190,8 +190,9 @@ def main(argv=None):
         image_path = args.image or synthetic_image(os.path.join(tmp, 'image.jpg'))
         prefix = os.path.join(args.export_dir or tmp, cfg.name)
         export_yolact(net, cfg, prefix)
-        chains = {} if args.no_dygraph else {'dygraph': net}
-        chains['exported'] = StaticYolact(prefix, device=args.device)
+        chains = {'exported': StaticYolact(prefix, device=args.device)}
+        if not args.no_dygraph:
+            chains['dygraph'] = net
         benchmark(chains, cfg, image_path, args.runs, args.warmup, args.top_k)
     return 0
 

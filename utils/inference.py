@@ -158,7 +158,7 @@ def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=Tru
 
     Args:
         device: 'cpu' or 'gpu'.
-        num_threads: CPU math threads (default: all cores).
+        num_threads: CPU math threads (default: utils.runtime.default_cpu_threads, as for dygraph).
         use_onednn: CPU only; oneDNN kernels and graph fusions.
         use_tensorrt: GPU only; run supported subgraphs with TensorRT (float32).
         onednn_cache_capacity: > 0 bounds oneDNN's per-shape kernel cache, for
@@ -175,7 +175,7 @@ def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=Tru
                                           use_static=False, use_calib_mode=False)
     elif device == 'cpu':
         config.disable_gpu()
-        config.set_cpu_math_library_num_threads(num_threads or os.cpu_count() or 1)
+        config.set_cpu_math_library_num_threads(num_threads or default_cpu_threads())
         if use_onednn:
             config.enable_onednn()
             if onednn_cache_capacity > 0:
