@@ -140,11 +140,35 @@ def build_config(args, world_size):
 
     if args.batch_size % world_size:
         raise ValueError(f'--batch_size {args.batch_size} does not split evenly over {world_size} devices')
-    if args.batch_size // world_size < MIN_BN_BATCH and not cfg.freeze_bn:
+    return dataclasses.replace(cfg, freeze_bn=batch_norm_frozen(args, cfg, world_size))
+
+
+def batch_norm_frozen(args, cfg, world_size):
+    """The BatchNorm rule: frozen below MIN_BN_BATCH images per device, unless nothing is pretrained.
+
+    Frozen BatchNorm normalises with the running statistics it was loaded
+    with. Pretrained weights (backbone, YOLACT weights, a checkpoint to resume)
+    bring real statistics; a network initialised at random has mean 0 and
+    variance 1 everywhere, so freezing it would remove all normalisation and
+    a deep ResNet's activations explode within a few iterations. From scratch,
+    BatchNorm therefore always learns from batch statistics, noisy as they
+    are for small batches.
+    """
+    per_device = args.batch_size // world_size
+    pretrained = (args.resume is not None or args.trained_model is not None
+                  or (args.backbone_weights or default_backbone_weights(cfg, args.save_folder)).lower() != 'none')
+    if not pretrained:
+        if per_device < MIN_BN_BATCH:
+            logger.warning('training from random initialisation with %d images per device: BatchNorm uses batch '
+                           'statistics (freezing it would leave the network unnormalised); below %d images per '
+                           'device they are noisy, prefer a larger --batch_size or backbone weights',
+                           per_device, MIN_BN_BATCH)
+        return False
+    if per_device < MIN_BN_BATCH and not cfg.freeze_bn:
         logger.info('%d images per device is below %d: BatchNorm is frozen (the reference rule)',
-                    args.batch_size // world_size, MIN_BN_BATCH)
-        cfg = dataclasses.replace(cfg, freeze_bn=True)
-    return cfg
+                    per_device, MIN_BN_BATCH)
+        return True
+    return cfg.freeze_bn
 
 
 def custom_dataset(args, base):
@@ -394,6 +418,11 @@ class Trainer:
                 state, has_optimizer = checkpoint.load_checkpoint(resume, self.net, self.optimizer, self.scaler)
             if state is not None and state.get('config') != cfg.name:
                 raise ValueError(f"{resume} was trained with config {state.get('config')}, not {cfg.name}")
+            if state is not None and state.get('freeze_bn', cfg.freeze_bn) != cfg.freeze_bn:
+                # The run keeps the BatchNorm rule it started with (see batch_norm_frozen).
+                self.cfg = cfg = dataclasses.replace(cfg, freeze_bn=state['freeze_bn'])
+                self.net.freeze_bn(cfg.freeze_bn)
+                logger.info('BatchNorm %s, as in the run being resumed', 'frozen' if cfg.freeze_bn else 'trained')
             if not has_optimizer:
                 logger.warning('%s has no optimizer state next to it: SGD momentum restarts from zero', resume)
             if args.start_iter >= 0:
@@ -506,7 +535,8 @@ class Trainer:
         state = {'config': cfg.name, 'iteration': self.iteration, 'epoch': self.epoch,
                  'lr': self.schedule.lr_at(self.iteration), 'schedule': dataclasses.asdict(self.schedule),
                  'batch_size': args.batch_size, 'seed': args.seed, 'num_classes': cfg.num_classes,
-                 'class_names': list(cfg.dataset.class_names), 'dataset': cfg.dataset.name}
+                 'class_names': list(cfg.dataset.class_names), 'dataset': cfg.dataset.name,
+                 'freeze_bn': cfg.freeze_bn}
         logger.info('saving %s', path)
         checkpoint.save_checkpoint(path, self.net, self.optimizer, state, self.scaler)
         self.saved_iteration = self.iteration

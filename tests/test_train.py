@@ -137,6 +137,26 @@ def test_batch_size_scaling_and_frozen_bn(shapes):
     assert (cfg.lr, cfg.max_iter, cfg.lr_steps) == (base.lr, base.max_iter, base.lr_steps)
 
 
+def test_batch_norm_is_never_frozen_without_pretrained_weights(tiny_config, shapes, tmp_path):
+    """Frozen BatchNorm at random initialisation (mean 0, variance 1) normalises nothing: a from-scratch
+    run at 2 images per device trains BatchNorm on batch statistics instead; a resumed run keeps its rule."""
+    scratch = train.parse_args(['--config', 'yolact_base', '--batch_size', '2', '--backbone_weights', 'none'])
+    assert train.build_config(scratch, world_size=1).freeze_bn is False
+    finetune = train.parse_args(['--config', 'yolact_base', '--batch_size', '2', '--trained_model', 'w.pdparams'])
+    assert train.build_config(finetune, world_size=1).freeze_bn is True
+
+    argv = train_argv(shapes, tmp_path, '--max_iter', '1', '--backbone_weights', 'none', '--lr', '1e-4')
+    assert train.main(argv) == 0
+    path = checkpoint.latest_checkpoint(str(tmp_path / 'weights'), CONFIG)
+    with open(checkpoint.sidecar_paths(path)[1]) as f:
+        assert json.load(f)['freeze_bn'] is False
+    trainer = train.Trainer(train.parse_args(train_argv(shapes, tmp_path, '--resume', path)),
+                            train.build_config(train.parse_args(train_argv(shapes, tmp_path, '--resume', path)), 1))
+    assert trainer.cfg.freeze_bn is False
+    batch_norms = [layer for layer in trainer.net.sublayers() if isinstance(layer, paddle.nn.BatchNorm2D)]
+    assert batch_norms and all(layer.training and not layer.weight.stop_gradient for layer in batch_norms)
+
+
 def test_custom_dataset_flags(shapes):
     args = train.parse_args(['--config', 'yolact_base', '--train_images', shapes.train_images,
                              '--train_info', shapes.train_info, '--valid_images', shapes.valid_images,
@@ -182,14 +202,18 @@ def test_sampler_resumes_mid_epoch_and_splits_global_batches():
     assert list(sampler) == full[1:3] and len(sampler) == 2
 
 
-def test_many_epochs_leave_no_worker_processes_behind(tiny_config, shapes, tmp_path):
+def test_many_epochs_leave_no_worker_processes_behind(tiny_config, shapes, tmp_path, monkeypatch):
     """Every epoch's DataLoader iterator must finish: an abandoned one keeps its workers alive,
     which over a small dataset's many epochs exhausted the machine's memory."""
     before = len(multiprocessing.active_children())
     # 8 images at batch 2: 4 iterations per epoch, so 10 iterations end inside epoch 2.
     argv = train_argv(shapes, tmp_path, '--max_iter', '10', '--save_interval', '1000', '--backbone_weights', 'none')
     argv[argv.index('--num_workers') + 1] = '1'
+    steps = []
+    # The data loading is under test, not the optimisation: the step only counts batches.
+    monkeypatch.setattr(train.Trainer, 'train_step', lambda self, images, *rest: steps.append(images.shape) or {})
     assert train.main(argv) == 0
+    assert len(steps) == 10 and all(shape == [2, 3, SIDE, SIDE] for shape in steps)
     assert len(multiprocessing.active_children()) == before
 
 
