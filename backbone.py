@@ -7,17 +7,12 @@ per stage, [B, channels[i], H / 2**(i+2), W / 2**(i+2)] for ResNet (strides 4,
 ``downsample.0``, ``conv2.conv_offset_mask`` ...), so converted reference
 checkpoints load by name.
 """
-import logging
 import math
 
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.vision.ops import deform_conv2d
-
-from utils.convert import DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES, convert_state_dict
-
-logger = logging.getLogger(__name__)
 
 
 class ModulatedDeformConv2D(nn.Layer):
@@ -139,14 +134,6 @@ class ResNetBackbone(nn.Layer):
             outs.append(x)
         return outs
 
-    def init_backbone(self, path):
-        """Load ImageNet weights: a .pdparams from utils.convert.convert_backbone.
-
-        See load_backbone_weights; torchvision names (``layer1.``, ``fc.``) are
-        accepted too.
-        """
-        load_backbone_weights(self, path)
-
 
 def _darknet_conv(in_channels, out_channels, kernel_size, stride=1):
     """Conv (no bias) + BN + LeakyReLU(0.1): the reference's darknetconvlayer."""
@@ -205,35 +192,6 @@ class DarkNetBackbone(nn.Layer):
             x = stage(x)
             outs.append(x)
         return outs
-
-    def init_backbone(self, path):
-        """Load ImageNet weights: a .pdparams from utils.convert.convert_backbone (darknet53.pth)."""
-        load_backbone_weights(self, path)
-
-
-def load_backbone_weights(backbone, path):
-    """Strictly load ImageNet weights (.pdparams) into a backbone, in place.
-
-    Every backbone parameter must be in the file except the DCN extras
-    (utils.convert.DCN_INIT_KEYS), which ImageNet models do not have and which
-    then keep their reference initialisation; every tensor in the file must be
-    used, except an ImageNet classifier. Raises utils.convert.ConversionError
-    naming each key that does not fit.
-    """
-    source = paddle.load(path, return_numpy=True)
-    target = {k: v.shape for k, v in backbone.state_dict().items()
-              if k in source or not DCN_INIT_KEYS.match(k)}
-    params, dropped = convert_state_dict(source, target, [IMAGENET_CLASSIFIER_DROP],
-                                         context=f' (backbone weights {path})',
-                                         extra_renames=TORCHVISION_RENAMES)
-    for key, reason in dropped:
-        logger.debug('backbone weights: dropped %s (%s)', key, reason)
-    # Tensor by tensor: set_state_dict would warn about every DCN extra left at its init.
-    state = backbone.state_dict()
-    for key, value in params.items():
-        state[key].set_value(value)
-    logger.info('loaded %d backbone tensors from %s (%d left at initialisation)',
-                len(params), path, len(state) - len(params))
 
 
 def construct_backbone(backbone_cfg):

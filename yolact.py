@@ -386,14 +386,13 @@ class Yolact(nn.Layer):
     def _batch_norms(self):
         return [layer for layer in self.sublayers() if isinstance(layer, nn.BatchNorm2D)]
 
-    def init_weights(self, backbone_path=None):
+    def init_weights(self):
         """Reference initialisation for training.
 
         Every conv outside the backbone gets Xavier-uniform weights and zero
         bias; the backbone keeps its construction init (DCN layers: zero
-        offsets) and, if backbone_path is given, loads ImageNet weights from
-        it (a .pdparams from utils.convert.convert_backbone, see
-        backbone.load_backbone_weights).
+        offsets). ImageNet backbone weights are loaded afterwards by
+        utils.checkpoint.load_backbone_weights(net.backbone, path).
         """
         xavier, zero = nn.initializer.XavierUniform(), nn.initializer.Constant(0.0)
         for name, layer in self.named_sublayers():
@@ -401,5 +400,3 @@ class Yolact(nn.Layer):
                 xavier(layer.weight)
                 if layer.bias is not None:
                     zero(layer.bias)
-        if backbone_path is not None:
-            self.backbone.init_backbone(backbone_path)

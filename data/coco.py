@@ -12,6 +12,7 @@ Ground-truth conventions (what the loss expects):
 """
 import contextlib
 import io
+import json
 import logging
 import os
 
@@ -19,6 +20,9 @@ import cv2
 import numpy as np
 from paddle.io import Dataset
 from pycocotools.coco import COCO
+
+from data.config import DatasetConfig
+from utils.errors import ConfigError, DatasetError, MissingFileError, UnreadableFileError
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +40,12 @@ def image_file(image_dir, file_name):
 
 
 def read_image(path):
-    """[H, W, 3] BGR uint8. Raises OSError naming ``path`` if it is missing or unreadable."""
+    """[H, W, 3] BGR uint8. Raises MissingFileError / UnreadableFileError (both OSError) naming ``path``."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'image file not found: {path}')
+        raise MissingFileError(f'image file not found: {path}')
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
-        raise OSError(f'cannot decode image file (corrupt or not an image): {path}')
+        raise UnreadableFileError(f'cannot decode image file (corrupt or not an image): {path}')
     return img
 
 
@@ -66,20 +70,64 @@ def classes_from_categories(categories, class_names=None, source=''):
 
     categories: the annotation file's ``categories`` list. Without
     ``class_names`` every category is a class, in increasing id order; with it
-    (comma-separated names) only those, in that order, matched by name.
+    (a sequence, or comma-separated names) only those, in that order, matched by name.
     label_map is ((category_id, 1-based label), ...). ``source`` names the file in errors.
     """
     categories = sorted(categories, key=lambda c: c['id'])
     if not categories:
-        raise ValueError(f'{source} lists no categories')
+        raise DatasetError(f'{source} lists no categories')
     if class_names is None:
         return tuple(c['name'] for c in categories), tuple((c['id'], i + 1) for i, c in enumerate(categories))
-    names = tuple(n.strip() for n in class_names.split(','))
+    if isinstance(class_names, str):
+        class_names = class_names.split(',')
+    names = tuple(n.strip() for n in class_names)
     id_of = {c['name']: c['id'] for c in categories}
     unknown = [n for n in names if n not in id_of]
     if unknown:
-        raise ValueError(f'--class_names {unknown} are not categories of {source} (it has {sorted(id_of)})')
+        raise ConfigError(f'class names {unknown} are not categories of {source} (it has {sorted(id_of)})')
     return names, tuple((id_of[n], i + 1) for i, n in enumerate(names))
+
+
+def read_info_file(info_file):
+    """The parsed JSON of a COCO annotation/info file; MissingFileError / DatasetError naming it."""
+    if not info_file or not os.path.isfile(info_file):
+        raise MissingFileError(f'annotation file not found: {info_file!r}')
+    try:
+        with open(info_file) as f:
+            info = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DatasetError(f'{info_file}: not a valid JSON annotation file ({err})') from err
+    if not isinstance(info, dict) or not isinstance(info.get('images'), list):
+        raise DatasetError(f'{info_file}: not a COCO annotation file (no "images" list)')
+    return info
+
+
+def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
+    """A DatasetConfig for COCO-format files whose classes come from ``info_file``'s categories.
+
+    Args:
+        info_file: the annotation file whose categories define the classes
+            (training: the training file; evaluation: the evaluated one).
+        class_names: the classes, in label order, matched by name to the
+            categories (a sequence or comma-separated; the --class_names flag).
+        model_classes: the class names of the model being evaluated. When
+            every category of the file is one of them, categories map to the
+            model's classes by name (a model evaluated on its own val split,
+            or a COCO model on a subset of COCO's classes).
+        **paths: train_images, train_info, valid_images, valid_info.
+    Without either, every category is a class, in increasing id order.
+    ``has_gt`` is whether ``info_file`` has annotations (a test-dev image-info file has none).
+    """
+    info = read_info_file(info_file)
+    categories = info.get('categories') or []
+    model_classes = tuple(model_classes or ())
+    if class_names is None and categories and all(c.get('name') in model_classes for c in categories):
+        names = model_classes
+        label_map = tuple(sorted((c['id'], model_classes.index(c['name']) + 1) for c in categories))
+    else:
+        names, label_map = classes_from_categories(categories, class_names, info_file)
+    return DatasetConfig(name=os.path.basename(info_file), class_names=names, label_map=label_map,
+                         has_gt='annotations' in info, **paths)
 
 
 class COCODetection(Dataset):

@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+from utils.errors import ConfigError
+
 # ImageNet statistics in BGR order, as the reference uses them.
 MEANS = (103.94, 116.78, 123.68)
 STD = (57.38, 57.12, 58.40)
@@ -344,11 +346,11 @@ def get_config(name, **overrides):
 
     Keyword overrides replace top-level fields, e.g.
     ``get_config('yolact_base', max_size=400, dataset=my_dataset)``.
-    Raises ValueError for an unknown name, listing the known ones.
+    Raises ConfigError for an unknown name, listing the known ones.
     """
     key = name[:-len('_config')] if name.endswith('_config') else name
     if key not in CONFIGS:
-        raise ValueError(f"unknown config {name!r}; known configs: {', '.join(sorted(CONFIGS))}")
+        raise ConfigError(f"unknown config {name!r}; known configs: {', '.join(sorted(CONFIGS))}")
     return dataclasses.replace(CONFIGS[key], **overrides)
 
 
@@ -356,7 +358,7 @@ def config_name_from_weights(path):
     """The config a weights file belongs to, read from its name the reference way.
 
     ``yolact_base_54_800000.pth`` -> ``yolact_base``; ``yolact_plus_resnet50_12_3000_interrupt.pdparams``
-    -> ``yolact_plus_resnet50``. Raises ValueError when the name has no
+    -> ``yolact_plus_resnet50``. Raises ConfigError when the name has no
     ``<config>_<epoch>_<iteration>`` form.
     """
     stem = os.path.basename(path)
@@ -367,6 +369,6 @@ def config_name_from_weights(path):
     if parts and parts[-1] == 'interrupt':
         parts = parts[:-1]
     if len(parts) < 3 or not (parts[-1].isdigit() and parts[-2].isdigit()):
-        raise ValueError(f'cannot infer the config from the file name {os.path.basename(path)!r} '
+        raise ConfigError(f'cannot infer the config from the file name {os.path.basename(path)!r} '
                          '(expected <config>_<epoch>_<iteration>.pth); pass --config')
     return '_'.join(parts[:-2])

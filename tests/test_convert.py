@@ -18,6 +18,7 @@ import pytest
 from backbone import construct_backbone
 from data.config import get_config
 from tests.conftest import ROOT, make_weights_module, needs_reference
+from utils.checkpoint import load_backbone_weights
 from utils.convert import (ConversionError, convert_state_dict, fpn_downsample_drop,
                            imagenet_backbone, save_params)
 from utils.pth_reader import PthError, load_pth
@@ -372,7 +373,7 @@ def test_cli_converts_torchvision_resnet50(work, mw):
     converted = {k: v.numpy() for k, v in paddle.load(str(dst)).items()}
     assert_bit_exact(converted, expected_backbone(source))
     backbone = construct_backbone(get_config('yolact_resnet50').backbone)
-    backbone.init_backbone(str(dst))
+    load_backbone_weights(backbone, str(dst))
     assert_bit_exact({k: v.numpy() for k, v in backbone.state_dict().items()}, expected_backbone(source))
 
 
@@ -393,7 +394,7 @@ def test_cli_converts_resnet50_for_dcn_leaving_only_dcn_extras(work, mw):
     assert_bit_exact(converted, expected_backbone(source))
 
     backbone = construct_backbone(get_config('yolact_plus_resnet50').backbone)
-    backbone.init_backbone(str(dst))
+    load_backbone_weights(backbone, str(dst))
     state = {k: v.numpy() for k, v in backbone.state_dict().items()}
     extras = sorted(set(state) - set(converted))
     assert len(extras) == 39 and all('conv2.bias' in k or 'conv_offset_mask' in k for k in extras)

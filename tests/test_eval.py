@@ -21,6 +21,10 @@ import eval as eval_script
 from data.config import COLORS, get_config
 from layers.functions import Detect
 from layers.output_utils import postprocess
+from utils.errors import ConfigError, run_cli
+from utils.evaluation import _reference_hash, evaluate, evaluation_order
+from utils.model_loader import resolve_config
+from utils.predictor import Predictor
 from tests.conftest import needs_reference, reference_npz, reference_params
 from tools import benchmark as benchmark_tool
 from tools import export_model
@@ -149,6 +153,16 @@ def test_unwritable_results_dir_is_a_clear_error(tmp_path):
         coco_eval.CocoResultsWriter(str(blocker / 'results'), {0: 1})
 
 
+class _ScriptedPredictor:
+    """A Predictor look-alike whose detections are looked up by the image id _IdImages put in the image."""
+
+    def __init__(self, cfg, scripted):
+        self.cfg, self.scripted = cfg, scripted
+
+    def predict_preprocessed(self, x, width, height, score_threshold=0.0, max_detections=None):
+        return self.scripted[int(x[0, 0, 0, 0])]
+
+
 class _IdImages(paddle.io.Dataset):
     """COCOEvalImages look-alike whose 'image' carries its id, for a scripted model."""
 
@@ -189,15 +203,12 @@ def _imperfect_detections(coco, label_map, seed=0):
     return out
 
 
-def test_evaluate_map_equals_cocoeval_on_the_written_files(shapes, tmp_path, monkeypatch):
+def test_evaluate_map_equals_cocoeval_on_the_written_files(shapes, tmp_path):
     coco = COCO(shapes.valid_info)
     cfg = get_config('yolact_shapes', dataset=shapes)
     scripted = _imperfect_detections(coco, cfg.dataset.label_map_dict())
-    # The "network" is a lookup by the image id the dataset put in the image.
-    monkeypatch.setattr(eval_script, 'detect_image',
-                        lambda net, detect, cfg, x, w, h, thresh: scripted[int(x[0, 0, 0, 0])])
-    summary = eval_script.evaluate(None, None, cfg, _IdImages(coco), str(tmp_path / 'results'),
-                                   num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
+    summary = evaluate(_ScriptedPredictor(cfg, scripted), _IdImages(coco), str(tmp_path / 'results'),
+                       num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
     assert sorted(summary.image_ids) == sorted(coco.getImgIds()) and summary.skipped == []
     logged = _single_log(str(tmp_path / 'logs'))
     for iou_type in ('bbox', 'segm'):
@@ -208,15 +219,13 @@ def test_evaluate_map_equals_cocoeval_on_the_written_files(shapes, tmp_path, mon
         assert 0.1 < expected[0] < 0.9
 
 
-def test_evaluate_counts_and_reports_unreadable_images(shapes, tmp_path, monkeypatch):
+def test_evaluate_counts_and_reports_unreadable_images(shapes, tmp_path):
     coco = COCO(shapes.valid_info)
     cfg = get_config('yolact_shapes', dataset=shapes)
     scripted = {i: _gt_detections(coco, i, cfg.dataset.label_map_dict()) for i in coco.getImgIds()}
-    monkeypatch.setattr(eval_script, 'detect_image',
-                        lambda net, detect, cfg, x, w, h, thresh: scripted[int(x[0, 0, 0, 0])])
     bad = coco.getImgIds()[2]
-    summary = eval_script.evaluate(None, None, cfg, _IdImages(coco, unreadable=[bad]), str(tmp_path / 'r'),
-                                   num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
+    summary = evaluate(_ScriptedPredictor(cfg, scripted), _IdImages(coco, unreadable=[bad]), str(tmp_path / 'r'),
+                       num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
     assert summary.skipped == [bad]
     assert bad not in summary.image_ids and len(summary.image_ids) == NUM_VAL - 1
     logged = _single_log(str(tmp_path / 'logs'))
@@ -225,7 +234,7 @@ def test_evaluate_counts_and_reports_unreadable_images(shapes, tmp_path, monkeyp
     assert summary.results['segm']['AP'] == pytest.approx(1.0)
 
 
-def test_evaluate_writes_box_scores_with_boxes_and_mask_scores_with_masks(shapes, tmp_path, monkeypatch):
+def test_evaluate_writes_box_scores_with_boxes_and_mask_scores_with_masks(shapes, tmp_path):
     """YOLACT++ (rescore_mask): the reference's bbox results keep the box score, masks get the rescored one."""
     coco = COCO(shapes.valid_info)
     cfg = get_config('yolact_shapes', dataset=shapes)
@@ -234,10 +243,8 @@ def test_evaluate_writes_box_scores_with_boxes_and_mask_scores_with_masks(shapes
         det = _gt_detections(coco, image_id, cfg.dataset.label_map_dict())
         det['mask_scores'] = det['scores'] * 0.5
         scripted[image_id] = det
-    monkeypatch.setattr(eval_script, 'detect_image',
-                        lambda net, detect, cfg, x, w, h, thresh: scripted[int(x[0, 0, 0, 0])])
-    summary = eval_script.evaluate(None, None, cfg, _IdImages(coco), str(tmp_path), num_workers=0,
-                                   compute_map=False, progress=False)
+    summary = evaluate(_ScriptedPredictor(cfg, scripted), _IdImages(coco), str(tmp_path), num_workers=0,
+                       compute_map=False, progress=False)
     assert summary.results is None and summary.log_path is None
     with open(summary.files['bbox']) as f:
         bbox = json.load(f)
@@ -253,18 +260,18 @@ def test_config_takes_the_classes_a_checkpoint_recorded(tmp_path):
     open(path, 'w').close()
     with open(str(tmp_path / 'yolact_resnet50_3_500.json'), 'w') as f:
         json.dump({'num_classes': 3, 'class_names': ['cat', 'dog']}, f)
-    cfg = eval_script.resolve_config(eval_script.parse_args(['--trained_model', path]))
+    cfg = resolve_config(weights_path=path)
     assert cfg.name == 'yolact_resnet50' and cfg.num_classes == 3
     assert cfg.dataset.class_names == ('cat', 'dog')
 
 
 def test_evaluation_order_is_the_reference_hash_order():
     ids = [139, 285, 632, 724, 776, 785, 802, 872]
-    order = eval_script.evaluation_order(ids)
+    order = evaluation_order(ids)
     assert sorted(order) == list(range(len(ids)))
-    hashes = [eval_script._reference_hash(ids[i]) for i in order]
+    hashes = [_reference_hash(ids[i]) for i in order]
     assert hashes == sorted(hashes)
-    assert eval_script.evaluation_order(ids, max_images=3) == order[:3]
+    assert evaluation_order(ids, max_images=3) == order[:3]
 
 
 # ------------------------------------------------------------- eval.py CLI --
@@ -287,7 +294,7 @@ def test_cli_max_images_evaluates_the_hash_ordered_subset(shapes, weights, tmp_p
                '--log_dir', log_dir, '--num_workers', '0', '--max_images', '3'])
     logged = _single_log(log_dir)
     all_ids = COCO(shapes.valid_info).getImgIds()
-    expected = [all_ids[i] for i in eval_script.evaluation_order(all_ids, 3)]
+    expected = [all_ids[i] for i in evaluation_order(all_ids, 3)]
     assert logged['image_ids'] == expected
     results_file = logged['result_files']['segm']
     assert [logged['results']['segm'][m] for m in coco_eval.METRICS] == \
@@ -365,10 +372,10 @@ def test_drawing_assembles_only_the_top_k_masks_it_draws(shapes, weights):
     net.set_state_dict(paddle.load(weights))
     net.eval()
     image = cv2.imread(os.path.join(shapes.valid_images, '000003.jpg'))
-    x = eval_script.FastBaseTransform.from_config(cfg)(paddle.to_tensor(image[None]))
-    detect = Detect.from_config(cfg)
-    full = eval_script.detect_image(net, detect, cfg, x, SIDE, SIDE, score_threshold=0.3)
-    top = eval_script.detect_image(net, detect, cfg, x, SIDE, SIDE, score_threshold=0.3, max_detections=5)
+    predictor = Predictor.from_network(cfg, net)
+    x = predictor.transform(paddle.to_tensor(image[None]))
+    full = predictor.predict_preprocessed(x, SIDE, SIDE, score_threshold=0.3)
+    top = predictor.predict_preprocessed(x, SIDE, SIDE, score_threshold=0.3, max_detections=5)
     assert len(full['scores']) > 5 and len(top['scores']) == 5
     for key in full:
         np.testing.assert_array_equal(top[key], full[key][:5], err_msg=key)
@@ -380,7 +387,7 @@ def test_drawing_assembles_only_the_top_k_masks_it_draws(shapes, weights):
     ('--video', '{video}:{tmp}/no/such/folder/out.mp4', FileNotFoundError, 'output folder does not exist'),
     ('--image', '{image}:{tmp}/no/such/folder/out.png', FileNotFoundError, 'output folder does not exist'),
     ('--image', '{tmp}/not_a_video.mp4:{tmp}/out.png', OSError, 'cannot decode image file'),
-    ('--images', '{tmp}/not_a_video.mp4:{tmp}/out', NotADirectoryError, 'is not a folder'),
+    ('--images', '{tmp}/not_a_video.mp4:{tmp}/out', FileNotFoundError, 'is not a folder'),
 ])
 def test_bad_input_and_output_paths_are_clear_errors(shapes, weights, tmp_path, flag, spec, error, message):
     (tmp_path / 'not_a_video.mp4').write_text('text')
@@ -390,12 +397,14 @@ def test_bad_input_and_output_paths_are_clear_errors(shapes, weights, tmp_path, 
     writer.release()
     spec = spec.format(tmp=tmp_path, video=video, image=os.path.join(shapes.valid_images, '000001.jpg'))
     with pytest.raises(error, match=message):
-        eval_script.run(eval_script.parse_args(['--trained_model', weights, flag, spec]))
+        eval_script.main(['--trained_model', weights, flag, spec])
 
 
 def test_cli_reports_bad_input_with_exit_code_one(weights, tmp_path):
-    assert eval_script.main(['--trained_model', weights, '--image', f'{tmp_path}/missing.png:out.png']) == 1
-    assert eval_script.main(['--trained_model', str(tmp_path / 'no_config_in_name.pdparams')]) == 1
+    assert run_cli(eval_script.main, ['--trained_model', weights, '--image', f'{tmp_path}/missing.png:out.png']) == 1
+    no_config = tmp_path / 'no_config_in_name.pdparams'
+    shutil.copy(weights, no_config)
+    assert run_cli(eval_script.main, ['--trained_model', str(no_config)]) == 1
 
 
 def test_cli_needs_a_model_and_one_mode(weights):
@@ -408,13 +417,11 @@ def test_cli_needs_a_model_and_one_mode(weights):
 
 
 def test_config_from_weights_name_and_override(shapes, weights):
-    args = eval_script.parse_args(['--trained_model', weights])
-    assert eval_script.resolve_config(args).name == 'yolact_shapes'
-    args = eval_script.parse_args(['--trained_model', weights, '--config', 'yolact_base'])
-    assert eval_script.resolve_config(args).name == 'yolact_base'
+    assert resolve_config(weights_path=weights).name == 'yolact_shapes'
+    assert resolve_config('yolact_base', weights_path=weights).name == 'yolact_base'
     args = eval_script.parse_args(['--trained_model', weights, '--dataset', 'coco2017_testdev_dataset'])
-    cfg = eval_script.resolve_config(args)
-    assert not cfg.dataset.has_gt and cfg.dataset.label_map is not None
+    with pytest.raises(ConfigError, match='coco2017_testdev_dataset has 80 classes, the model 4'):
+        eval_script.build_predictor(args)
 
 
 # ------------------------------------------------------------------ drawing --
@@ -424,7 +431,7 @@ def test_draw_detections_reference_colours_and_order():
     masks[0, 5:20, 5:30] = 1
     masks[1, 10:30, 20:50] = 1
     boxes = np.array([[5, 5, 30, 20], [20, 10, 50, 30]])
-    out = draw_detections(image, np.array([3, 1]), np.array([0.9, 0.8]), boxes, masks, SHAPE_CLASSES,
+    out = draw_detections(image, np.array([3, 1]), np.array([0.9, 0.8]), boxes, masks, ['star', 'square'],
                           draw_boxes=False, draw_text=False)
     alpha = 0.45
 
@@ -441,7 +448,7 @@ def test_draw_detections_reference_colours_and_order():
     np.testing.assert_array_equal(out[15, 25], blended(detection_color(1), detection_color(0)))
     np.testing.assert_array_equal(out[35, 5], image[35, 5])
 
-    by_class = draw_detections(image, np.array([3, 1]), np.array([0.9, 0.8]), boxes, masks, SHAPE_CLASSES,
+    by_class = draw_detections(image, np.array([3, 1]), np.array([0.9, 0.8]), boxes, masks, ['star', 'square'],
                                draw_boxes=False, draw_text=False, class_color=True)
     np.testing.assert_array_equal(by_class[6, 6], blended(detection_color(3)))
 
@@ -450,13 +457,13 @@ def test_draw_detections_threshold_top_k_boxes_and_text():
     image = np.zeros((80, 120, 3), dtype=np.uint8)
     boxes = np.array([[10, 30, 60, 70], [70, 40, 110, 75], [0, 0, 5, 5]])
     scores = np.array([0.9, 0.5, 0.3])
-    out = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, SHAPE_CLASSES, top_k=5,
+    out = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), top_k=5,
                           score_threshold=0.4)
     assert tuple(out[50, 10]) == detection_color(0)          # left edge of the first box
     assert tuple(out[60, 110]) == detection_color(1)
     assert not out[:6, :6].any()                              # below the threshold: not drawn
     assert out[18:30, 10:60].any()                            # the label above the first box
-    only_one = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, SHAPE_CLASSES, top_k=1)
+    only_one = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), top_k=1)
     assert not only_one[60, 110].any()
 
 
@@ -568,8 +575,8 @@ def test_benchmark_tool_times_every_stage(tmp_path):
     prefix = str(tmp_path / 'shapes')
     export_yolact(net, cfg, prefix)
     image = benchmark_tool.synthetic_image(str(tmp_path / 'image.jpg'), width=160, height=120)
-    medians = benchmark_tool.benchmark({'exported': StaticYolact(prefix), 'dygraph': net}, cfg, image,
-                                       runs=2, warmup=1)
+    chains = {'exported': Predictor.from_exported(prefix), 'dygraph': Predictor.from_network(cfg, net)}
+    medians = benchmark_tool.benchmark(chains, cfg, image, runs=2, warmup=1)
     for label in ('exported', 'dygraph'):
         assert set(medians[label]) == set(benchmark_tool.STAGES) | {'total'}
         assert all(v > 0 for v in medians[label].values())

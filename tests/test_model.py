@@ -19,6 +19,7 @@ import pytest
 from backbone import DarkNetBackbone, ModulatedDeformConv2D, construct_backbone
 from data.config import MEANS, STD, get_config
 from tests.conftest import make_weights_module, needs_reference, reference_npz, reference_state_dict
+from utils.checkpoint import load_backbone_weights
 from utils.convert import ConversionError, convert_state_dict, fpn_downsample_drop
 from yolact import Conv2D, Yolact
 
@@ -174,7 +175,8 @@ def test_init_weights_loads_imagenet_backbone(tmp_path):
     path = str(tmp_path / 'resnet50.pdparams')
     paddle.save(imagenet, path)
 
-    net.init_weights(backbone_path=path)
+    net.init_weights()
+    load_backbone_weights(net.backbone, path)
 
     state = net.state_dict()
     np.testing.assert_array_equal(state['backbone.layers.2.5.conv3.weight'].numpy(),
@@ -197,7 +199,7 @@ def test_init_weights_loads_imagenet_backbone(tmp_path):
     del imagenet['layer1.0.conv1.weight']
     paddle.save(imagenet, path)
     with pytest.raises(ConversionError, match='layers.0.0.conv1.weight'):
-        construct_backbone(cfg.backbone).init_backbone(path)
+        load_backbone_weights(construct_backbone(cfg.backbone), path)
 
 
 def test_cpu_bias_add_gives_paddle_conv_results_and_gradients():

@@ -20,11 +20,15 @@ from visualdl import LogReader
 
 import train
 from data.config import CONFIGS, get_config
+from data.samplers import ResumableBatchSampler
 from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
 from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
 from utils import checkpoint
 from utils.convert import save_params
+from utils.errors import run_cli
 from utils.lr_schedule import WarmupStepSchedule
+from utils.model_loader import init_for_finetuning
+from utils.trainer import NetLoss, Trainer, build_optimizer
 from yolact import Yolact
 
 CONFIG = 'train_test_tiny'
@@ -68,14 +72,14 @@ def train_argv(shapes, tmp_path, *extra):
 def recorded_losses(monkeypatch):
     """{iteration: {term: value}} of every train_step run during the test."""
     records = {}
-    original = train.Trainer.train_step
+    original = Trainer.train_step
 
     def recording(self, *args):
         iteration = self.iteration
         records[iteration] = original(self, *args)
         return records[iteration]
 
-    monkeypatch.setattr(train.Trainer, 'train_step', recording)
+    monkeypatch.setattr(Trainer, 'train_step', recording)
     return records
 
 
@@ -150,8 +154,8 @@ def test_batch_norm_is_never_frozen_without_pretrained_weights(tiny_config, shap
     path = checkpoint.latest_checkpoint(str(tmp_path / 'weights'), CONFIG)
     with open(checkpoint.sidecar_paths(path)[1]) as f:
         assert json.load(f)['freeze_bn'] is False
-    trainer = train.Trainer(train.parse_args(train_argv(shapes, tmp_path, '--resume', path)),
-                            train.build_config(train.parse_args(train_argv(shapes, tmp_path, '--resume', path)), 1))
+    args = train.parse_args(train_argv(shapes, tmp_path, '--resume', path))
+    trainer = Trainer(train.build_config(args, 1), train.train_options(args))
     assert trainer.cfg.freeze_bn is False
     batch_norms = [layer for layer in trainer.net.sublayers() if isinstance(layer, paddle.nn.BatchNorm2D)]
     assert batch_norms and all(layer.training and not layer.weight.stop_gradient for layer in batch_norms)
@@ -180,8 +184,8 @@ def test_custom_dataset_flags(shapes):
 
 def test_sampler_resumes_mid_epoch_and_splits_global_batches():
     data = list(range(20))
-    full = list(train.ResumableBatchSampler(data, 4, num_replicas=1, rank=0))
-    sampler = train.ResumableBatchSampler(data, 4, num_replicas=1, rank=0)
+    full = list(ResumableBatchSampler(data, 4, num_replicas=1, rank=0))
+    sampler = ResumableBatchSampler(data, 4, num_replicas=1, rank=0)
     sampler.set_epoch(0, start_batch=2)
     assert list(sampler) == full[2:]
     assert len(sampler) == len(full) - 2
@@ -192,7 +196,7 @@ def test_sampler_resumes_mid_epoch_and_splits_global_batches():
     # Two devices with 2 images each see the same global batches as one with 4.
     halves = []
     for rank in (0, 1):
-        s = train.ResumableBatchSampler(data, 2, num_replicas=2, rank=rank)
+        s = ResumableBatchSampler(data, 2, num_replicas=2, rank=rank)
         s.set_epoch(0, start_batch=1)
         halves.append(list(s))
     assert [a + b for a, b in zip(*halves)] == full[1:]
@@ -211,7 +215,7 @@ def test_many_epochs_leave_no_worker_processes_behind(tiny_config, shapes, tmp_p
     argv[argv.index('--num_workers') + 1] = '1'
     steps = []
     # The data loading is under test, not the optimisation: the step only counts batches.
-    monkeypatch.setattr(train.Trainer, 'train_step', lambda self, images, *rest: steps.append(images.shape) or {})
+    monkeypatch.setattr(Trainer, 'train_step', lambda self, images, *rest: steps.append(images.shape) or {})
     assert train.main(argv) == 0
     assert len(steps) == 10 and all(shape == [2, 3, SIDE, SIDE] for shape in steps)
     assert len(multiprocessing.active_children()) == before
@@ -228,7 +232,7 @@ def test_optimizer_matches_torch_sgd():
     net = paddle.nn.Linear(4, 3)
     net.weight.set_value(weight.T)
     net.bias.set_value(bias)
-    optimizer = train.build_optimizer(net, cfg)
+    optimizer = build_optimizer(net, cfg)
     t_weight = torch.tensor(weight, requires_grad=True)
     t_bias = torch.tensor(bias, requires_grad=True)
     t_optimizer = torch.optim.SGD([t_weight, t_bias], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.decay)
@@ -357,7 +361,7 @@ def test_fine_tuning_from_a_reference_pth(tiny_config, tmp_path):
     net = Yolact.from_config(cfg)
     net.init_weights()
     fresh_conf = net.state_dict()['prediction_layers.0.conf_layer.weight'].numpy()
-    skipped = train.load_trained_model(net, path, cfg)
+    skipped = init_for_finetuning(net, path, cfg)
     assert skipped == ['prediction_layers.0.conf_layer.bias', 'prediction_layers.0.conf_layer.weight',
                        'semantic_seg_conv.bias', 'semantic_seg_conv.weight']
     state = net.state_dict()
@@ -429,19 +433,19 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(tiny_config, shapes, co
     straight = dict(recorded_losses)
     recorded_losses.clear()
 
-    recording = train.Trainer.train_step
+    recording = Trainer.train_step
 
     def ctrl_c_at_3(self, *args):
         if self.iteration == 3:
             raise KeyboardInterrupt
         return recording(self, *args)
 
-    monkeypatch.setattr(train.Trainer, 'train_step', ctrl_c_at_3)
+    monkeypatch.setattr(Trainer, 'train_step', ctrl_c_at_3)
     assert train.main(train_argv(shapes, tmp_path / 'split', *common)) == 130
     folder = tmp_path / 'split' / 'weights'
     assert sorted(os.listdir(folder)) == [f'{CONFIG}_0_3_interrupt.{ext}' for ext in ('json', 'pdopt', 'pdparams')]
 
-    monkeypatch.setattr(train.Trainer, 'train_step', recording)
+    monkeypatch.setattr(Trainer, 'train_step', recording)
     recorded_losses.clear()
     # With worker processes this time: augmentation is seeded per sample, not per process.
     argv = train_argv(shapes, tmp_path / 'split', '--resume', 'interrupt', '--max_iter', '6', '--save_interval', '1000')
@@ -454,9 +458,8 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(tiny_config, shapes, co
 
 @needs_reference
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_config, shapes, coco_weights, tmp_path,
-                                                             monkeypatch, caplog):
-    caplog.set_level(logging.INFO)
-    original = train.NetLoss.forward
+                                                             monkeypatch, capsys):
+    original = NetLoss.forward
     calls = []
 
     def nan_at_third_call(self, *args):
@@ -466,19 +469,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_config, shapes
             losses['loss_box'] = losses['loss_box'] * float('nan')
         return losses
 
-    monkeypatch.setattr(train.NetLoss, 'forward', nan_at_third_call)
+    monkeypatch.setattr(NetLoss, 'forward', nan_at_third_call)
     argv = train_argv(shapes, tmp_path, '--trained_model', coco_weights, '--max_iter', '10',
                       '--save_interval', '1', '--keep_latest')
-    assert train.main(argv) == 1
+    assert run_cli(train.main, argv) == 1
 
     folder = str(tmp_path / 'weights')
     last_good = checkpoint.SavePath(CONFIG, 0, 2).path(folder)
     # --keep_latest removed the checkpoint at 1; nothing was saved after the NaN.
     assert sorted(os.listdir(folder)) == [f'{CONFIG}_0_2.{ext}' for ext in ('json', 'pdopt', 'pdparams')]
-    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1
-    assert 'not finite at iteration 2' in errors[0] and 'loss_box nan' in errors[0]
-    assert last_good in errors[0]
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith('error: ')
+    assert 'not finite at iteration 2' in error[0] and 'loss_box nan' in error[0]
+    assert last_good in error[0]
     with open(checkpoint.sidecar_paths(last_good)[1]) as f:
         assert json.load(f)['iteration'] == 2
 

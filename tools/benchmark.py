@@ -33,11 +33,10 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from data.config import get_config  # noqa: E402
-from eval import first_detections, load_trained_model  # noqa: E402
-from layers.functions import Detect  # noqa: E402
-from layers.output_utils import postprocess  # noqa: E402
-from utils.augmentations import FastBaseTransform  # noqa: E402
-from utils.inference import StaticYolact, export_yolact  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.inference import export_yolact  # noqa: E402
+from utils.model_loader import load_model  # noqa: E402
+from utils.predictor import Predictor, first_detections  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from yolact import Yolact  # noqa: E402
 
@@ -90,8 +89,8 @@ def synthetic_image(path, width=640, height=480, seed=0):
     return path
 
 
-def run_chain(net, detect, transform, cfg, image_path, top_k=None):
-    """One pass decode -> postprocess; returns ({stage: seconds}, number of detections).
+def run_chain(predictor, image_path, top_k=None):
+    """One pass decode -> postprocess through a Predictor's stages; returns ({stage: seconds}, number of detections).
 
     top_k: postprocess only the k best detections (eval.py's drawing path); None: all.
     """
@@ -102,22 +101,21 @@ def run_chain(net, detect, transform, cfg, image_path, top_k=None):
     height, width = image.shape[:2]
 
     t = time.perf_counter()
-    x = transform(paddle.to_tensor(image[None]))
+    x = predictor.transform(paddle.to_tensor(image[None]))
     times['preprocess'] = time.perf_counter() - t
 
     t = time.perf_counter()
-    preds = net(x)
+    preds = predictor.net(x)
     times['network'] = time.perf_counter() - t
 
     t = time.perf_counter()
-    det = detect(preds)[0]
+    det = predictor.detect(preds)[0]
     if top_k is not None:
         det = first_detections(det, top_k)
     times['detect'] = time.perf_counter() - t
 
     t = time.perf_counter()
-    out = postprocess(det, width, height, maskiou_net=net.maskiou_net, rescore_bbox=cfg.rescore_bbox,
-                      rescore_mask=cfg.rescore_mask)
+    out = predictor.postprocess(det, width, height)
     times['postprocess'] = time.perf_counter() - t
     return times, len(out['scores'])
 
@@ -125,19 +123,17 @@ def run_chain(net, detect, transform, cfg, image_path, top_k=None):
 def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None):
     """Median stage times of each chain.
 
-    chains: {label: network} (dygraph Yolact or StaticYolact), timed one
+    chains: {label: Predictor} (dygraph Yolact or StaticYolact network), timed one
     after the other: alternating them would time each network while the
     other's CPU threads are still spinning down. top_k: see run_chain. Returns
     {label: {stage or 'total': median seconds}} and logs the table.
     """
-    detect = Detect.from_config(cfg)
-    transform = FastBaseTransform.from_config(cfg)
     samples = {label: [] for label in chains}
     detections = {}
     with paddle.no_grad():
-        for label, net in chains.items():
+        for label, predictor in chains.items():
             for run in range(warmup + runs):
-                times, detections[label] = run_chain(net, detect, transform, cfg, image_path, top_k)
+                times, detections[label] = run_chain(predictor, image_path, top_k)
                 if run >= warmup:
                     samples[label].append(times)
                     logger.info('run %d %-9s %.3f s', run - warmup + 1, label, sum(times.values()))
@@ -156,7 +152,8 @@ def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', default='yolact_base', help='config name (default: yolact_base)')
+    p.add_argument('--config', default=None,
+                   help='config name (default: from --trained_model, else yolact_base)')
     p.add_argument('--trained_model', default=None,
                    help='weights (.pth or .pdparams); default: random weights, see --seed')
     p.add_argument('--seed', default=0, type=int, help='seed of the random weights')
@@ -178,24 +175,24 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
     select_device(args.device)
-    cfg = get_config(args.config)
-    net = Yolact.from_config(cfg)
     if args.trained_model:
-        load_trained_model(net, args.trained_model, cfg)
+        cfg, net = load_model(args.trained_model, args.config)
     else:
+        cfg = get_config(args.config or 'yolact_base')
+        net = Yolact.from_config(cfg)
         benchmark_weights(net, args.seed)
-    net.eval()
+        net.eval()
 
     with tempfile.TemporaryDirectory() as tmp:
         image_path = args.image or synthetic_image(os.path.join(tmp, 'image.jpg'))
         prefix = os.path.join(args.export_dir or tmp, cfg.name)
         export_yolact(net, cfg, prefix)
-        chains = {'exported': StaticYolact(prefix, device=args.device)}
+        chains = {'exported': Predictor.from_exported(prefix, device=args.device)}
         if not args.no_dygraph:
-            chains['dygraph'] = net
+            chains['dygraph'] = Predictor.from_network(cfg, net)
         benchmark(chains, cfg, image_path, args.runs, args.warmup, args.top_k)
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_cli(main))

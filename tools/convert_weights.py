@@ -20,9 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings('ignore', message='No ccache found')
 
 from data.config import config_name_from_weights, get_config  # noqa: E402
-from utils.convert import (ConversionError, convert_backbone, convert_checkpoint,  # noqa: E402
-                           imagenet_backbone, save_params)
-from utils.pth_reader import PthError  # noqa: E402
+from utils.convert import convert_backbone, convert_checkpoint, imagenet_backbone, save_params  # noqa: E402
+from utils.errors import MissingFileError, OutputError, run_cli  # noqa: E402
 
 EPILOG = """examples:
   %(prog)s weights/yolact_base_54_800000.pth weights/yolact_base_54_800000.pdparams
@@ -57,18 +56,19 @@ def main(argv=None):
     # paddle installs an INFO handler on the root logger when imported; this
     # tool prints its own report, so only warnings and errors are logged.
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s', force=True)
-    try:
-        if args.backbone:
-            backbone_cfg = get_config(args.config).backbone if args.config else imagenet_backbone(args.src)
-            params, report = convert_backbone(args.src, backbone_cfg)
-        else:
-            cfg = get_config(args.config or config_name_from_weights(args.src))
-            params, report = convert_checkpoint(args.src, cfg)
-    except (PthError, ConversionError, ValueError, OSError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 1
+    if not os.path.isfile(args.src):
+        raise MissingFileError(f'weights file not found: {args.src}')
+    if args.backbone:
+        backbone_cfg = get_config(args.config).backbone if args.config else imagenet_backbone(args.src)
+        params, report = convert_backbone(args.src, backbone_cfg)
+    else:
+        cfg = get_config(args.config or config_name_from_weights(args.src))
+        params, report = convert_checkpoint(args.src, cfg)
     print_report(report)
-    save_params(params, args.dst)
+    try:
+        save_params(params, args.dst)
+    except OSError as err:
+        raise OutputError(f'cannot write {args.dst}: {err.strerror or err} (nothing written)') from err
     print(f'{report.summary()}; written to {args.dst}')
     return 0
 
@@ -94,4 +94,4 @@ def _key_list(keys):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_cli(main))

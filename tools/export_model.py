@@ -19,12 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Paddle's custom-op machinery warns about a missing compiler cache on import; no op is compiled here.
 warnings.filterwarnings('ignore', message='No ccache found')
 
-from data.config import config_name_from_weights, get_config  # noqa: E402
-from eval import load_trained_model  # noqa: E402
+from utils.errors import OutputError, run_cli  # noqa: E402
 from utils.inference import export_yolact  # noqa: E402
-from yolact import Yolact  # noqa: E402
-
-logger = logging.getLogger('export_model')
+from utils.model_loader import load_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -32,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument('--trained_model', required=True,
                    help='weights: a reference .pth (converted on the fly) or a .pdparams')
     p.add_argument('--config', default=None,
-                   help='config name (default: from the weights file name, yolact_base_54_800000.pth -> yolact_base)')
+                   help="config name (default: the checkpoint's record, else the file name: "
+                        'yolact_base_54_800000.pth -> yolact_base)')
     p.add_argument('--output', required=True, metavar='PREFIX',
                    help='output path without extension: writes PREFIX.json, PREFIX.pdiparams, '
                         'PREFIX.yolact.json (and PREFIX_maskiou.* for YOLACT++)')
@@ -42,16 +40,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
+    cfg, net = load_model(args.trained_model, args.config)
     try:
-        cfg = get_config(args.config or config_name_from_weights(args.trained_model))
-        net = Yolact.from_config(cfg)
-        load_trained_model(net, args.trained_model, cfg)
-    except (OSError, ValueError) as e:
-        logger.error('error: %s', e)
-        return 1
-    export_yolact(net, cfg, args.output)
+        export_yolact(net, cfg, args.output)
+    except OSError as err:
+        raise OutputError(f'cannot write the export {args.output}: {err.strerror or err}') from err
     return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -21,15 +21,15 @@ import glob
 import json
 import os
 import shutil
+import subprocess
 import sys
+import tempfile
 
 import paddle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import eval as yolact_eval  # noqa: E402
-import train as yolact_train  # noqa: E402
 from data.config import get_config  # noqa: E402
 from tools.make_shapes_dataset import make_shapes_dataset  # noqa: E402
 from utils.checkpoint import latest_checkpoint  # noqa: E402
@@ -67,22 +67,27 @@ def default_procs():
     return 2 if paddle.device.cuda.device_count() == 0 and (os.cpu_count() or 1) >= 2 else 1
 
 
-def _train_process(argv):
-    """A spawned training process: train.py with its console logging."""
-    yolact_train.configure_logging()
-    return yolact_train.main(argv)
+def run_program(script, argv):
+    """Run one of the project's programs (train.py, eval.py) in a new Python process; its exit code."""
+    return subprocess.call([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT)
 
 
 def run_training(argv, procs):
-    """train.py's main in this process, or in ``procs`` data-parallel CPU processes (gloo); the exit code."""
+    """train.py in one process, or in ``procs`` data-parallel CPU processes (paddle.distributed.launch, gloo).
+
+    Returns the exit code. With several processes, the launcher's per-process
+    logs go to a temporary folder; the first process's is printed if training fails.
+    """
     if procs <= 1:
-        return yolact_train.main(argv)
-    try:
-        context = paddle.distributed.spawn(_train_process, args=(argv,), nprocs=procs, backend='gloo')
-    except Exception as err:  # spawn re-raises a child's failure as a bare Exception with its traceback
-        print(f'training failed: {err}', file=sys.stderr)
-        return 1
-    return max(queue.get() for queue in context.return_queues)
+        return run_program('train.py', argv)
+    with tempfile.TemporaryDirectory() as log_dir:
+        code = subprocess.call([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', str(procs),
+                                '--log_dir', log_dir, os.path.join(ROOT, 'train.py'), *argv], cwd=ROOT)
+        if code:
+            for name in sorted(os.listdir(log_dir)):
+                with open(os.path.join(log_dir, name), errors='replace') as f:
+                    print(f'--- {name}\n{f.read()[-4000:]}', file=sys.stderr)
+    return code
 
 
 def ensure_dataset(folder, num_train, num_val):
@@ -127,8 +132,8 @@ def main(argv=None):
     print(f'[3/4] evaluating {os.path.basename(weights)} with pycocotools ...', flush=True)
     eval_logs = os.path.join(log_dir, 'quickstart_eval')
     shutil.rmtree(eval_logs, ignore_errors=True)
-    code = yolact_eval.main(['--trained_model', weights, '--results_dir', results_dir, '--log_dir', eval_logs,
-                             '--num_workers', str(num_workers), *data_flags])
+    code = run_program('eval.py', ['--trained_model', weights, '--results_dir', results_dir, '--log_dir', eval_logs,
+                                   '--num_workers', str(num_workers), *data_flags])
     if code:
         return code
     with open(glob.glob(os.path.join(eval_logs, 'eval_*.json'))[0]) as f:
@@ -139,8 +144,8 @@ def main(argv=None):
     os.makedirs(samples, exist_ok=True)
     for name in sorted(os.listdir(dataset.valid_images))[:NUM_DRAWN]:
         shutil.copy(os.path.join(dataset.valid_images, name), samples)
-    code = yolact_eval.main(['--trained_model', weights, '--images', f'{samples}:{drawn_dir}',
-                             '--score_threshold', '0.3'])
+    code = run_program('eval.py', ['--trained_model', weights, '--images', f'{samples}:{drawn_dir}',
+                                   '--score_threshold', '0.3'])
     if code:
         return code
 

@@ -18,11 +18,17 @@ A save that dies midway therefore never hides or damages the previous checkpoint
 """
 import io
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass
 
 import paddle
+
+from utils.convert import DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES, convert_state_dict
+from utils.errors import MissingFileError, WeightsError
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_EXT = '.pdparams'
 OPTIMIZER_EXT = '.pdopt'
@@ -133,6 +139,23 @@ def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
     return state, loaded_opt
 
 
+def read_state_dict(path, return_numpy=False):
+    """The {key: tensor} state dict of a ``.pdparams`` file.
+
+    Raises MissingFileError when it does not exist, WeightsError when it
+    cannot be read or holds something other than a state dict.
+    """
+    if not os.path.isfile(path):
+        raise MissingFileError(f'weights file not found: {path}')
+    try:
+        state = paddle.load(path, return_numpy=return_numpy)
+    except Exception as err:  # Paddle raises a variety of types for a file it cannot unpickle.
+        raise WeightsError(f'{path}: not a Paddle weights file ({type(err).__name__}: {err})') from err
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise WeightsError(f'{path}: holds a {type(state).__name__}, not a state dict of named tensors')
+    return state
+
+
 def load_weights(net, source, skip=lambda key: False):
     """Load weights into ``net``, strictly.
 
@@ -144,12 +167,13 @@ def load_weights(net, source, skip=lambda key: False):
     Returns:
         the sorted list of skipped keys.
     Raises:
-        ValueError listing keys missing from the source, keys the network lacks
-        and shape mismatches not allowed by ``skip``.
+        WeightsError listing keys missing from the source, keys the network lacks
+        and shape mismatches not allowed by ``skip``, or naming a file that is
+        not a state dict; MissingFileError for a missing file.
     """
     name = source if isinstance(source, str) else 'the weights'
     if isinstance(source, str):
-        source = paddle.load(source)
+        source = read_state_dict(source)
     target = net.state_dict()
     missing = sorted(set(target) - set(source))
     unexpected = sorted(set(source) - set(target))
@@ -169,9 +193,34 @@ def load_weights(net, source, skip=lambda key: False):
         lines += [f'  missing from the file: {k}' for k in missing]
         lines += [f'  not in the model: {k}' for k in unexpected]
         lines += [f'  shape mismatch: {m}' for m in mismatched]
-        raise ValueError('\n'.join(lines))
+        raise WeightsError('\n'.join(lines))
     net.set_state_dict(to_load)
     return sorted(skipped)
+
+
+def load_backbone_weights(backbone, path):
+    """Strictly load ImageNet weights (.pdparams) into a backbone, in place.
+
+    Every backbone parameter must be in the file except the DCN extras
+    (utils.convert.DCN_INIT_KEYS), which ImageNet models do not have and which
+    then keep their reference initialisation; every tensor in the file must be
+    used, except an ImageNet classifier. Raises utils.convert.ConversionError
+    naming each key that does not fit.
+    """
+    source = read_state_dict(path, return_numpy=True)
+    target = {k: v.shape for k, v in backbone.state_dict().items()
+              if k in source or not DCN_INIT_KEYS.match(k)}
+    params, dropped = convert_state_dict(source, target, [IMAGENET_CLASSIFIER_DROP],
+                                         context=f' (backbone weights {path})',
+                                         extra_renames=TORCHVISION_RENAMES)
+    for key, reason in dropped:
+        logger.debug('backbone weights: dropped %s (%s)', key, reason)
+    # Tensor by tensor: set_state_dict would warn about every DCN extra left at its init.
+    state = backbone.state_dict()
+    for key, value in params.items():
+        state[key].set_value(value)
+    logger.info('loaded %d backbone tensors from %s (%d left at initialisation)',
+                len(params), path, len(state) - len(params))
 
 
 def optimizer_state_by_name(optimizer, net):
@@ -230,6 +279,28 @@ def interrupt_checkpoint(folder):
     saves = [(SavePath.from_path(p).iteration, p) for p in _checkpoints(folder)
              if SavePath.from_path(p).interrupt]
     return max(saves)[1] if saves else None
+
+
+def find_resume_checkpoint(resume, folder, model_name):
+    """The checkpoint ``--resume`` designates, or None to start a new run.
+
+    ``resume``: None, 'interrupt' (the interrupt checkpoint in ``folder``),
+    'latest' (the newest checkpoint of ``model_name`` there; a missing one
+    starts a new run, with a warning) or a path, which must exist.
+    """
+    if resume is None:
+        return None
+    if resume == 'interrupt':
+        path = interrupt_checkpoint(folder)
+    elif resume == 'latest':
+        path = latest_checkpoint(folder, model_name)
+    else:
+        if not os.path.isfile(resume):
+            raise MissingFileError(f'--resume: checkpoint not found: {resume}')
+        return resume
+    if path is None:
+        logger.warning('--resume %s: no such checkpoint in %s; starting a new run', resume, folder)
+    return path
 
 
 def remove_checkpoint(weights_path):

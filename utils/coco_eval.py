@@ -20,12 +20,15 @@ import io
 import json
 import logging
 import os
+import tempfile
 import time
 
 import numpy as np
 import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from utils.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +64,15 @@ def detection_records(image_id, classes, boxes, scores, masks, class_to_cat, mas
         both, as the reference intends: such a box carries no mask after
         cropping. (The reference tests ``w * h > 0``, which lets through a box
         lying wholly left of and above the image, where both are negative.)
+        So are detections of a class missing from ``class_to_cat``.
     """
     classes = np.asarray(classes).astype(np.int64)
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64)
     mask_scores = scores if mask_scores is None else np.asarray(mask_scores, dtype=np.float64)
-    keep = np.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[0]
+    # A class the dataset has no category for (a model evaluated on a subset of its classes) has no record.
+    known = np.isin(classes, np.fromiter(class_to_cat, dtype=np.int64, count=len(class_to_cat)))
+    keep = np.nonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & known)[0]
     if keep.size == 0:
         return [], []
 
@@ -91,15 +97,26 @@ def detection_records(image_id, classes, boxes, scores, masks, class_to_cat, mas
 class JsonArrayWriter:
     """A JSON array written one record at a time, so memory does not grow with the file.
 
-    The file is a valid JSON array only after :meth:`close` (or leaving the
-    ``with`` block); ``json.load`` reads it back as a list.
+    Records stream into a temporary file beside ``path`` (unique to this
+    writer); :meth:`close` completes the array and renames it to ``path`` in
+    one atomic step. A run that dies or is killed midway therefore leaves no
+    file under ``path`` (or the previous complete one), and concurrent runs
+    writing the same ``path`` cannot interleave: the last to finish wins
+    whole. :meth:`discard` (or leaving the ``with`` block on an exception)
+    removes the temporary file.
     """
 
     def __init__(self, path):
+        folder, name = os.path.split(os.path.abspath(path))
         try:
-            self._file = open(path, 'w')
+            fd, self._tmp_path = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
         except OSError as e:
-            raise OSError(f'cannot write results file {path!r}: {e.strerror}') from e
+            raise OutputError(f'cannot write results file {path!r}: {e.strerror}') from e
+        # mkstemp creates the file private; results files get the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp_path, 0o666 & ~umask)
+        self._file = os.fdopen(fd, 'w')
         self.path = path
         self.count = 0
         self._file.write('[')
@@ -110,15 +127,35 @@ class JsonArrayWriter:
         self.count += 1
 
     def close(self):
-        if not self._file.closed:
+        """Complete the array and move it to ``path``."""
+        if self._file.closed:
+            return
+        try:
             self._file.write('\n]\n')
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
+            os.replace(self._tmp_path, self.path)
+        except OSError as e:
+            self.discard()
+            raise OutputError(f'cannot write results file {self.path!r}: {e.strerror}; nothing was written '
+                              'under that name') from e
+
+    def discard(self):
+        """Drop the partial file; ``path`` keeps whatever it had before."""
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self._tmp_path):
+            os.remove(self._tmp_path)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 class CocoResultsWriter:
@@ -133,7 +170,7 @@ class CocoResultsWriter:
         try:
             os.makedirs(results_dir, exist_ok=True)
         except OSError as e:
-            raise OSError(f'cannot create results directory {results_dir!r}: {e.strerror}') from e
+            raise OutputError(f'cannot create results directory {results_dir!r}: {e.strerror}') from e
         self.class_to_cat = dict(class_to_cat)
         self.bbox_path = os.path.join(results_dir, bbox_file)
         self.mask_path = os.path.join(results_dir, mask_file)
@@ -141,7 +178,7 @@ class CocoResultsWriter:
         try:
             self._mask = JsonArrayWriter(self.mask_path)
         except OSError:
-            self._bbox.close()
+            self._bbox.discard()
             raise
         self.num_images = 0
 
@@ -160,14 +197,23 @@ class CocoResultsWriter:
         self.num_images += 1
 
     def close(self):
+        """Complete both files and move them into place."""
         self._bbox.close()
         self._mask.close()
+
+    def discard(self):
+        """Drop both partial files (an interrupted or failed evaluation)."""
+        self._bbox.discard()
+        self._mask.discard()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def load_coco(annotation_file):

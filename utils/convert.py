@@ -31,8 +31,11 @@ from typing import Tuple
 import numpy as np
 import paddle
 
+from backbone import construct_backbone
 from data.config import CONFIGS
+from utils.errors import ConfigError, WeightsError
 from utils.pth_reader import load_pth
+from yolact import Yolact
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +65,7 @@ IMAGENET_CLASSIFIER_DROP = (lambda key: key in ('fc.weight', 'fc.bias'),
 DCN_INIT_KEYS = re.compile(r'^layers\.\d+\.\d+\.conv2\.(bias|conv_offset_mask\.(weight|bias))$')
 
 
-class ConversionError(ValueError):
+class ConversionError(WeightsError):
     """The source does not fit the target; lists every offending key by name."""
 
     def __init__(self, unused, missing, mismatched, context=''):
@@ -164,8 +167,6 @@ def convert_checkpoint(src_path, cfg):
         utils.pth_reader.PthError if the file cannot be read; ConversionError
         naming every key that does not fit (e.g. the wrong config).
     """
-    # Imported here: yolact -> backbone -> this module, so a top-level import would be circular.
-    from yolact import Yolact
     source = load_pth(src_path)
     target = _target_shapes(Yolact.from_config(cfg))
     params, dropped = convert_state_dict(
@@ -185,11 +186,10 @@ def convert_backbone(src_path, backbone_cfg):
             leaves its deformable extras (DCN_INIT_KEYS) at initialisation.
     Returns:
         ({backbone key: float32 np.ndarray}, ConversionReport) -- keys without
-        the ``backbone.`` prefix, as ``Yolact.init_weights(backbone_path)`` loads them.
+        the ``backbone.`` prefix, as ``utils.checkpoint.load_backbone_weights`` loads them.
     Raises:
         utils.pth_reader.PthError or ConversionError as convert_checkpoint.
     """
-    from backbone import construct_backbone  # deferred for the same reason as in convert_checkpoint
     if backbone_cfg.kind == 'resnet':
         renames, drops = TORCHVISION_RENAMES, [IMAGENET_CLASSIFIER_DROP]
     else:
@@ -212,14 +212,14 @@ def imagenet_backbone(path):
 
     ``resnet101_reducedfc.pth`` -> ResNet101, ``resnet50-19c8e357.pth`` ->
     ResNet50, ``darknet53.pth`` -> DarkNet53 (the names the configs' ``path`` use).
-    Raises ValueError for any other name.
+    Raises ConfigError for any other name.
     """
     name = os.path.basename(path)
     for cfg in CONFIGS.values():
         if cfg.backbone.path == name and not any(cfg.backbone.dcn_layers):
             return cfg.backbone
     known = ', '.join(sorted({cfg.backbone.path for cfg in CONFIGS.values()}))
-    raise ValueError(f'cannot infer the backbone from the file name {name!r} (known: {known}); '
+    raise ConfigError(f'cannot infer the backbone from the file name {name!r} (known: {known}); '
                      'name a config whose backbone it is')
 
 
@@ -249,7 +249,7 @@ def _as_float32(params, src_path):
     """Parameters as float32 (the models' dtype); a non-float tensor is an error, not a cast."""
     bad = [f'{k} ({v.dtype})' for k, v in params.items() if not np.issubdtype(v.dtype, np.floating)]
     if bad:
-        raise ValueError(f'{os.path.basename(src_path)}: non-float tensors for float parameters: {", ".join(bad)}')
+        raise WeightsError(f'{os.path.basename(src_path)}: non-float tensors for float parameters: {", ".join(bad)}')
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items()}
 
 

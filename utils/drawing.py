@@ -30,7 +30,7 @@ def num_to_draw(scores, top_k, score_threshold):
     return int(below[0]) if below.size else n
 
 
-def draw_detections(image, classes, scores, boxes, masks, class_names, top_k=5, score_threshold=0.0,
+def draw_detections(image, classes, scores, boxes, masks, labels, top_k=5, score_threshold=0.0,
                     draw_masks=True, draw_boxes=True, draw_text=True, draw_scores=True,
                     class_color=False, mask_alpha=0.45):
     """Draw detections on a copy of an image.
@@ -40,7 +40,7 @@ def draw_detections(image, classes, scores, boxes, masks, class_names, top_k=5, 
         classes: [N] int, 0-based class indices; scores: [N], highest first.
         boxes: [N, 4] int pixel (x1, y1, x2, y2) in ``image``.
         masks: [N, H, W] 0/1 masks of the image size, or None.
-        class_names: names indexed by class.
+        labels: [N] class names of the detections (Predictor's 'labels').
         top_k, score_threshold: draw at most ``top_k`` detections with a score
             of at least ``score_threshold``.
         class_color: one colour per class (True) or per detection (False).
@@ -69,7 +69,7 @@ def draw_detections(image, classes, scores, boxes, masks, class_names, top_k=5, 
             if draw_boxes:
                 cv2.rectangle(out, (x1, y1), (x2, y2), colors[j], 1)
             if draw_text:
-                name = class_names[int(classes[j])]
+                name = labels[j]
                 text = f'{name}: {float(scores[j]):.2f}' if draw_scores else name
                 (text_w, text_h), _ = cv2.getTextSize(text, FONT, FONT_SCALE, FONT_THICKNESS)
                 cv2.rectangle(out, (x1, y1), (x1 + text_w, y1 - text_h - 4), colors[j], -1)

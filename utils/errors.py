@@ -39,6 +39,10 @@ class MissingFileError(YolactError, FileNotFoundError):
     """A file or folder the user named does not exist."""
 
 
+class UnreadableFileError(YolactError, OSError):
+    """A file that exists but cannot be read as what it should be (a corrupt image or video, ...)."""
+
+
 class OutputError(YolactError, OSError):
     """An output cannot be written (read-only folder, disk full, ...); says what was kept."""
 

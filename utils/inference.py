@@ -28,6 +28,7 @@ import paddle
 import paddle.nn.functional as F
 
 from utils.augmentations import linear_taps
+from utils.errors import MissingFileError
 from utils.runtime import default_cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ def export_yolact(net, cfg, path_prefix, batch_size=1):
         paddle.jit.save(net.maskiou_net, path_prefix + MASKIOU_SUFFIX, input_spec=[
             paddle.static.InputSpec([None, 1, None, None], 'float32', 'masks')])
     meta = {'config': cfg.name, 'max_size': size, 'batch_size': batch_size,
-            'num_classes': cfg.num_classes, 'outputs': list(OUTPUT_KEYS), 'maskiou': has_maskiou}
+            'num_classes': cfg.num_classes, 'class_names': list(cfg.dataset.class_names),
+            'outputs': list(OUTPUT_KEYS), 'maskiou': has_maskiou}
     with open(path_prefix + META_SUFFIX, 'w') as f:
         json.dump(meta, f, indent=2)
     logger.info('exported %s (%dx%d, batch %d) to %s', cfg.name, size, size, batch_size, path_prefix)
@@ -138,7 +140,7 @@ def read_export_meta(path_prefix):
     """The metadata :func:`export_yolact` wrote for ``path_prefix``."""
     path = path_prefix + META_SUFFIX
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path!r} not found: is {path_prefix!r} the prefix of a model '
+        raise MissingFileError(f'{path!r} not found: is {path_prefix!r} the prefix of a model '
                                 'written by tools/export_model.py?')
     with open(path) as f:
         return json.load(f)

@@ -1,82 +1,118 @@
-"""One-call inference: a BGR image in, instance masks, boxes, classes and scores out."""
+"""One-call inference: a BGR image in, instance masks, boxes, classes, class names and scores out.
+
+``Predictor`` bundles a network (dygraph or exported) with its config,
+preprocessing, Detect and post-processing. eval.py, training validation,
+tools/benchmark.py and users' code all run images through it.
+"""
 import logging
 
 import numpy as np
 import paddle
 
-from data.config import get_config
 from layers.functions import Detect
 from layers.output_utils import postprocess
 from utils.augmentations import FastBaseTransform
-from utils.checkpoint import load_weights
-from utils.inference import StaticYolact
+from utils.model_loader import load_exported, load_model
 from utils.runtime import select_device
-from yolact import Yolact
 
 logger = logging.getLogger(__name__)
+
+
+def first_detections(det, k):
+    """The k best detections of a Detect output (its rows are sorted by score, best first)."""
+    return {key: value if key == 'proto' else value[:k] for key, value in det.items()}
 
 
 class Predictor:
     """A YOLACT / YOLACT++ network with its preprocessing and post-processing.
 
+    ``Predictor('weights/my_model_10_2000.pdparams')`` takes the config and the
+    class names from the weights' record (train.py checkpoints) or their file
+    name; ``Predictor('yolact_base', 'weights/yolact_base_54_800000.pth')``
+    (config first) still works. ``.pth`` files are converted on the fly.
+
     Args:
-        config_name: a data.config preset, e.g. 'yolact_base' or 'yolact_plus_resnet50'.
-        weights_path: a ``.pdparams`` state dict for that config (converted
-            reference weights or a training checkpoint). Every key and shape
-            must match; otherwise a ValueError names the offending keys.
+        weights: a weights path, or a config name when ``weights_path`` is given.
+        weights_path: the weights, in the (config, weights) form.
+        config: a config name overriding the one the weights give.
         device: Paddle device for the network, e.g. 'cpu' or 'gpu:0'; None
             picks a GPU if there is one. Set process-wide (utils.runtime.select_device).
         **detect_overrides: Detect.from_config overrides, e.g.
             ``use_fast_nms=False`` or ``conf_thresh=0.3``.
+    Attributes:
+        cfg: the YolactConfig (its ``dataset.class_names`` name the classes).
+        net: the network, called as ``net(x)`` with x [1, 3, S, S].
     """
 
-    def __init__(self, config_name, weights_path, device=None, **detect_overrides):
+    def __init__(self, weights, weights_path=None, config=None, device=None, **detect_overrides):
+        if weights_path is not None:
+            config, weights = weights, weights_path
         select_device(device)
-        cfg = get_config(config_name)
-        net = Yolact.from_config(cfg)
-        load_weights(net, weights_path)
-        net.eval()
+        cfg, net = load_model(weights, config)
         self._setup(cfg, net, detect_overrides)
-        logger.info('loaded %s from %s', cfg.name, weights_path)
+        logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 
     @classmethod
-    def from_exported(cls, path_prefix, device='cpu', **detect_overrides):
+    def from_exported(cls, path_prefix, device='cpu', use_tensorrt=False, config=None, **detect_overrides):
         """A Predictor running a network exported by tools/export_model.py with Paddle Inference.
 
         path_prefix: the export's path without extension (its metadata names
-        the config); device: 'cpu' (oneDNN) or 'gpu'. Preprocessing, Detect and
-        postprocess are the same as for the dygraph network.
+        the config and classes); device: 'cpu' (oneDNN) or 'gpu'.
+        Preprocessing, Detect and post-processing are the dygraph ones.
         """
-        net = StaticYolact(path_prefix, device=device)
+        cfg, net = load_exported(path_prefix, config, device=device, use_tensorrt=use_tensorrt)
+        return cls.from_network(cfg, net, **detect_overrides)
+
+    @classmethod
+    def from_network(cls, cfg, net, **detect_overrides):
+        """A Predictor around a network already built for ``cfg`` (e.g. the one being trained)."""
         predictor = cls.__new__(cls)
-        predictor._setup(get_config(net.config_name), net, detect_overrides)
+        predictor._setup(cfg, net, detect_overrides)
         return predictor
 
     def _setup(self, cfg, net, detect_overrides):
-        """cfg, its network in eval mode (Yolact or StaticYolact), Detect overrides."""
         self.cfg = cfg
         self.net = net
         self.transform = FastBaseTransform.from_config(cfg)
         self.detect = Detect.from_config(cfg, **detect_overrides)
 
+    @property
+    def class_names(self):
+        """The class names, indexed by the 0-based class of the results."""
+        return self.cfg.dataset.class_names
+
     @paddle.no_grad()
-    def __call__(self, image, score_threshold=0.0):
+    def __call__(self, image, score_threshold=0.0, max_detections=None):
         """Detect the instances in one image.
 
         Args:
             image: [H, W, 3] uint8 BGR (as cv2.imread gives it).
             score_threshold: keep detections whose box score is above it.
+            max_detections: keep only this many best detections (None: all).
         Returns:
-            postprocess's dict of numpy arrays, in Detect's order: 'classes' [N]
-            int64 (0-based, background excluded), 'scores' [N] float32 box
-            scores, 'boxes' [N, 4] int64 pixel x1, y1, x2, y2, 'masks'
-            [N, H, W] bool; with YOLACT++ also 'mask_scores' [N] (box score x
-            predicted mask IoU).
+            a dict of numpy arrays in Detect's order (best first): 'classes' [N]
+            int64 (0-based, background excluded), 'labels' (a list of N class
+            names), 'scores' [N] float32 box scores, 'boxes' [N, 4] int64 pixel
+            x1, y1, x2, y2, 'masks' [N, H, W] bool; with YOLACT++ also
+            'mask_scores' [N] (box score x predicted mask IoU).
         """
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f'expected an [H, W, 3] BGR image, got shape {image.shape}')
-        h, w = image.shape[:2]
+        height, width = image.shape[:2]
         x = self.transform(paddle.to_tensor(np.ascontiguousarray(image)[None]))
+        return self.predict_preprocessed(x, width, height, score_threshold, max_detections)
+
+    @paddle.no_grad()
+    def predict_preprocessed(self, x, width, height, score_threshold=0.0, max_detections=None):
+        """Detections of one preprocessed image [1, 3, S, S] at its original size; see __call__."""
         det = self.detect(self.net(x))[0]
-        return postprocess(det, w, h, maskiou_net=self.net.maskiou_net, rescore_bbox=self.cfg.rescore_bbox,
-                           rescore_mask=self.cfg.rescore_mask, score_threshold=score_threshold)
+        if max_detections is not None:
+            det = first_detections(det, max_detections)
+        return self.postprocess(det, width, height, score_threshold)
+
+    def postprocess(self, det, width, height, score_threshold=0.0):
+        """Final detections from one image's Detect output; see __call__ for the keys."""
+        out = postprocess(det, width, height, maskiou_net=self.net.maskiou_net, rescore_bbox=self.cfg.rescore_bbox,
+                          rescore_mask=self.cfg.rescore_mask, score_threshold=score_threshold)
+        out['labels'] = [self.class_names[c] for c in out['classes']]
+        return out

@@ -31,6 +31,8 @@ from typing import Tuple
 
 import numpy as np
 
+from utils.errors import WeightsError
+
 logger = logging.getLogger(__name__)
 
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
@@ -52,7 +54,7 @@ _STORAGE_DTYPES = {
 _WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model')
 
 
-class PthError(ValueError):
+class PthError(WeightsError):
     """A file that cannot be read as a torch.save state dict; says which file and why."""
 
     def __init__(self, path, what):

@@ -1,0 +1,132 @@
+"""The user's journey end to end, through the programs' main functions, as a user runs them:
+
+published (stand-in) yolact_resnet50 .pth -> train.py fine-tunes it on a 4-class COCO-format set
+-> eval.py scores its val split (no --class_names: the classes travel with the checkpoint)
+-> eval.py --image draws shape names -> tools/export_model.py -> the exported model gives the
+dygraph model's detections and names (eval.py --inference_model, Predictor.from_exported).
+
+The set's category ids are 10, 20, 30, 40 (not 1..4), so the results files must map the
+model's classes back to the set's own ids. A 128-pixel yolact_resnet50 keeps it small.
+"""
+import dataclasses
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import eval as eval_script
+import train
+from data.config import CONFIGS, get_config
+from tests.conftest import make_weights_module, needs_reference
+from tools import export_model
+from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
+from utils import coco_eval, media
+from utils.checkpoint import latest_checkpoint, sidecar_paths
+from utils.errors import run_cli
+from utils.predictor import Predictor
+
+CONFIG = 'journey_resnet50_128'
+SIDE = 128
+
+
+def _shift_category_ids(info_file, factor=10):
+    """Rewrite a COCO file with category ids multiplied by ``factor``."""
+    with open(info_file) as f:
+        info = json.load(f)
+    for category in info['categories']:
+        category['id'] *= factor
+    for annotation in info['annotations']:
+        annotation['category_id'] *= factor
+    with open(info_file, 'w') as f:
+        json.dump(info, f)
+
+
+@pytest.fixture
+def journey_config():
+    CONFIGS[CONFIG] = dataclasses.replace(get_config('yolact_resnet50', max_size=SIDE, lr_warmup_until=2),
+                                          name=CONFIG)
+    yield CONFIGS[CONFIG]
+    del CONFIGS[CONFIG]
+
+
+@needs_reference
+def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeypatch):
+    pytest.importorskip('torch')
+    shapes = make_shapes_dataset(str(tmp_path / 'shapes'), num_train=4, num_val=3, size=SIDE, seed=0)
+    _shift_category_ids(shapes.train_info)
+    _shift_category_ids(shapes.valid_info)
+    mw = make_weights_module()
+    published = str(tmp_path / 'yolact_resnet50_54_800000.pth')
+    mw.save_pth(mw.make_state_dict(mw.load_manifest('yolact_resnet50'), 0), published, legacy=True)
+
+    # 1. Fine-tune the published weights on the 4 shapes.
+    weights_dir = str(tmp_path / 'weights')
+    assert run_cli(train.main, [
+        '--config', CONFIG, '--trained_model', published, '--batch_size', '2', '--no_autoscale',
+        '--max_iter', '2', '--lr', '1e-4', '--num_workers', '0', '--validation_epoch', '-1',
+        '--train_images', shapes.train_images, '--train_info', shapes.train_info,
+        '--save_folder', weights_dir, '--log_folder', str(tmp_path / 'logs')]) == 0
+    checkpoint = latest_checkpoint(weights_dir, CONFIG)
+    with open(sidecar_paths(checkpoint)[1]) as f:
+        assert json.load(f)['class_names'] == list(SHAPE_CLASSES)
+
+    # 2. Evaluate on the val split: classes from the checkpoint, category ids from the set.
+    results_dir, log_dir = str(tmp_path / 'results'), str(tmp_path / 'eval_logs')
+    val_flags = ['--valid_images', shapes.valid_images, '--valid_info', shapes.valid_info, '--num_workers', '0']
+    assert run_cli(eval_script.main, ['--trained_model', checkpoint, '--results_dir', results_dir,
+                                      '--log_dir', log_dir, *val_flags]) == 0
+    with open(os.path.join(results_dir, coco_eval.BBOX_FILE)) as f:
+        dygraph_records = json.load(f)
+    assert dygraph_records and {r['category_id'] for r in dygraph_records} <= {10, 20, 30, 40}
+    [log_name] = [n for n in os.listdir(log_dir) if n.startswith('eval_')]
+    with open(os.path.join(log_dir, log_name)) as f:
+        logged = json.load(f)['results']
+    gt = COCO(shapes.valid_info)
+    for iou_type, name in (('bbox', coco_eval.BBOX_FILE), ('segm', coco_eval.MASK_FILE)):
+        e = COCOeval(gt, gt.loadRes(os.path.join(results_dir, name)), iou_type)
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+        assert [logged[iou_type][m] for m in coco_eval.METRICS] == list(e.stats[:6])
+
+    # 3. Draw one image: the labels drawn are the shapes' names.
+    drawn_labels = []
+    original_draw = media.draw_detections
+
+    def recording_draw(image, classes, scores, boxes, masks, labels, **options):
+        drawn_labels.extend(labels[:options['top_k']])
+        return original_draw(image, classes, scores, boxes, masks, labels, **options)
+
+    monkeypatch.setattr(media, 'draw_detections', recording_draw)
+    image = os.path.join(shapes.valid_images, sorted(os.listdir(shapes.valid_images))[0])
+    drawn = str(tmp_path / 'drawn.png')
+    assert run_cli(eval_script.main, ['--trained_model', checkpoint, '--image', f'{image}:{drawn}']) == 0
+    assert drawn_labels and set(drawn_labels) <= set(SHAPE_CLASSES)
+    assert cv2.imread(drawn).shape == cv2.imread(image).shape
+
+    # 4. Export; the exported model detects what the dygraph one does, with the same names.
+    prefix = str(tmp_path / 'exported' / 'shapes_model')
+    assert run_cli(export_model.main, ['--trained_model', checkpoint, '--output', prefix]) == 0
+    with open(prefix + '.yolact.json') as f:
+        assert json.load(f)['class_names'] == list(SHAPE_CLASSES)
+    bgr = cv2.imread(image)
+    dygraph = Predictor(checkpoint)(bgr)
+    exported = Predictor.from_exported(prefix)(bgr)
+    assert dygraph['labels'] == exported['labels'] and set(dygraph['labels']) <= set(SHAPE_CLASSES)
+    np.testing.assert_array_equal(exported['classes'], dygraph['classes'])
+    np.testing.assert_array_equal(exported['boxes'], dygraph['boxes'])
+    np.testing.assert_allclose(exported['scores'], dygraph['scores'], rtol=0, atol=1e-5)
+
+    exported_results = str(tmp_path / 'exported_results')
+    assert run_cli(eval_script.main, ['--inference_model', prefix, '--results_dir', exported_results,
+                                      '--log_dir', log_dir, *val_flags]) == 0
+    with open(os.path.join(exported_results, coco_eval.BBOX_FILE)) as f:
+        exported_records = json.load(f)
+    assert [(r['image_id'], r['category_id']) for r in exported_records] == \
+        [(r['image_id'], r['category_id']) for r in dygraph_records]
+    np.testing.assert_allclose([r['score'] for r in exported_records], [r['score'] for r in dygraph_records],
+                               rtol=0, atol=1e-5)

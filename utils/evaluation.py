@@ -1,0 +1,166 @@
+"""Dataset evaluation: stream detections into COCO results files, score them with COCOeval; benchmark.
+
+Images are decoded and preprocessed by DataLoader workers while the network
+runs; each image's detections are RLE-encoded and appended to the results
+files right after post-processing, so memory does not grow with the dataset.
+Unreadable images are skipped, named in the log and counted in the summary.
+"""
+import dataclasses
+import logging
+import time
+
+import numpy as np
+import paddle
+from tqdm import tqdm
+
+from utils import coco_eval
+from utils.errors import DatasetError
+
+logger = logging.getLogger(__name__)
+
+# The reference skips the first iterations in its FPS: they include one-time setup.
+WARMUP_ITERATIONS = 2
+
+
+@dataclasses.dataclass
+class EvalSummary:
+    """What a dataset evaluation did.
+
+    results: {'bbox'|'segm': {metric: value}} (COCOeval fractions) or None when
+    mAP was not computed; image_ids: the images scored; skipped: ids of
+    unreadable images; files: {'bbox'|'segm': results file}; log_path: the
+    saved table; seconds: wall time of the image loop.
+    """
+    results: dict
+    image_ids: list
+    skipped: list
+    files: dict
+    log_path: str
+    seconds: float
+
+
+def _reference_hash(image_id):
+    """The reference eval.py's integer hash of an image id, for a deterministic image order."""
+    x = (((image_id >> 16) ^ image_id) * 0x045d9f3b) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x045d9f3b) & 0xFFFFFFFF
+    return ((x >> 16) ^ x) & 0xFFFFFFFF
+
+
+def evaluation_order(image_ids, max_images=-1):
+    """Dataset indices in the reference's evaluation order, cut to ``max_images`` (-1: all).
+
+    The reference sorts images by a hash of their id, so --max_images takes
+    the same subset in every run and Python version.
+    """
+    order = sorted(range(len(image_ids)), key=lambda i: _reference_hash(int(image_ids[i])))
+    return order if max_images < 0 else order[:max_images]
+
+
+def _single(batch):
+    """collate_fn for batches of one: the sample itself, not stacked."""
+    return batch[0]
+
+
+def _loader(dataset, indices, num_workers):
+    """A DataLoader yielding one (img tensor [3, S, S], image_id, height, width, ok) at a time."""
+    return paddle.io.DataLoader(paddle.io.Subset(dataset, indices), batch_size=1, shuffle=False,
+                                num_workers=num_workers, collate_fn=_single)
+
+
+def evaluate(predictor, dataset, results_dir, max_images=-1, score_threshold=0.0, num_workers=2,
+             compute_map=True, log_dir='logs', progress=True):
+    """Run a dataset and stream its detections into COCO results files; optionally score them.
+
+    Args:
+        predictor: a utils.predictor.Predictor (network, Detect, post-processing, config).
+        dataset: a data.coco.COCOEvalImages over ``predictor.cfg.dataset`` (its ``coco``
+            is the ground truth when ``compute_map``).
+        results_dir: where bbox_detections.json and mask_detections.json go.
+        max_images: at most this many images (-1: all), see :func:`evaluation_order`.
+        compute_map: run COCOeval on the files written (needs ground truth);
+            the table is printed, logged and saved under ``log_dir``.
+    Returns:
+        an :class:`EvalSummary`.
+    """
+    cfg = predictor.cfg
+    indices = evaluation_order(dataset.ids, max_images)
+    class_to_cat = coco_eval.class_to_category(cfg.dataset.label_map_dict())
+    scored, skipped = [], []
+    start = time.perf_counter()
+    with coco_eval.CocoResultsWriter(results_dir, class_to_cat) as writer, \
+            tqdm(total=len(indices), unit='img', desc='Evaluating', disable=not progress) as bar:
+        for img, image_id, height, width, ok in _loader(dataset, indices, num_workers):
+            bar.update()
+            if not ok:
+                # The worker logged the file and the reason.
+                skipped.append(int(image_id))
+                bar.set_postfix(skipped=len(skipped))
+                continue
+            out = predictor.predict_preprocessed(img.unsqueeze(0), width, height, score_threshold)
+            writer.add(image_id, out['classes'], out['boxes'], out['scores'], out['masks'],
+                       out.get('mask_scores'))
+            scored.append(int(image_id))
+    seconds = time.perf_counter() - start
+    files = {'bbox': writer.bbox_path, 'segm': writer.mask_path}
+    logger.info('%d images in %.1f s (%.2f img/s); %d detections written to %s and %s',
+                len(scored), seconds, len(scored) / max(seconds, 1e-9), writer.num_detections, *files.values())
+    if skipped:
+        logger.warning('%d unreadable image(s) skipped and not scored (ids %s)', len(skipped),
+                       ', '.join(map(str, skipped[:20])) + (' ...' if len(skipped) > 20 else ''))
+
+    results = log_path = None
+    if compute_map:
+        results = coco_eval.evaluate_coco(dataset.coco, files, image_ids=scored)
+        table = coco_eval.format_table(results)
+        logger.info('mAP (COCOeval, %d images) of %s:\n%s', len(scored), cfg.name, table)
+        log_path = coco_eval.write_eval_log(
+            results, log_dir, cfg.name, config=cfg.name, dataset=cfg.dataset.name,
+            annotations=cfg.dataset.valid_info, num_images=len(scored), skipped=skipped,
+            image_ids=scored, result_files=files)
+        logger.info('saved %s', log_path)
+    return EvalSummary(results, scored, skipped, files, log_path, seconds)
+
+
+def benchmark(predictor, dataset, max_images=-1, score_threshold=0.0, num_workers=2, progress=True):
+    """Per-stage times over dataset images, as the reference's --benchmark (nothing is written).
+
+    Returns {stage: mean seconds} for 'data' (waiting for the next decoded and
+    preprocessed image), 'network', 'detect', 'postprocess' and 'total', over
+    the images after the first WARMUP_ITERATIONS.
+    """
+    net, cfg = predictor.net, predictor.cfg
+    indices = evaluation_order(dataset.ids, max_images)
+    times = {k: [] for k in ('data', 'network', 'detect', 'postprocess', 'total')}
+    loader = iter(_loader(dataset, indices, num_workers))
+    with paddle.no_grad():
+        for it in tqdm(range(len(indices)), unit='img', desc='Benchmark', disable=not progress):
+            t0 = time.perf_counter()
+            img, _, height, width, ok = next(loader)
+            if not ok:
+                continue
+            t1 = time.perf_counter()
+            preds = net(img.unsqueeze(0))
+            _synchronize()
+            t2 = time.perf_counter()
+            det = predictor.detect(preds)[0]
+            _synchronize()
+            t3 = time.perf_counter()
+            predictor.postprocess(det, width, height, score_threshold)
+            t4 = time.perf_counter()
+            if it >= WARMUP_ITERATIONS:
+                for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+                    times[key].append(value)
+    if not times['total']:
+        raise DatasetError(f'--benchmark needs more than {WARMUP_ITERATIONS} readable images')
+    means = {k: float(np.mean(v)) for k, v in times.items()}
+    logger.info('benchmark of %s over %d images (after %d warm-up):\n%s\nAverage: %.2f fps, %.1f ms',
+                cfg.name, len(times['total']), WARMUP_ITERATIONS,
+                '\n'.join(f'  {k:<12} {1000 * v:8.1f} ms' for k, v in means.items()),
+                1 / means['total'], 1000 * means['total'])
+    return means
+
+
+def _synchronize():
+    """Wait for queued GPU work so that stage times are real (no-op on CPU)."""
+    if paddle.device.is_compiled_with_cuda() and 'gpu' in paddle.device.get_device():
+        paddle.device.synchronize()

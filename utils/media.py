@@ -1,0 +1,188 @@
+"""Detections drawn on an image, a folder of images or a video (file or camera).
+
+``ImageDetector`` turns a BGR image into a drawn BGR image with a
+``utils.predictor.Predictor``; ``eval_image``, ``eval_images`` and
+``eval_video`` feed it and write or show the result.
+"""
+import logging
+import os
+import queue
+import threading
+
+import cv2
+import paddle
+from tqdm import tqdm
+
+from data.coco import read_image
+from utils.drawing import draw_detections
+from utils.errors import MissingFileError, OutputError, UnreadableFileError, YolactError
+
+logger = logging.getLogger(__name__)
+
+# Frames decoded ahead of the network in video mode.
+VIDEO_QUEUE_SIZE = 8
+ESCAPE_KEY = 27
+
+
+def split_io_spec(spec, what):
+    """'IN[:OUT]' -> (IN, OUT or None), where IN exists (a path may itself contain ':').
+
+    Camera indices (digits) are accepted as IN for videos.
+    """
+    if os.path.exists(spec) or (what == 'video' and spec.isdigit()):
+        return spec, None
+    for i, char in enumerate(spec):
+        if char == ':' and (os.path.exists(spec[:i]) or (what == 'video' and spec[:i].isdigit())):
+            return spec[:i], spec[i + 1:] or None
+    raise MissingFileError(f'--{what}: input {spec.split(":")[0]!r} not found (expected IN[:OUT])')
+
+
+class ImageDetector:
+    """BGR image in, drawn BGR image out, through a utils.predictor.Predictor.
+
+    Args:
+        predictor: the Predictor.
+        top_k, score_threshold: draw at most ``top_k`` detections scoring above ``score_threshold``
+            (only their masks are assembled).
+        class_color: one colour per class (videos: stable from frame to frame) instead of per detection.
+        **draw_options: utils.drawing.draw_detections's draw_masks, draw_boxes, draw_text, draw_scores.
+    """
+
+    def __init__(self, predictor, top_k=5, score_threshold=0.0, class_color=False, **draw_options):
+        self.predictor = predictor
+        self.top_k, self.score_threshold = top_k, score_threshold
+        self.class_color = class_color
+        self.draw_options = draw_options
+
+    @paddle.no_grad()
+    def __call__(self, image):
+        out = self.predictor(image, self.score_threshold, max_detections=self.top_k)
+        return draw_detections(image, out['classes'], out['scores'], out['boxes'], out['masks'], out['labels'],
+                               top_k=self.top_k, score_threshold=self.score_threshold,
+                               class_color=self.class_color, **self.draw_options)
+
+
+def _write_image(path, image):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MissingFileError(f'output folder does not exist: {folder}')
+    if not cv2.imwrite(path, image):
+        raise OutputError(f'cannot write image {path!r} (unwritable, or an extension OpenCV does not know)')
+
+
+def _show(title, image, wait_ms):
+    """Show an image in a window; returns the key pressed. A clear error without a display."""
+    try:
+        cv2.imshow(title, image)
+        return cv2.waitKey(wait_ms)
+    except cv2.error as e:
+        raise YolactError('cannot open a window here (no display?); give an output path, IN:OUT') from e
+
+
+def eval_image(detector, in_path, out_path=None):
+    """Detect in one image; write the drawing to ``out_path`` or show it."""
+    drawn = detector(read_image(in_path))
+    if out_path is None:
+        _show(in_path, drawn, 0)
+    else:
+        _write_image(out_path, drawn)
+        logger.info('%s -> %s', in_path, out_path)
+
+
+def eval_images(detector, in_dir, out_dir, progress=True):
+    """Detect in every file of ``in_dir`` (sorted); drawings go to ``out_dir/<stem>.png``.
+
+    Unreadable files are skipped with a warning naming them. Returns
+    (written paths, skipped input paths).
+    """
+    if not os.path.isdir(in_dir):
+        raise MissingFileError(f'--images: {in_dir!r} is not a folder')
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f'cannot create output folder {out_dir!r}: {e.strerror}') from e
+    names = sorted(n for n in os.listdir(in_dir) if os.path.isfile(os.path.join(in_dir, n)))
+    written, skipped = [], []
+    for name in tqdm(names, unit='img', desc='Images', disable=not progress):
+        in_path = os.path.join(in_dir, name)
+        try:
+            image = read_image(in_path)
+        except OSError as e:
+            logger.warning('skipping %s', e)
+            skipped.append(in_path)
+            continue
+        out_path = os.path.join(out_dir, os.path.splitext(name)[0] + '.png')
+        _write_image(out_path, detector(image))
+        written.append(out_path)
+    logger.info('%d drawn images in %s%s', len(written), out_dir,
+                f'; {len(skipped)} unreadable file(s) skipped' if skipped else '')
+    return written, skipped
+
+
+def _read_frames(capture, frames, stop):
+    """Decode frames into the queue until the video ends (None marks the end) or ``stop`` is set."""
+    while not stop.is_set():
+        ok, frame = capture.read()
+        frames.put(frame if ok else None)
+        if not ok:
+            return
+
+
+def eval_video(detector, source, out_path=None, progress=True):
+    """Detect in a video file or camera; write an mp4 to ``out_path`` or show the frames (Esc stops).
+
+    Frames are decoded in a background thread while the network runs.
+    Returns the number of frames processed.
+    """
+    capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    if not capture.isOpened():
+        raise UnreadableFileError(f'cannot open video {source!r} (missing file, unsupported codec or no such camera)')
+    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
+    width = round(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = round(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    total = round(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    writer = None
+    if out_path is not None:
+        folder = os.path.dirname(os.path.abspath(out_path))
+        if not os.path.isdir(folder):
+            capture.release()
+            raise MissingFileError(f'output folder does not exist: {folder}')
+        writer = cv2.VideoWriter(out_path, cv2.VideoWriter_fourcc(*'mp4v'), fps, (width, height))
+        if not writer.isOpened():
+            capture.release()
+            raise OutputError(f'cannot write video {out_path!r} (unwritable path or unsupported container)')
+
+    frames, stop = queue.Queue(maxsize=VIDEO_QUEUE_SIZE), threading.Event()
+    reader = threading.Thread(target=_read_frames, args=(capture, frames, stop), daemon=True)
+    reader.start()
+    count = 0
+    try:
+        with tqdm(total=total if total > 0 else None, unit='frame', desc='Video', disable=not progress) as bar:
+            while True:
+                frame = frames.get()
+                if frame is None:
+                    break
+                drawn = detector(frame)
+                if writer is not None:
+                    writer.write(drawn)
+                elif _show(str(source), drawn, 1) == ESCAPE_KEY:
+                    break
+                count += 1
+                bar.update()
+    except KeyboardInterrupt:
+        logger.info('stopped after %d frames', count)
+    finally:
+        stop.set()
+        # Unblock the reader if it waits on a full queue, then let it finish.
+        while reader.is_alive():
+            try:
+                frames.get_nowait()
+            except queue.Empty:
+                reader.join(timeout=0.1)
+        capture.release()
+        if writer is not None:
+            writer.release()
+        else:
+            cv2.destroyAllWindows()
+    logger.info('%d frames%s', count, f' written to {out_path}' if out_path else '')
+    return count

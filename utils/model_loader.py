@@ -1,0 +1,163 @@
+"""The one way to turn weights into a network: config resolution, loading, fine-tuning initialisation.
+
+Every program and ``Predictor`` goes through :func:`load_model` (dygraph) or
+:func:`load_exported` (a static model from tools/export_model.py). The config
+of a weights file is resolved in this order:
+
+1. an explicit config name (``--config``) wins;
+2. else the checkpoint's own record, ``<stem>.json`` beside a ``.pdparams``
+   written by train.py (config name, class count, class names), or the
+   export's metadata;
+3. else the file name, the reference's way (``yolact_base_54_800000.pth`` -> yolact_base).
+
+The classes travel with the weights: a record's class names replace the
+preset's, so a model fine-tuned on 4 classes loads as a 4-class model under
+its preset's name. Reference ``.pth`` files are converted on the fly, strictly.
+"""
+import dataclasses
+import json
+import logging
+import os
+
+import paddle
+
+from data.config import config_name_from_weights, get_config
+from utils.checkpoint import load_weights, read_state_dict, sidecar_paths
+from utils.convert import convert_checkpoint
+from utils.errors import ConfigError, MissingFileError
+from utils.inference import StaticYolact, read_export_meta
+from yolact import Yolact
+
+logger = logging.getLogger(__name__)
+
+
+def weights_record(weights_path):
+    """The JSON record train.py writes beside a ``.pdparams`` checkpoint, or None."""
+    if not weights_path.endswith('.pdparams'):
+        return None
+    state_path = sidecar_paths(weights_path)[1]
+    if not os.path.isfile(state_path):
+        return None
+    try:
+        with open(state_path) as f:
+            return json.load(f)
+    except ValueError:
+        logger.warning('ignoring %s: not valid JSON', state_path)
+        return None
+
+
+def with_classes(cfg, class_names):
+    """``cfg`` for a model with these class names (background excluded), its preset otherwise."""
+    class_names = tuple(class_names)
+    if class_names == tuple(cfg.dataset.class_names) and len(class_names) + 1 == cfg.num_classes:
+        return cfg
+    dataset = dataclasses.replace(cfg.dataset, class_names=class_names, label_map=None)
+    return dataclasses.replace(cfg, dataset=dataset, num_classes=len(class_names) + 1)
+
+
+def resolve_config(config_name=None, weights_path=None, record=None):
+    """The config of a model: explicit name, else the record's, else the weights' file name.
+
+    ``record``: a checkpoint record or export metadata ({'config', 'class_names'}),
+    read from ``weights_path`` when None. Its class names apply whatever the name's source.
+    """
+    if record is None and weights_path is not None:
+        record = weights_record(weights_path)
+    record = record or {}
+    if config_name is not None:
+        name = config_name
+    elif record.get('config'):
+        name = record['config']
+    elif weights_path is not None:
+        name = config_name_from_weights(weights_path)
+        logger.info('config %s (from the file name; --config overrides)', name)
+    else:
+        raise ConfigError('no config: name one with --config')
+    cfg = get_config(name)
+    if record.get('class_names'):
+        cfg = with_classes(cfg, record['class_names'])
+    return cfg
+
+
+def load_weights_file(net, path, cfg):
+    """Load a ``.pth`` (reference checkpoint, converted strictly for ``cfg``) or ``.pdparams`` into ``net``."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f'weights file not found: {path}')
+    if path.endswith('.pth'):
+        params, report = convert_checkpoint(path, cfg)
+        load_weights(net, params)
+        logger.info('%s', report.summary())
+    else:
+        load_weights(net, read_state_dict(path))
+        logger.info('loaded %s', path)
+
+
+def load_model(weights_path, config_name=None, cfg=None):
+    """A network in eval mode with its weights, and its config.
+
+    Args:
+        weights_path: a reference ``.pth`` or a ``.pdparams`` (converted, or a train.py checkpoint).
+        config_name: overrides the config the weights' record or name gives.
+        cfg: use this config as it is (e.g. with a dataset's classes) instead of resolving one.
+    Returns:
+        (cfg, Yolact in eval mode).
+    Raises:
+        MissingFileError, WeightsError naming every key that does not fit, ConfigError.
+    """
+    if not os.path.isfile(weights_path):
+        raise MissingFileError(f'weights file not found: {weights_path}')
+    cfg = cfg if cfg is not None else resolve_config(config_name, weights_path)
+    net = Yolact.from_config(cfg)
+    load_weights_file(net, weights_path, cfg)
+    net.eval()
+    return cfg, net
+
+
+def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=False):
+    """A static network exported by tools/export_model.py, and its config (classes from its metadata).
+
+    Returns (cfg, utils.inference.StaticYolact), called like the dygraph network.
+    """
+    meta = read_export_meta(path_prefix)
+    cfg = resolve_config(config_name, record=meta)
+    net = StaticYolact(path_prefix, device=device, use_tensorrt=use_tensorrt)
+    return cfg, net
+
+
+def class_dependent_keys(net):
+    """Predicate: does a state-dict key belong to a layer whose shape depends on the class count?
+
+    Those are the class-confidence convs of the heads, the semantic-segmentation
+    conv and (YOLACT++) the last conv of the mask-IoU net.
+    """
+    prefixes = ['semantic_seg_conv.']
+    if net.maskiou_net is not None:
+        convs = [name for name, layer in net.maskiou_net.named_sublayers(prefix='maskiou_net')
+                 if isinstance(layer, paddle.nn.Conv2D)]
+        prefixes.append(convs[-1] + '.')
+    return lambda key: '.conf_layer.' in key or key.startswith(tuple(prefixes))
+
+
+def init_for_finetuning(net, path, cfg):
+    """Initialise ``net`` (built for ``cfg``) from YOLACT weights trained for any class count.
+
+    ``path``: a ``.pdparams``, or a reference ``.pth`` converted for the preset
+    ``cfg.name`` (the class count the published files have). Tensors whose
+    shape depends on the class count (:func:`class_dependent_keys`) keep
+    ``net``'s fresh initialisation when the counts differ; every other tensor
+    must match. Returns the re-initialised keys.
+    """
+    if not os.path.isfile(path):
+        raise MissingFileError(f'weights file not found: {path}')
+    if path.endswith('.pth'):
+        source, report = convert_checkpoint(path, get_config(cfg.name))
+        logger.info('%s', report.summary())
+    else:
+        source = read_state_dict(path)
+    skipped = load_weights(net, source, skip=class_dependent_keys(net))
+    if skipped:
+        logger.warning('fine-tuning %s for %d classes: re-initialised the class-dependent tensors %s',
+                       path, cfg.num_classes - 1, ', '.join(skipped))
+    else:
+        logger.info('fine-tuning %s', path)
+    return skipped

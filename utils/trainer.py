@@ -1,0 +1,370 @@
+"""One training run: model, optimizer, data, schedule, checkpoints, validation and logging.
+
+``Trainer(cfg, TrainOptions(...))`` is what train.py wires from its flags;
+``run()`` trains to ``cfg.max_iter``, resumable at any iteration.
+"""
+import dataclasses
+import logging
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import paddle
+import paddle.distributed as dist
+
+from data.coco import COCODetection, COCOEvalImages, detection_collate
+from data.samplers import ResumableBatchSampler, SeededSamples
+from layers.modules.multibox_loss import MultiBoxLoss
+from utils import checkpoint
+from utils.augmentations import BaseTransform, SSDAugmentation
+from utils.errors import ConfigError, MissingFileError, OutputError, YolactError
+from utils.evaluation import evaluate
+from utils.logger import TrainingLogger
+from utils.lr_schedule import WarmupStepSchedule
+from utils.model_loader import init_for_finetuning, load_weights_file
+from utils.predictor import Predictor
+from yolact import Yolact
+
+logger = logging.getLogger(__name__)
+
+# Below this many images per device, BatchNorm statistics are too noisy to
+# train: the reference freezes BatchNorm.
+MIN_BN_BATCH = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """The settings of a run that are not the model's config (train.py's flags of the same names).
+
+    batch_size is the total over all devices. resume: a checkpoint path,
+    'interrupt' or 'latest' (see utils.checkpoint.find_resume_checkpoint);
+    start_iter -1 reads the iteration from it. trained_model: weights to
+    fine-tune; backbone_weights: ImageNet weights ('none': random
+    initialisation; None: <save_folder>/<the config's backbone file>).
+    """
+    batch_size: int = 8
+    num_workers: int = 4
+    save_folder: str = 'weights/'
+    log_folder: str = 'logs/'
+    save_interval: int = 10000
+    keep_latest: bool = False
+    keep_latest_interval: int = 100000
+    validation_size: int = 5000
+    validation_epoch: int = 2
+    log_interval: int = 10
+    resume: Optional[str] = None
+    start_iter: int = -1
+    trained_model: Optional[str] = None
+    backbone_weights: Optional[str] = None
+    amp: bool = False
+    seed: int = 0
+
+
+class NonFiniteLossError(YolactError):
+    """The loss became NaN or infinite; training stopped without saving (usually: lr too high)."""
+
+
+def batch_norm_frozen(cfg, opts, world_size):
+    """The BatchNorm rule: frozen below MIN_BN_BATCH images per device, unless nothing is pretrained.
+
+    Frozen BatchNorm normalises with the running statistics it was loaded
+    with. Pretrained weights (backbone, YOLACT weights, a checkpoint to resume)
+    bring real statistics; a network initialised at random has mean 0 and
+    variance 1 everywhere, so freezing it would remove all normalisation and
+    a deep ResNet's activations explode within a few iterations. From scratch,
+    BatchNorm therefore always learns from batch statistics, noisy as they
+    are for small batches.
+    """
+    per_device = opts.batch_size // world_size
+    pretrained = (opts.resume is not None or opts.trained_model is not None
+                  or (opts.backbone_weights or default_backbone_weights(cfg, opts.save_folder)).lower() != 'none')
+    if not pretrained:
+        if per_device < MIN_BN_BATCH:
+            logger.warning('training from random initialisation with %d images per device: BatchNorm uses batch '
+                           'statistics (freezing it would leave the network unnormalised); below %d images per '
+                           'device they are noisy, prefer a larger --batch_size or backbone weights',
+                           per_device, MIN_BN_BATCH)
+        return False
+    if per_device < MIN_BN_BATCH and not cfg.freeze_bn:
+        logger.info('%d images per device is below %d: BatchNorm is frozen (the reference rule)',
+                    per_device, MIN_BN_BATCH)
+        return True
+    return cfg.freeze_bn
+
+
+
+
+class NetLoss(paddle.nn.Layer):
+    """The network and its loss as one layer.
+
+    DataParallel synchronises the gradients of what its wrapped layer computes;
+    wrapping the loss too covers the YOLACT++ mask-IoU net, which only the loss
+    runs. Never call train()/eval() on this wrapper: Paddle's Layer.train()
+    would switch frozen BatchNorm layers back to batch statistics; the Yolact
+    net's own train() keeps them frozen.
+
+    Forward: (images [B, 3, S, S], targets B x [n_i, 5], masks B x [n_i, S, S],
+    num_crowds B ints) -> {loss term: scalar tensor} (see MultiBoxLoss).
+    """
+
+    def __init__(self, net, criterion, amp=False):
+        super().__init__()
+        self.net = net
+        self.criterion = criterion
+        self.amp = amp
+
+    def forward(self, images, targets, masks, num_crowds):
+        with paddle.amp.auto_cast(enable=self.amp):
+            preds = self.net(images)
+        # The loss is computed in float32 whatever the network ran in.
+        preds = {k: v.astype('float32') for k, v in preds.items()}
+        return self.criterion(self.net, preds, targets, masks, num_crowds)
+
+
+def build_optimizer(net, cfg):
+    """The reference's optimizer: torch SGD with momentum and weight decay on every parameter.
+
+    Paddle's Momentum with a float weight_decay adds ``decay * w`` to the
+    gradient before the momentum update, as torch's SGD(weight_decay) does;
+    frozen (stop_gradient) parameters get no gradient and are left alone.
+    The learning rate is set every iteration from the schedule.
+    """
+    return paddle.optimizer.Momentum(learning_rate=cfg.lr, momentum=cfg.momentum,
+                                     parameters=net.parameters(), weight_decay=cfg.decay)
+
+
+def default_backbone_weights(cfg, save_folder):
+    """<save_folder>/<the config's backbone file, as .pdparams>, where the reference looks for it.
+
+    'none' for configs trained from scratch (no backbone file).
+    """
+    if not cfg.backbone.path:
+        return 'none'
+    stem = os.path.splitext(os.path.basename(cfg.backbone.path))[0]
+    return os.path.join(save_folder, stem + checkpoint.WEIGHTS_EXT)
+
+
+class Trainer:
+    """One training run: model, optimizer, data, schedule, checkpoints and logging.
+
+    Only rank 0 writes checkpoints and logs.
+    """
+
+    def __init__(self, cfg, opts, rank=0, world_size=1):
+        self.opts, self.cfg = opts, cfg
+        self.rank, self.world_size = rank, world_size
+        paddle.seed(opts.seed)
+        self.schedule = WarmupStepSchedule.from_config(cfg)
+        self.net = Yolact.from_config(cfg)
+        self.net.train()
+        if cfg.freeze_bn:
+            self.net.freeze_bn(True)
+        self.criterion = MultiBoxLoss.from_config(cfg)
+        self.optimizer = build_optimizer(self.net, cfg)
+        # Inactive (a pass-through) without --amp.
+        self.scaler = paddle.amp.GradScaler(enable=opts.amp)
+        net_loss = NetLoss(self.net, self.criterion, amp=opts.amp)
+        # Parameters may go unused in an iteration (the mask-IoU net trains only on
+        # large enough masks), which DataParallel must be told to expect.
+        self.net_loss = (paddle.DataParallel(net_loss, find_unused_parameters=True)
+                         if world_size > 1 else net_loss)
+
+        # The checkpoint --keep_latest deletes at the next save: the last one written or resumed from.
+        self.last_checkpoint = None
+        self.saved_iteration = None
+        self.iteration = self._starting_point()
+
+        self.rng = np.random.RandomState()
+        train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng), train=True)
+        self.train_set = SeededSamples(train_set, self.rng, opts.seed)
+        self.epoch_size = len(train_set) // opts.batch_size
+        if self.epoch_size == 0:
+            raise ValueError(f'{len(train_set)} training images are fewer than one batch of {opts.batch_size}')
+        self.sampler = ResumableBatchSampler(self.train_set, opts.batch_size // world_size)
+        self.loader = paddle.io.DataLoader(self.train_set, batch_sampler=self.sampler,
+                                           num_workers=opts.num_workers, collate_fn=detection_collate)
+        self.epoch = self.iteration // self.epoch_size
+
+        self.validation = opts.validation_epoch > 0 and bool(cfg.dataset.valid_info)
+        if self.validation and rank == 0:
+            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg))
+            self.predictor = Predictor.from_network(cfg, self.net)
+        self.log = (TrainingLogger(opts.log_folder, cfg.max_iter, start_iter=self.iteration,
+                                   log_interval=opts.log_interval) if rank == 0 else None)
+
+    def _starting_point(self):
+        """Load the resume checkpoint or initialise the weights; the first iteration to run."""
+        opts, cfg = self.opts, self.cfg
+        resume = checkpoint.find_resume_checkpoint(opts.resume, opts.save_folder, cfg.name)
+        if resume is not None:
+            logger.info('resuming training from %s', resume)
+            self.last_checkpoint = resume
+            if resume.endswith('.pth'):
+                # A checkpoint of the reference's own training: weights only.
+                load_weights_file(self.net, resume, cfg)
+                state, has_optimizer = None, False
+            else:
+                state, has_optimizer = checkpoint.load_checkpoint(resume, self.net, self.optimizer, self.scaler)
+            if state is not None and state.get('config') != cfg.name:
+                raise ConfigError(f"{resume} was trained with config {state.get('config')}, not {cfg.name}: "
+                                  f"resume with --config {state.get('config')}")
+            if state is not None and state.get('freeze_bn', cfg.freeze_bn) != cfg.freeze_bn:
+                # The run keeps the BatchNorm rule it started with (see batch_norm_frozen).
+                self.cfg = cfg = dataclasses.replace(cfg, freeze_bn=state['freeze_bn'])
+                self.net.freeze_bn(cfg.freeze_bn)
+                logger.info('BatchNorm %s, as in the run being resumed', 'frozen' if cfg.freeze_bn else 'trained')
+            if not has_optimizer:
+                logger.warning('%s has no optimizer state next to it: SGD momentum restarts from zero', resume)
+            if opts.start_iter >= 0:
+                return opts.start_iter
+            if state is not None:
+                return state['iteration']
+            return checkpoint.SavePath.from_path(resume).iteration
+
+        if opts.trained_model is not None:
+            self.net.init_weights()
+            init_for_finetuning(self.net, opts.trained_model, cfg)
+        else:
+            self.net.init_weights()
+            path = opts.backbone_weights or default_backbone_weights(cfg, opts.save_folder)
+            if path.lower() == 'none':
+                logger.info('no backbone weights: training from random initialisation')
+            elif not os.path.isfile(path):
+                raise MissingFileError(
+                    f'backbone weights {path} not found: convert the reference file {cfg.backbone.path} with '
+                    f"tools/convert_weights.py --backbone, pass --backbone_weights, or 'none' to train from scratch")
+            else:
+                checkpoint.load_backbone_weights(self.net.backbone, path)
+        return max(opts.start_iter, 0)
+
+    # ---------------------------------------------------------------- the loop --
+    def run(self):
+        """Train until cfg.max_iter. Returns 'done', or 'interrupted' after Ctrl+C (checkpoint saved)."""
+        cfg, opts = self.cfg, self.opts
+        logger.info('training %s on %s: %d images, %d iterations per epoch, iterations %d..%d',
+                    cfg.name, cfg.dataset.name, len(self.train_set), self.epoch_size, self.iteration, cfg.max_iter)
+        try:
+            while self.iteration < cfg.max_iter:
+                self._run_epoch()
+                if self.iteration >= cfg.max_iter:
+                    break
+                if self.validation and self.epoch % opts.validation_epoch == 0 and self.epoch > 0:
+                    self.validate()
+                self.epoch += 1
+            # Saved before the final validation, which a failure must not cost the weights.
+            self.save()
+            if self.validation:
+                self.validate()
+        except KeyboardInterrupt:
+            if self.rank == 0:
+                logger.info('stopping early: saving an interrupt checkpoint')
+                path = self.save(interrupt=True)
+                checkpoint.remove_interrupts(self.opts.save_folder, keep=path)
+            return 'interrupted'
+        finally:
+            if self.log is not None:
+                self.log.close()
+        return 'done'
+
+    def _run_epoch(self):
+        """Iterations of the current epoch from self.iteration, up to its end or max_iter."""
+        start_batch = self.iteration - self.epoch * self.epoch_size
+        end = min((self.epoch + 1) * self.epoch_size, self.cfg.max_iter)
+        self.train_set.set_epoch(self.epoch)
+        self.sampler.set_epoch(self.epoch, start_batch, end - self.epoch * self.epoch_size)
+        last_time = time.perf_counter()
+        for images, targets, masks, num_crowds in self.loader:
+            lr = self.schedule.lr_at(self.iteration)
+            losses = self.train_step(images, targets, masks, num_crowds, lr)
+            now = time.perf_counter()
+            if self.log is not None:
+                self.log.log_iteration(self.epoch, self.iteration, losses, lr, now - last_time)
+            last_time = now
+            self.iteration += 1
+            if self.iteration % self.opts.save_interval == 0:
+                self.save()
+        if self.iteration < end:
+            raise RuntimeError(f'the data loader ended at iteration {self.iteration}, before the end of '
+                               f'epoch {self.epoch} ({end})')
+
+    def train_step(self, images, targets, masks, num_crowds, lr):
+        """One SGD update at ``lr``; returns {loss term: float}.
+
+        Raises NonFiniteLossError (before any update) when the loss is NaN or infinite.
+        """
+        self.optimizer.set_lr(lr)
+        # Mask sampling in the loss depends on (seed, iteration, rank) only,
+        # so a resumed run draws what an uninterrupted one would have.
+        self.criterion.rng = np.random.default_rng([self.opts.seed, self.iteration, self.rank])
+        losses = self.net_loss(images, targets, masks, num_crowds)
+        loss = paddle.add_n(list(losses.values()))
+        finite = paddle.isfinite(loss).astype('int32')
+        if self.world_size > 1:
+            # Every rank must stop together, or the others would wait forever in the next all-reduce.
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        values = {k: float(v) for k, v in losses.items()}
+        if not int(finite):
+            raise NonFiniteLossError(
+                f'the loss is not finite at iteration {self.iteration} '
+                f"({', '.join(f'{k} {v:.4g}' for k, v in values.items())}); training stopped without "
+                f'saving. Resume from the last good checkpoint, e.g. with a lower --lr.')
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.clear_grad()
+        return values
+
+    # ------------------------------------------------------ checkpoints, eval --
+    def save(self, interrupt=False):
+        """Write the checkpoint of the current iteration (rank 0); returns its path."""
+        if self.rank != 0:
+            return None
+        opts, cfg = self.opts, self.cfg
+        path = checkpoint.SavePath(cfg.name, self.epoch, self.iteration, interrupt).path(opts.save_folder)
+        if self.saved_iteration == self.iteration and not interrupt:
+            return path
+        state = {'config': cfg.name, 'iteration': self.iteration, 'epoch': self.epoch,
+                 'lr': self.schedule.lr_at(self.iteration), 'schedule': dataclasses.asdict(self.schedule),
+                 'batch_size': opts.batch_size, 'seed': opts.seed, 'num_classes': cfg.num_classes,
+                 'class_names': list(cfg.dataset.class_names), 'dataset': cfg.dataset.name,
+                 'freeze_bn': cfg.freeze_bn}
+        logger.info('saving %s', path)
+        try:
+            checkpoint.save_checkpoint(path, self.net, self.optimizer, state, self.scaler)
+        except OSError as err:
+            raise OutputError(f'cannot save checkpoint {path}: {err.strerror or err}; kept: '
+                              f'{self.last_checkpoint or "no earlier checkpoint of this run"}') from err
+        self.saved_iteration = self.iteration
+        previous, self.last_checkpoint = self.last_checkpoint, path
+        # The reference's --keep_latest: drop the previous save unless it sits
+        # at a multiple of --keep_latest_interval. Only after the new one is complete.
+        if (opts.keep_latest and not interrupt and previous is not None and os.path.abspath(previous) != os.path.abspath(path)
+                and (opts.keep_latest_interval <= 0
+                     or self.iteration % opts.keep_latest_interval != opts.save_interval)):
+            logger.info('deleting the previous checkpoint %s (--keep_latest)', previous)
+            checkpoint.remove_checkpoint(previous)
+        return path
+
+    def validate(self):
+        """COCO box and mask mAP on up to --validation_size validation images (rank 0; others wait).
+
+        The table goes to the console and <log_folder>/eval_*.json, the numbers
+        (in percent) to VisualDL as val/box_AP, val/mask_AP50, ...
+        """
+        if self.rank == 0:
+            self.net.eval()
+            try:
+                summary = evaluate(
+                    self.predictor, self.val_set,
+                    results_dir=os.path.join(self.opts.log_folder, 'validation'),
+                    max_images=self.opts.validation_size, num_workers=self.opts.num_workers,
+                    log_dir=self.opts.log_folder, progress=False)
+            finally:
+                self.net.train()
+            self.log.log_validation(self.iteration, {
+                f'{prefix}_{metric}': 100 * value
+                for iou_type, prefix in (('bbox', 'box'), ('segm', 'mask'))
+                for metric, value in summary.results[iou_type].items()})
+        if self.world_size > 1:
+            dist.barrier()
