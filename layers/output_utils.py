@@ -121,11 +121,13 @@ class PostProcess:
         out.update(classes=classes, scores=scores,
                    # Truncation, as the reference's .long() (coordinates are >= 0).
                    boxes=paddle.stack([x1, y1, x2, y2], axis=1).astype('int64'))
-        out = {key: value.numpy() for key, value in out.items()}
         if on_device:
-            out['masks'] = upsample_masks_device(soft, height, width, self.mask_threshold).numpy()
+            # All the device work is queued: the masks' copy is the first wait for it.
+            masks = upsample_masks_device(soft, height, width, self.mask_threshold).numpy()
         else:
-            out['masks'] = upsample_masks(soft, height, width, self.mask_threshold)
+            masks = upsample_masks(soft, height, width, self.mask_threshold)
+        out = {key: value.numpy() for key, value in out.items()}
+        out['masks'] = masks
         return out
 
     def _empty_output(self, height, width):

@@ -105,6 +105,7 @@ class Detect:
     def _detect_image(self, boxes, conf, coeffs, on_device):
         """boxes [P, 4] point form, conf [P, C], coeffs [P, K] -> detection dict without 'proto'."""
         class_scores = conf[:, 1:]
+        # Data-dependent size: the device path's first synchronisation.
         candidates = paddle.nonzero(class_scores.max(axis=1) > self.conf_thresh).flatten()
         if candidates.shape[0] == 0:
             return _empty_detections(boxes.dtype, coeffs.shape[1])
@@ -209,48 +210,50 @@ class Detect:
         return idx, paddle.gather(classes, idx), paddle.gather(scores, idx)
 
     def _traditional_nms_device(self, boxes, scores):
-        """_traditional_nms on the device: the greedy loop of all classes at once.
+        """_traditional_nms on the device: one greedy loop over the pairs of all classes.
 
-        Each class's candidates are ranked best first (those not above
-        conf_thresh last, never alive). Step t keeps each class's first alive
-        box and kills the boxes it overlaps by >= nms_thresh (IoU as
-        _greedy_nms); max_num_detections steps give every class the survivors
-        that can make the pooled cut. The loop count depends on no tensor value.
+        The (candidate, class) pairs scoring above conf_thresh are ranked by
+        score, ties by class then candidate (the order in which _traditional_nms
+        pools its survivors). Each step keeps the best alive pair and kills the
+        pairs of its class it overlaps by >= nms_thresh (IoU as _greedy_nms):
+        the best alive pair has outlived every better pair of its class, so the
+        kept pairs come out as the pooled survivors, best first, and
+        max_num_detections steps are all it takes. The loop count depends on no
+        tensor value.
         """
-        num_classes, num_candidates = scores.shape
-        order = _top_k_by_rank(scores, num_candidates)                 # [C-1, M]
-        scores = paddle.take_along_axis(scores, order, axis=1)
-        px = paddle.gather(boxes * self.max_size, order.flatten()).reshape([num_classes, num_candidates, 4])
-        x1, y1, x2, y2 = paddle.unbind(px, axis=2)                     # [C-1, M] each
+        num_candidates = scores.shape[1]
+        # Data-dependent size: one synchronisation. Class-major flat positions c * M + m.
+        pairs = paddle.nonzero((scores > self.conf_thresh).flatten()).flatten()
+        num_pairs = pairs.shape[0]
+        if num_pairs == 0:
+            return (paddle.zeros([0], 'int64'),) * 2 + (paddle.zeros([0], scores.dtype),)
+        pair_scores = paddle.gather(scores.flatten(), pairs)
+        order = _top_k_by_rank(pair_scores.unsqueeze(0), num_pairs, index=pairs.unsqueeze(0))[0]
+        pairs = paddle.gather(pairs, order)
+        pair_scores = paddle.gather(pair_scores, order)
+        classes = pairs // num_candidates
+        idx = pairs % num_candidates
+        x1, y1, x2, y2 = paddle.unbind(paddle.gather(boxes * self.max_size, idx), axis=1)   # [K] each
         areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-        alive = scores > self.conf_thresh
-        rank = paddle.arange(num_candidates, dtype='int64').unsqueeze(0)
-        none_left = paddle.full_like(rank, num_candidates)
+
+        alive = paddle.ones([num_pairs], 'bool')
+        rank = paddle.arange(num_pairs, dtype='int64')
+        none_left = paddle.full_like(rank, num_pairs)
         picks = []
-        for _ in range(min(self.max_num_detections, num_candidates)):
-            pick = paddle.where(alive, rank, none_left).min(axis=1, keepdim=True)   # [C-1, 1]
+        for _ in range(min(self.max_num_detections, num_pairs)):
+            pick = paddle.where(alive, rank, none_left).min(keepdim=True)    # [1]; num_pairs: none left
             picks.append(pick)
-            i = paddle.clip(pick, max=num_candidates - 1)
-            bx1, by1, bx2, by2, barea = (paddle.take_along_axis(t, i, axis=1) for t in (x1, y1, x2, y2, areas))
+            i = paddle.clip(pick, max=num_pairs - 1)
+            bx1, by1, bx2, by2, barea, bclass = (paddle.gather(t, i) for t in (x1, y1, x2, y2, areas, classes))
             w = paddle.clip(paddle.minimum(bx2, x2) - paddle.maximum(bx1, x1) + 1, min=0)
             h = paddle.clip(paddle.minimum(by2, y2) - paddle.maximum(by1, y1) + 1, min=0)
             inter = w * h
             overlap = divide_rounded(inter, barea + areas - inter)
-            alive = alive & (overlap < self.nms_thresh) & (rank != pick)
-        picks = paddle.concat(picks, axis=1)                           # [C-1, T] rank or M
-        steps = picks.shape[1]
-        # Data-dependent size: one synchronisation.
-        kept = paddle.nonzero((picks < num_candidates).flatten()).flatten()   # class-major, best first
-        if kept.shape[0] == 0:
-            return (paddle.zeros([0], 'int64'),) * 2 + (paddle.zeros([0], scores.dtype),)
-        classes = kept // steps
-        at = classes * num_candidates + paddle.gather(picks.flatten(), kept)
-        kept_scores = paddle.gather(scores.flatten(), at)
-        best = _top_k_by_rank(kept_scores.unsqueeze(0), min(self.max_num_detections, kept.shape[0]))[0]
-        at = paddle.gather(at, best)
-        return (paddle.gather(order.flatten(), at), paddle.gather(classes, best),
-                paddle.gather(kept_scores, best))
-
+            alive = alive & ((classes != bclass) | (overlap < self.nms_thresh)) & (rank != pick)
+        picks = paddle.concat(picks)
+        # Data-dependent size: one synchronisation (fewer survivors than steps).
+        kept = paddle.gather(picks, paddle.nonzero(picks < num_pairs).flatten())
+        return paddle.gather(idx, kept), paddle.gather(classes, kept), paddle.gather(pair_scores, kept)
 
 def _argsort_desc(x, axis):
     """Descending argsort; equal values keep their index order (the module's tie rule)."""
@@ -274,26 +277,30 @@ def _top_k_desc(scores, k):
     return _argsort_desc(scores, axis=1)[:, :k]
 
 
-def _rank_keys(scores):
+def _rank_keys(scores, index=None):
     """int64 keys ordering the columns of each row by the module's rule.
 
-    scores: [R, M] float32 -> [R, M] int64; a larger key means a higher
-    score, or an equal score at a lower index, so keys are unique within a
-    row and any top-k of them is the stable descending order, with no tie to
-    look at. The float's bits become an order-preserving integer (negative
-    floats have their magnitude bits reversed), shifted left 32 bits, and the
-    low bits hold M - 1 - index.
+    scores: [R, M] float32; index: [R, M] int64 in [0, 2**32), distinct
+    within a row (default: the column) -> [R, M] int64. A larger key means a
+    higher score, or an equal score at a lower index, so keys are unique
+    within a row and any top-k of them is the stable descending order, with no
+    tie to look at. The float's bits become an order-preserving integer
+    (negative floats have their magnitude bits reversed), shifted left 32
+    bits, and the low 32 bits hold 2**32 - 1 - index.
     """
     # + 0.0 turns -0.0 (bits 0x80000000) into +0.0: equal scores, equal keys.
     bits = (scores + 0.0).view('int32').astype('int64')
     ordered = paddle.where(bits < 0, -(bits + 2 ** 31) - 1, bits)
-    index = paddle.arange(scores.shape[1], dtype='int64')
-    return ordered * 2 ** 32 + (scores.shape[1] - 1 - index)
+    if index is None:
+        index = paddle.arange(scores.shape[1], dtype='int64').unsqueeze(0)
+    return ordered * 2 ** 32 + (2 ** 32 - 1 - index)
 
 
-def _top_k_by_rank(scores, k):
-    """_top_k_desc without its synchronising tie check: [R, M] -> [R, k] int64 column indices."""
-    return paddle.topk(_rank_keys(scores), k, axis=1)[1]
+def _top_k_by_rank(scores, k, index=None):
+    """_top_k_desc without its synchronising tie check: [R, M] -> [R, k] int64 column indices.
+
+    index: see _rank_keys (ties go to the lower index)."""
+    return paddle.topk(_rank_keys(scores, index), k, axis=1)[1]
 
 
 def _max_iou_with_better_device(boxes):
