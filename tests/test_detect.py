@@ -334,6 +334,26 @@ class TestPostProcess:
         assert both['mask_scores'].tolist() == pytest.approx([0.2, 0.6])
 
 
+def test_postprocess_from_config():
+    plus = PostProcess.from_config(get_config('yolact_plus_resnet50'), score_threshold=0.15)
+    assert (plus.rescore_mask, plus.rescore_bbox, plus.score_threshold, plus.crop_masks) == (True, False, 0.15, True)
+    base = PostProcess.from_config(get_config('yolact_base'))
+    assert (base.rescore_mask, base.rescore_bbox, base.score_threshold, base.backend) == (False, False, 0.0, 'auto')
+    with pytest.raises(ValueError, match='gpu'):
+        PostProcess(backend='gpu')
+    with pytest.raises(ValueError, match='gpu'):
+        Detect.from_config(get_config('yolact_base'), backend='gpu')
+    with pytest.raises(ValueError, match='mask-IoU net'):
+        PostProcess(rescore_mask=True)(_det(FAR[:1], [0.9], [0]), 8, 8)
+
+
+def test_max_detections_keeps_the_first_before_the_score_threshold():
+    det = _det(FAR[:4], [0.9, 0.2, 0.7, 0.6], [0, 1, 2, 3])
+    out = PostProcess(score_threshold=0.5)(det, 8, 8, max_detections=3)
+    assert out['classes'].tolist() == [0, 2] and out['masks'].shape == (2, 8, 8)
+    assert PostProcess()(det, 8, 8, max_detections=0)['masks'].shape == (0, 8, 8)
+
+
 @pytest.mark.parametrize('src, dst', [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))])
 def test_upsample_masks_equals_torch_bilinear_then_threshold(src, dst):
     """cv2 plus the exact recomputation near 0.5 = PyTorch's F.interpolate + threshold, pixel for pixel."""

@@ -8,7 +8,6 @@ import numpy as np
 import paddle
 import pytest
 
-from data.config import get_config
 from layers.functions import Detect
 from layers.functions.detection import (_max_iou_with_better, _max_iou_with_better_device, _rank_keys,
                                         _top_k_by_rank)
