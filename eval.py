@@ -149,7 +149,8 @@ def build_predictor(args):
     model's classes map to the dataset's category ids.
     """
     device = select_device(args.device)
-    detect_options = dict(use_fast_nms=args.fast_nms, use_cross_class_nms=args.cross_class_nms)
+    detect_options = dict(use_fast_nms=args.fast_nms, use_cross_class_nms=args.cross_class_nms,
+                          score_threshold=args.score_threshold)
     if args.inference_model is not None:
         predictor = Predictor.from_exported(args.inference_model, device=device, use_tensorrt=args.tensorrt,
                                             config=args.config, **detect_options)
@@ -179,8 +180,8 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S', force=True)
     predictor = build_predictor(args)
-    draw = dict(top_k=args.top_k, score_threshold=args.score_threshold, draw_masks=args.display_masks,
-                draw_boxes=args.display_bboxes, draw_text=args.display_text, draw_scores=args.display_scores)
+    draw = dict(top_k=args.top_k, draw_masks=args.display_masks, draw_boxes=args.display_bboxes,
+                draw_text=args.display_text, draw_scores=args.display_scores)
     if args.image is not None:
         eval_image(ImageDetector(predictor, **draw), *split_io_spec(args.image, 'image'))
         return 0
@@ -202,13 +203,13 @@ def main(argv=None):
                                '(see --dataset, --valid_images/--valid_info)')
     dataset = COCOEvalImages(ds.valid_images, ds.valid_info, BaseTransform.from_config(cfg), has_gt=ds.has_gt)
     if args.benchmark:
-        benchmark(predictor, dataset, args.max_images, args.score_threshold, args.num_workers)
+        benchmark(predictor, dataset, args.max_images, args.num_workers)
         return 0
     compute_map = ds.has_gt and not args.output_coco_json
     if not ds.has_gt and not args.output_coco_json:
         logger.info('%s has no ground truth: writing the results files only', ds.name)
-    evaluate(predictor, dataset, args.results_dir, args.max_images, args.score_threshold,
-             args.num_workers, compute_map=compute_map, log_dir=args.log_dir)
+    evaluate(predictor, dataset, args.results_dir, args.max_images, args.num_workers, compute_map=compute_map,
+             log_dir=args.log_dir)
     return 0
 
 

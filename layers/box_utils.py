@@ -10,6 +10,29 @@ import paddle
 # SSD box-coding variances used by the reference for both encode and decode.
 VARIANCES = (0.1, 0.2)
 
+# Where Detect and PostProcess compute: 'auto' follows the tensors (GPU ->
+# device path, else host path); 'device' / 'host' force one, for tests.
+BACKENDS = ('auto', 'device', 'host')
+
+
+def use_device_path(tensor, backend='auto'):
+    """True when the device (all-Paddle, no host copy) path should process ``tensor``."""
+    if backend == 'auto':
+        return tensor.place.is_gpu_place()
+    return backend == 'device'
+
+
+def divide_rounded(a, b):
+    """a / b for float32 tensors, correctly rounded to float32 on every device.
+
+    Paddle's CPU float32 division is at times 1 ulp off the IEEE quotient that
+    numpy and PyTorch (the reference) give, which can flip an IoU sitting on
+    an NMS threshold. A float64 quotient rounded to float32 is the correctly
+    rounded float32 quotient: float64 carries more than 2 x 24 + 2 bits, and
+    the quotient of two float32 numbers is never a float32 rounding midpoint.
+    """
+    return (a.astype('float64') / b.astype('float64')).astype('float32')
+
 
 def point_form(boxes):
     """[N, 4] center form -> [N, 4] point form."""

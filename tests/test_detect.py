@@ -1,4 +1,4 @@
-"""Detect (decode + NMS), postprocess and Predictor.
+"""Detect (decode + NMS), PostProcess and Predictor.
 
 Hand-made cases use boxes with dyadic coordinates and zero offsets, so every
 decoded box and IoU is exact and the expected detections are worked out by
@@ -13,7 +13,7 @@ from data.config import get_config
 from layers.functions import Detect
 from layers.box_utils import crop, jaccard
 from layers.functions.detection import _max_iou_with_better, _top_k_desc
-from layers.output_utils import _crop_in_place, postprocess, undo_image_transformation, upsample_masks
+from layers.output_utils import PostProcess, _crop_in_place, undo_image_transformation, upsample_masks
 from tests.conftest import needs_reference, reference_npz, reference_params
 from utils.augmentations import FastBaseTransform
 from utils.inference import export_yolact
@@ -44,10 +44,10 @@ def _detect(boxes, conf, **kwargs):
     args = dict(num_classes=len(conf[0]), top_k=200, conf_thresh=0.05, nms_thresh=0.5, max_num_detections=100)
     args.update(kwargs)
     det = Detect(**args)(_preds(boxes, conf))[0]
-    assert det['class'].dtype == paddle.int64
-    anchors = det['mask'].numpy()[:, 0].astype(int)
+    assert det['classes'].dtype == paddle.int64
+    anchors = det['coeffs'].numpy()[:, 0].astype(int)
     return [(int(a), int(c), round(float(s), 6))
-            for a, c, s in zip(anchors, det['class'].numpy(), det['score'].numpy())]
+            for a, c, s in zip(anchors, det['classes'].numpy(), det['scores'].numpy())]
 
 
 # Boxes on the unit square spanning the full height; IoU of x-intervals.
@@ -105,9 +105,9 @@ class TestFastNMS:
 
     def test_no_candidates(self):
         det = Detect(2, 200, 0.05, 0.5, 100)(_preds(FAR[:2], [[0.99, 0.01], [0.97, 0.03]]))[0]
-        assert det['box'].shape == [0, 4] and det['mask'].shape == [0, MASK_DIM]
-        assert det['class'].shape == [0] and det['score'].shape == [0]
-        assert det['class'].dtype == paddle.int64
+        assert det['boxes'].shape == [0, 4] and det['coeffs'].shape == [0, MASK_DIM]
+        assert det['classes'].shape == [0] and det['scores'].shape == [0]
+        assert det['classes'].dtype == paddle.int64
         assert det['proto'].shape == [4, 4, MASK_DIM]
 
     def test_top_k_per_class(self):
@@ -151,7 +151,7 @@ class TestFastNMS:
         preds = _preds([[0.375, 0.25, 0.625, 0.75]], [[0, 0.9]])
         preds['loc'] = paddle.to_tensor([[[1.0, -1.0, np.log(2) / 0.2, 0.0]]])
         det = Detect(2, 200, 0.05, 0.5, 100)(preds)[0]
-        np.testing.assert_allclose(det['box'].numpy(), [[0.275, 0.2, 0.775, 0.7]], atol=1e-6)
+        np.testing.assert_allclose(det['boxes'].numpy(), [[0.275, 0.2, 0.775, 0.7]], atol=1e-6)
 
     def test_batch(self):
         # Priors are shared; image 0 prefers anchor 0, image 1 anchor 1 (IoU 0.6: one survivor each).
@@ -163,8 +163,8 @@ class TestFastNMS:
         out = Detect(2, 200, 0.05, 0.5, 100)(preds)
         assert len(out) == 2
         for det, anchor, score in zip(out, (0, 1), (0.9, 0.4)):
-            assert det['mask'].numpy()[:, 0].tolist() == [anchor]
-            assert det['score'].numpy().tolist() == pytest.approx([score])
+            assert det['coeffs'].numpy()[:, 0].tolist() == [anchor]
+            assert det['scores'].numpy().tolist() == pytest.approx([score])
         assert float(out[0]['proto'].max()) == 0 and float(out[1]['proto'].min()) == 1
 
 
@@ -258,32 +258,32 @@ def test_from_config():
     assert d.use_fast_nms and not d.use_cross_class_nms
 
 
-# ---------------------------------------------------------------- postprocess --
+# ---------------------------------------------------------------- PostProcess --
 SIG2 = 1 / (1 + np.exp(-2.0))    # sigmoid of the coefficient 2 on an all-ones prototype
 
 
 def _det(boxes, scores, classes, size=8):
     """Detections on an 8x8 all-ones prototype with coefficient 2: soft mask value SIG2 everywhere."""
     n = len(boxes)
-    return {'box': paddle.to_tensor(np.asarray(boxes, np.float32)),
-            'mask': paddle.to_tensor(np.full((n, 1), 2.0, np.float32)),
-            'class': paddle.to_tensor(np.asarray(classes, np.int64)),
-            'score': paddle.to_tensor(np.asarray(scores, np.float32)),
+    return {'boxes': paddle.to_tensor(np.asarray(boxes, np.float32)),
+            'scores': paddle.to_tensor(np.asarray(scores, np.float32)),
+            'classes': paddle.to_tensor(np.asarray(classes, np.int64)),
+            'coeffs': paddle.to_tensor(np.full((n, 1), 2.0, np.float32)),
             'proto': paddle.ones([size, size, 1])}
 
 
-class TestPostprocess:
+class TestPostProcess:
     def test_crop_and_boxes(self):
         # Box [0.25, 0.5] on an 8 px prototype: pixels 2..3, widened by the
         # 1-pixel crop padding to 1..4. Output at the prototype size: no resampling.
-        out = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), w=8, h=8)
+        out = PostProcess()(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), 8, 8)
         expected = np.zeros((1, 8, 8), bool)
         expected[0, 1:5, 1:5] = True
         np.testing.assert_array_equal(out['masks'], expected)
         np.testing.assert_array_equal(out['boxes'], [[2, 2, 4, 4]])
         assert out['classes'].tolist() == [3]
         assert 'mask_scores' not in out
-        uncropped = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), w=8, h=8, crop_masks=False)
+        uncropped = PostProcess(crop_masks=False)(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), 8, 8)
         np.testing.assert_array_equal(uncropped['masks'], np.ones((1, 8, 8), bool))
 
     def test_upsampling_then_threshold(self):
@@ -292,7 +292,7 @@ class TestPostprocess:
         # the kept pixels 1 and 4 (0.75 * SIG2 = 0.66 > 0.5), columns 1 and 10
         # only 0.25 (0.22): the mask is rows/cols 2..9, except the corners
         # (0.75 * 0.75 * SIG2 = 0.495).
-        out = postprocess(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [0]), w=16, h=16)
+        out = PostProcess()(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [0]), 16, 16)
         expected = np.zeros((1, 16, 16), bool)
         expected[0, 2:10, 2:10] = True
         expected[0, [2, 2, 9, 9], [2, 9, 2, 9]] = False
@@ -301,17 +301,17 @@ class TestPostprocess:
 
     def test_box_sanitising(self):
         # x: (-0.1, 0.55) * 10 -> (0, 5.5) -> (0, 5); y: (1.2, 0.2) * 20 -> ordered (4, 24), clamped to 20.
-        out = postprocess(_det([[-0.1, 1.2, 0.55, 0.2]], [0.9], [0]), w=10, h=20)
+        out = PostProcess()(_det([[-0.1, 1.2, 0.55, 0.2]], [0.9], [0]), 10, 20)
         np.testing.assert_array_equal(out['boxes'], [[0, 4, 5, 20]])
         assert out['boxes'].dtype == np.int64
 
     def test_score_threshold(self):
         det = _det(FAR[:3], [0.9, 0.5, 0.6], [0, 1, 2])
-        out = postprocess(det, w=8, h=8, score_threshold=0.5)
+        out = PostProcess(score_threshold=0.5)(det, 8, 8)
         assert out['classes'].tolist() == [0, 2]
         assert out['scores'].tolist() == pytest.approx([0.9, 0.6])
         assert out['masks'].shape == (2, 8, 8)
-        empty = postprocess(det, w=8, h=6, score_threshold=0.95)
+        empty = PostProcess(score_threshold=0.95)(det, 8, 6)
         assert empty['masks'].shape == (0, 6, 8) and empty['boxes'].shape == (0, 4)
 
     def test_rescoring(self):
@@ -322,16 +322,36 @@ class TestPostprocess:
             return paddle.to_tensor([[0.5, 0.25], [1.0, 0.125]])
 
         det = _det([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], [0.8, 0.6], [1, 0])
-        out = postprocess(det, w=8, h=8, maskiou_net=maskiou_net, rescore_mask=True)
+        out = PostProcess(rescore_mask=True)(det, 8, 8, maskiou_net=maskiou_net)
         # Each detection takes the IoU of its own class: 0.25 and 1.0.
         assert out['scores'].tolist() == pytest.approx([0.8, 0.6])
         assert out['mask_scores'].tolist() == pytest.approx([0.2, 0.6])
         # The net sees the soft cropped masks at prototype resolution, [N, 1, 8, 8].
         assert seen[0].shape == (2, 1, 8, 8)
         np.testing.assert_allclose(np.unique(seen[0]), [0, SIG2], rtol=1e-6)
-        both = postprocess(det, w=8, h=8, maskiou_net=maskiou_net, rescore_mask=True, rescore_bbox=True)
+        both = PostProcess(rescore_mask=True, rescore_bbox=True)(det, 8, 8, maskiou_net=maskiou_net)
         assert both['scores'].tolist() == pytest.approx([0.2, 0.6])
         assert both['mask_scores'].tolist() == pytest.approx([0.2, 0.6])
+
+
+def test_postprocess_from_config():
+    plus = PostProcess.from_config(get_config('yolact_plus_resnet50'), score_threshold=0.15)
+    assert (plus.rescore_mask, plus.rescore_bbox, plus.score_threshold, plus.crop_masks) == (True, False, 0.15, True)
+    base = PostProcess.from_config(get_config('yolact_base'))
+    assert (base.rescore_mask, base.rescore_bbox, base.score_threshold, base.backend) == (False, False, 0.0, 'auto')
+    with pytest.raises(ValueError, match='gpu'):
+        PostProcess(backend='gpu')
+    with pytest.raises(ValueError, match='gpu'):
+        Detect.from_config(get_config('yolact_base'), backend='gpu')
+    with pytest.raises(ValueError, match='mask-IoU net'):
+        PostProcess(rescore_mask=True)(_det(FAR[:1], [0.9], [0]), 8, 8)
+
+
+def test_max_detections_keeps_the_first_before_the_score_threshold():
+    det = _det(FAR[:4], [0.9, 0.2, 0.7, 0.6], [0, 1, 2, 3])
+    out = PostProcess(score_threshold=0.5)(det, 8, 8, max_detections=3)
+    assert out['classes'].tolist() == [0, 2] and out['masks'].shape == (2, 8, 8)
+    assert PostProcess()(det, 8, 8, max_detections=0)['masks'].shape == (0, 8, 8)
 
 
 @pytest.mark.parametrize('src, dst', [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))])
@@ -432,14 +452,14 @@ def _assert_post_matches(post, ref):
 @needs_reference
 @pytest.mark.parametrize('name', ['forward_yolact_base', 'forward_yolact_plus_resnet50'])
 def test_postprocess_reproduces_reference_from_its_detections(name):
-    """postprocess alone, fed the reference's own Detect output."""
+    """PostProcess alone, fed the reference's own Detect output."""
     ref = reference_npz(name)
     # The reference's postprocess converts its input boxes to pixels in place, so the
     # stored det_box are sanitised pixel coordinates; /(w, h) gives back the relative boxes.
-    det = {'box': paddle.to_tensor(ref['det_box'] / np.float32([W, H, W, H])),
-           'mask': paddle.to_tensor(ref['det_mask']), 'class': paddle.to_tensor(ref['det_class']),
-           'score': paddle.to_tensor(ref['det_score']), 'proto': paddle.to_tensor(ref['det_proto'])}
-    post = postprocess(det, W, H)
+    det = {'boxes': paddle.to_tensor(ref['det_box'] / np.float32([W, H, W, H])),
+           'scores': paddle.to_tensor(ref['det_score']), 'classes': paddle.to_tensor(ref['det_class']),
+           'coeffs': paddle.to_tensor(ref['det_mask']), 'proto': paddle.to_tensor(ref['det_proto'])}
+    post = PostProcess()(det, W, H)
     ref.pop('post_mask_scores', None)     # the mask-IoU net is tested with the network below
     _assert_post_matches(post, ref)
 
@@ -451,17 +471,16 @@ def test_detect_and_postprocess_match_reference(reference_run):
                  use_fast_nms=True, use_cross_class_nms=False)(preds)[0]
     # Same detections in the same order: classes, scores and (identifying the
     # anchor) mask coefficients row by row.
-    np.testing.assert_array_equal(det['class'].numpy(), ref['det_class'])
-    np.testing.assert_allclose(det['score'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(det['mask'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(det['classes'].numpy(), ref['det_class'])
+    np.testing.assert_allclose(det['scores'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(det['coeffs'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
     np.testing.assert_allclose(det['proto'].numpy(), ref['det_proto'], rtol=0, atol=1e-4)
     # det_box holds the pixel boxes the reference's postprocess wrote in place (see above).
     scale = np.float32([W, H, W, H])
-    pixel_boxes = np.clip(det['box'].numpy() * scale, 0, scale)
+    pixel_boxes = np.clip(det['boxes'].numpy() * scale, 0, scale)
     np.testing.assert_allclose(pixel_boxes, ref['det_box'], rtol=0, atol=1e-2)
 
-    post = postprocess(det, W, H, maskiou_net=net.maskiou_net, rescore_bbox=cfg.rescore_bbox,
-                       rescore_mask=cfg.rescore_mask, crop_masks=True, score_threshold=0)
+    post = PostProcess.from_config(cfg, crop_masks=True, score_threshold=0)(det, W, H, maskiou_net=net.maskiou_net)
     _assert_post_matches(post, ref)
 
 

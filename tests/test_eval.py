@@ -20,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 import eval as eval_script
 from data.config import COLORS, get_config
 from layers.functions import Detect
-from layers.output_utils import postprocess
+from layers.output_utils import PostProcess
 from utils.errors import ConfigError, run_cli
 from utils.evaluation import _reference_hash, evaluate, evaluation_order
 from utils.model_loader import resolve_config
@@ -91,7 +91,7 @@ def _cocoeval(gt_file, results_file, iou_type, image_ids=None):
 
 
 def _gt_detections(coco, image_id, label_of):
-    """The ground truth of an image as postprocess-style numpy detections (perfect model)."""
+    """The ground truth of an image as PostProcess-style numpy detections (perfect model)."""
     anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
     boxes = np.array([[a['bbox'][0], a['bbox'][1], a['bbox'][0] + a['bbox'][2], a['bbox'][1] + a['bbox'][3]]
                       for a in anns], dtype=np.float64)
@@ -159,7 +159,7 @@ class _ScriptedPredictor:
     def __init__(self, cfg, scripted):
         self.cfg, self.scripted = cfg, scripted
 
-    def predict_preprocessed(self, x, width, height, score_threshold=0.0, max_detections=None):
+    def predict_preprocessed(self, x, width, height, max_detections=None):
         return self.scripted[int(x[0, 0, 0, 0])]
 
 
@@ -372,10 +372,10 @@ def test_drawing_assembles_only_the_top_k_masks_it_draws(shapes, weights):
     net.set_state_dict(paddle.load(weights))
     net.eval()
     image = cv2.imread(os.path.join(shapes.valid_images, '000003.jpg'))
-    predictor = Predictor.from_network(cfg, net)
+    predictor = Predictor.from_network(cfg, net, score_threshold=0.3)
     x = predictor.transform(paddle.to_tensor(image[None]))
-    full = predictor.predict_preprocessed(x, SIDE, SIDE, score_threshold=0.3)
-    top = predictor.predict_preprocessed(x, SIDE, SIDE, score_threshold=0.3, max_detections=5)
+    full = predictor.predict_preprocessed(x, SIDE, SIDE)
+    top = predictor.predict_preprocessed(x, SIDE, SIDE, max_detections=5)
     assert len(full['scores']) > 5 and len(top['scores']) == 5
     for key in full:
         np.testing.assert_array_equal(top[key], full[key][:5], err_msg=key)
@@ -519,8 +519,8 @@ def test_exported_mask_iou_net_rescores_like_dygraph(tmp_path):
     x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
     detect = Detect.from_config(cfg)
     with paddle.no_grad():
-        outs = [postprocess(detect(model(x))[0], 200, 150, maskiou_net=model.maskiou_net,
-                            rescore_mask=True) for model in (net, static)]
+        outs = [PostProcess(rescore_mask=True)(detect(model(x))[0], 200, 150, maskiou_net=model.maskiou_net)
+                for model in (net, static)]
     assert outs[0]['mask_scores'].shape[0] == cfg.max_num_detections
     np.testing.assert_array_equal(outs[1]['classes'], outs[0]['classes'])
     np.testing.assert_allclose(outs[1]['mask_scores'], outs[0]['mask_scores'], rtol=0, atol=1e-5)
@@ -553,12 +553,12 @@ def test_exported_yolact_base_equals_dygraph_on_reference_fixture(tmp_path):
     for det in dets:
         # The reference's detections, in its order (the anchor identified by its coefficients);
         # det_box holds the pixel boxes the reference's postprocess wrote into it in place.
-        np.testing.assert_array_equal(det['class'].numpy(), ref['det_class'])
-        np.testing.assert_allclose(det['score'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(det['mask'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(np.clip(det['box'].numpy() * scale, 0, scale), ref['det_box'], rtol=0, atol=1e-2)
+        np.testing.assert_array_equal(det['classes'].numpy(), ref['det_class'])
+        np.testing.assert_allclose(det['scores'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(det['coeffs'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(np.clip(det['boxes'].numpy() * scale, 0, scale), ref['det_box'], rtol=0, atol=1e-2)
 
-    posts = [postprocess(det, w, h) for det in dets]
+    posts = [PostProcess()(det, w, h) for det in dets]
     reference_masks = np.unpackbits(ref['post_masks_packed'], axis=-1)[..., :w].astype(bool)
     for post in posts:
         np.testing.assert_array_equal(post['classes'], ref['post_classes'])
@@ -584,5 +584,5 @@ def test_benchmark_tool_times_every_stage(tmp_path):
     # Trained-like random weights: Detect keeps the full number of detections.
     with paddle.no_grad():
         det = Detect.from_config(cfg)(net(paddle.rand([1, 3, cfg.max_size, cfg.max_size])))[0]
-    assert det['score'].shape[0] == cfg.max_num_detections
+    assert det['scores'].shape[0] == cfg.max_num_detections
 

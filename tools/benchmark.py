@@ -36,7 +36,7 @@ from data.config import get_config  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.inference import export_yolact  # noqa: E402
 from utils.model_loader import load_model  # noqa: E402
-from utils.predictor import Predictor, first_detections  # noqa: E402
+from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from yolact import Yolact  # noqa: E402
 
@@ -110,12 +110,10 @@ def run_chain(predictor, image_path, top_k=None):
 
     t = time.perf_counter()
     det = predictor.detect(preds)[0]
-    if top_k is not None:
-        det = first_detections(det, top_k)
     times['detect'] = time.perf_counter() - t
 
     t = time.perf_counter()
-    out = predictor.postprocess(det, width, height)
+    out = predictor.finish(det, width, height, max_detections=top_k)
     times['postprocess'] = time.perf_counter() - t
     return times, len(out['scores'])
 

@@ -1,6 +1,6 @@
 """COCO results files and COCO mAP.
 
-Detections of one image (after ``layers.output_utils.postprocess``) become
+Detections of one image (after ``layers.output_utils.PostProcess``) become
 COCO result records the moment they are produced and are appended to two
 JSON arrays on disk, so evaluating 5,000 or 20,288 images never holds more
 than one image's full-size masks:

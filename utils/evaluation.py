@@ -67,8 +67,8 @@ def _loader(dataset, indices, num_workers):
                                 num_workers=num_workers, collate_fn=_single)
 
 
-def evaluate(predictor, dataset, results_dir, max_images=-1, score_threshold=0.0, num_workers=2,
-             compute_map=True, log_dir='logs', progress=True):
+def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, compute_map=True, log_dir='logs',
+             progress=True):
     """Run a dataset and stream its detections into COCO results files; optionally score them.
 
     Args:
@@ -96,7 +96,7 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, score_threshold=0.0
                 skipped.append(int(image_id))
                 bar.set_postfix(skipped=len(skipped))
                 continue
-            out = predictor.predict_preprocessed(img.unsqueeze(0), width, height, score_threshold)
+            out = predictor.predict_preprocessed(img.unsqueeze(0), width, height)
             writer.add(image_id, out['classes'], out['boxes'], out['scores'], out['masks'],
                        out.get('mask_scores'))
             scored.append(int(image_id))
@@ -121,7 +121,7 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, score_threshold=0.0
     return EvalSummary(results, scored, skipped, files, log_path, seconds)
 
 
-def benchmark(predictor, dataset, max_images=-1, score_threshold=0.0, num_workers=2, progress=True):
+def benchmark(predictor, dataset, max_images=-1, num_workers=2, progress=True):
     """Per-stage times over dataset images, as the reference's --benchmark (nothing is written).
 
     Returns {stage: mean seconds} for 'data' (waiting for the next decoded and
@@ -145,7 +145,7 @@ def benchmark(predictor, dataset, max_images=-1, score_threshold=0.0, num_worker
             det = predictor.detect(preds)[0]
             _synchronize()
             t3 = time.perf_counter()
-            predictor.postprocess(det, width, height, score_threshold)
+            predictor.finish(det, width, height)
             t4 = time.perf_counter()
             if it >= WARMUP_ITERATIONS:
                 for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):

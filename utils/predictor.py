@@ -10,17 +10,12 @@ import numpy as np
 import paddle
 
 from layers.functions import Detect
-from layers.output_utils import postprocess
+from layers.output_utils import PostProcess
 from utils.augmentations import FastBaseTransform
 from utils.model_loader import load_exported, load_model
 from utils.runtime import select_device
 
 logger = logging.getLogger(__name__)
-
-
-def first_detections(det, k):
-    """The k best detections of a Detect output (its rows are sorted by score, best first)."""
-    return {key: value if key == 'proto' else value[:k] for key, value in det.items()}
 
 
 class Predictor:
@@ -37,6 +32,7 @@ class Predictor:
         config: a config name overriding the one the weights give.
         device: Paddle device for the network, e.g. 'cpu' or 'gpu:0'; None
             picks a GPU if there is one. Set process-wide (utils.runtime.select_device).
+        score_threshold: keep detections whose box score is above it.
         **detect_overrides: Detect.from_config overrides, e.g.
             ``use_fast_nms=False`` or ``conf_thresh=0.3``.
     Attributes:
@@ -44,16 +40,18 @@ class Predictor:
         net: the network, called as ``net(x)`` with x [1, 3, S, S].
     """
 
-    def __init__(self, weights, weights_path=None, config=None, device=None, **detect_overrides):
+    def __init__(self, weights, weights_path=None, config=None, device=None, score_threshold=0.0,
+                 **detect_overrides):
         if weights_path is not None:
             config, weights = weights, weights_path
         select_device(device)
         cfg, net = load_model(weights, config)
-        self._setup(cfg, net, detect_overrides)
+        self._setup(cfg, net, score_threshold, detect_overrides)
         logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 
     @classmethod
-    def from_exported(cls, path_prefix, device='cpu', use_tensorrt=False, config=None, **detect_overrides):
+    def from_exported(cls, path_prefix, device='cpu', use_tensorrt=False, config=None, score_threshold=0.0,
+                      **detect_overrides):
         """A Predictor running a network exported by tools/export_model.py with Paddle Inference.
 
         path_prefix: the export's path without extension (its metadata names
@@ -61,20 +59,21 @@ class Predictor:
         Preprocessing, Detect and post-processing are the dygraph ones.
         """
         cfg, net = load_exported(path_prefix, config, device=device, use_tensorrt=use_tensorrt)
-        return cls.from_network(cfg, net, **detect_overrides)
+        return cls.from_network(cfg, net, score_threshold, **detect_overrides)
 
     @classmethod
-    def from_network(cls, cfg, net, **detect_overrides):
+    def from_network(cls, cfg, net, score_threshold=0.0, **detect_overrides):
         """A Predictor around a network already built for ``cfg`` (e.g. the one being trained)."""
         predictor = cls.__new__(cls)
-        predictor._setup(cfg, net, detect_overrides)
+        predictor._setup(cfg, net, score_threshold, detect_overrides)
         return predictor
 
-    def _setup(self, cfg, net, detect_overrides):
+    def _setup(self, cfg, net, score_threshold, detect_overrides):
         self.cfg = cfg
         self.net = net
         self.transform = FastBaseTransform.from_config(cfg)
         self.detect = Detect.from_config(cfg, **detect_overrides)
+        self.postprocess = PostProcess.from_config(cfg, score_threshold=score_threshold)
 
     @property
     def class_names(self):
@@ -82,13 +81,12 @@ class Predictor:
         return self.cfg.dataset.class_names
 
     @paddle.no_grad()
-    def __call__(self, image, score_threshold=0.0, max_detections=None):
+    def __call__(self, image, max_detections=None):
         """Detect the instances in one image.
 
         Args:
             image: [H, W, 3] uint8 BGR (as cv2.imread gives it).
-            score_threshold: keep detections whose box score is above it.
-            max_detections: keep only this many best detections (None: all).
+            max_detections: keep only this many best detections (None: all), before the score threshold.
         Returns:
             a dict of numpy arrays in Detect's order (best first): 'classes' [N]
             int64 (0-based, background excluded), 'labels' (a list of N class
@@ -100,19 +98,15 @@ class Predictor:
             raise ValueError(f'expected an [H, W, 3] BGR image, got shape {image.shape}')
         height, width = image.shape[:2]
         x = self.transform(paddle.to_tensor(np.ascontiguousarray(image)[None]))
-        return self.predict_preprocessed(x, width, height, score_threshold, max_detections)
+        return self.predict_preprocessed(x, width, height, max_detections)
 
     @paddle.no_grad()
-    def predict_preprocessed(self, x, width, height, score_threshold=0.0, max_detections=None):
+    def predict_preprocessed(self, x, width, height, max_detections=None):
         """Detections of one preprocessed image [1, 3, S, S] at its original size; see __call__."""
-        det = self.detect(self.net(x))[0]
-        if max_detections is not None:
-            det = first_detections(det, max_detections)
-        return self.postprocess(det, width, height, score_threshold)
+        return self.finish(self.detect(self.net(x))[0], width, height, max_detections)
 
-    def postprocess(self, det, width, height, score_threshold=0.0):
-        """Final detections from one image's Detect output; see __call__ for the keys."""
-        out = postprocess(det, width, height, maskiou_net=self.net.maskiou_net, rescore_bbox=self.cfg.rescore_bbox,
-                          rescore_mask=self.cfg.rescore_mask, score_threshold=score_threshold)
+    def finish(self, det, width, height, max_detections=None):
+        """The final detections (see __call__) from one image's Detect output."""
+        out = self.postprocess(det, width, height, maskiou_net=self.net.maskiou_net, max_detections=max_detections)
         out['labels'] = [self.class_names[c] for c in out['classes']]
         return out

@@ -15,11 +15,18 @@ Tie rule: candidates of exactly equal score are ranked by their index (the
 earlier anchor, or the lower class, first). The reference sorts with PyTorch's
 unstable CPU sort, whose order of exact ties is unspecified; for distinct
 scores both orders are the same.
+
+Two implementations of each rule give the same detections: on a CPU the IoU
+matrices and the greedy loop run in numpy (faster than Paddle's CPU kernels);
+when the network's outputs are on a GPU everything stays there in Paddle ops,
+with no copy to the host and no Python decision on a tensor value. The only
+synchronisations of the device path are the data-dependent shapes (the
+candidate anchors and the surviving detections, through ``paddle.nonzero``).
 """
 import numpy as np
 import paddle
 
-from layers.box_utils import decode
+from layers.box_utils import BACKENDS, decode, divide_rounded, use_device_path
 
 
 class Detect:
@@ -38,10 +45,15 @@ class Detect:
         max_size: network input side. Traditional NMS measures boxes in pixels
             of this size with the "+1 pixel" width convention of the
             reference's Cython NMS, so the scale changes which boxes overlap.
+        backend: 'auto' runs the device path when the outputs are on a GPU and
+            the host (numpy) path otherwise; 'device' / 'host' force one (tests
+            use 'device' to check the GPU path on a CPU).
     """
 
     def __init__(self, num_classes, top_k, conf_thresh, nms_thresh, max_num_detections,
-                 use_fast_nms=True, use_cross_class_nms=False, max_size=550):
+                 use_fast_nms=True, use_cross_class_nms=False, max_size=550, backend='auto'):
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         if nms_thresh <= 0:
             raise ValueError(f'nms_thresh must be positive, got {nms_thresh}')
         if use_cross_class_nms and not use_fast_nms:
@@ -54,6 +66,7 @@ class Detect:
         self.use_fast_nms = use_fast_nms
         self.use_cross_class_nms = use_cross_class_nms
         self.max_size = max_size
+        self.backend = backend
 
     @classmethod
     def from_config(cls, cfg, **overrides):
@@ -74,22 +87,25 @@ class Detect:
                 'conf' [B, P, C] softmax probabilities, 'mask' [B, P, K]
                 coefficients, 'priors' [P, 4] center form, 'proto' [B, S, S, K].
         Returns:
-            one dict per image: 'box' [D, 4] point form relative, 'mask' [D, K],
-            'class' [D] int64 0-based (background removed), 'score' [D],
-            'proto' [S, S, K]. Per-class rules give descending scores; D may be 0.
+            one dict per image, on the outputs' device: 'boxes' [D, 4] point
+            form relative, 'scores' [D], 'classes' [D] int64 0-based
+            (background removed), 'coeffs' [D, K] mask coefficients, 'proto'
+            [S, S, K]. Per-class rules give descending scores; D may be 0.
         """
         loc, conf, coeffs, priors = preds['loc'], preds['conf'], preds['mask'], preds['priors']
+        on_device = use_device_path(loc, self.backend)
         out = []
         for b in range(loc.shape[0]):
             boxes = decode(loc[b], priors)
-            det = self._detect_image(boxes, conf[b], coeffs[b])
+            det = self._detect_image(boxes, conf[b], coeffs[b], on_device)
             det['proto'] = preds['proto'][b]
             out.append(det)
         return out
 
-    def _detect_image(self, boxes, conf, coeffs):
+    def _detect_image(self, boxes, conf, coeffs, on_device):
         """boxes [P, 4] point form, conf [P, C], coeffs [P, K] -> detection dict without 'proto'."""
         class_scores = conf[:, 1:]
+        # Data-dependent size: the device path's first synchronisation.
         candidates = paddle.nonzero(class_scores.max(axis=1) > self.conf_thresh).flatten()
         if candidates.shape[0] == 0:
             return _empty_detections(boxes.dtype, coeffs.shape[1])
@@ -99,13 +115,14 @@ class Detect:
         coeffs = paddle.gather(coeffs, candidates)
 
         if not self.use_fast_nms:
-            idx, classes, scores = self._traditional_nms(boxes, scores)
+            nms = self._traditional_nms_device if on_device else self._traditional_nms
         elif self.use_cross_class_nms:
-            idx, classes, scores = self._cc_fast_nms(boxes, scores)
+            nms = self._cc_fast_nms_device if on_device else self._cc_fast_nms
         else:
-            idx, classes, scores = self._fast_nms(boxes, scores)
-        return {'box': paddle.gather(boxes, idx), 'mask': paddle.gather(coeffs, idx),
-                'class': classes, 'score': scores}
+            nms = self._fast_nms_device if on_device else self._fast_nms
+        idx, classes, scores = nms(boxes, scores)
+        return {'boxes': paddle.gather(boxes, idx), 'scores': scores, 'classes': classes,
+                'coeffs': paddle.gather(coeffs, idx)}
 
     def _fast_nms(self, boxes, scores):
         """boxes [M, 4], scores [C-1, M] -> (candidate index [D], class [D], score [D])."""
@@ -160,6 +177,84 @@ class Detect:
                 paddle.to_tensor(kept_scores[best]))
 
 
+    # ------------------------------------------------------------ device path --
+    # The same rules in Paddle ops only: no copy to the host, no Python decision
+    # on a tensor value. Ranking uses _rank_keys (score, then index) instead of
+    # _top_k_desc's tie check; IoUs divide with divide_rounded, as numpy does.
+
+    def _fast_nms_device(self, boxes, scores):
+        """_fast_nms on the device."""
+        num_classes, num_candidates = scores.shape
+        k = min(self.top_k, num_candidates)
+        order = _top_k_by_rank(scores, k)                              # [C-1, k]
+        scores = paddle.take_along_axis(scores, order, axis=1)
+        class_boxes = paddle.gather(boxes, order.flatten()).reshape([num_classes, k, 4])
+        keep = (_max_iou_with_better_device(class_boxes) <= self.nms_thresh).flatten()
+
+        # Data-dependent size: one synchronisation. The best box of every class
+        # survives (its overlap with no better box is 0), so flat is never empty.
+        flat = paddle.nonzero(keep).flatten()
+        scores = paddle.gather(scores.flatten(), flat)
+        best = _top_k_by_rank(scores.unsqueeze(0), min(self.max_num_detections, flat.shape[0]))[0]
+        flat = paddle.gather(flat, best)
+        return (paddle.gather(order.flatten(), flat), flat // k,
+                paddle.gather(scores, best))
+
+    def _cc_fast_nms_device(self, boxes, scores):
+        """_cc_fast_nms on the device."""
+        classes = scores.argmax(axis=0)
+        scores = scores.max(axis=0)
+        order = _top_k_by_rank(scores.unsqueeze(0), min(self.top_k, scores.shape[0]))[0]
+        max_iou = _max_iou_with_better_device(paddle.gather(boxes, order).unsqueeze(0))[0]
+        idx = paddle.gather(order, paddle.nonzero(max_iou <= self.nms_thresh).flatten())
+        return idx, paddle.gather(classes, idx), paddle.gather(scores, idx)
+
+    def _traditional_nms_device(self, boxes, scores):
+        """_traditional_nms on the device: one greedy loop over the pairs of all classes.
+
+        The (candidate, class) pairs scoring above conf_thresh are ranked by
+        score, ties by class then candidate (the order in which _traditional_nms
+        pools its survivors). Each step keeps the best alive pair and kills the
+        pairs of its class it overlaps by >= nms_thresh (IoU as _greedy_nms):
+        the best alive pair has outlived every better pair of its class, so the
+        kept pairs come out as the pooled survivors, best first, and
+        max_num_detections steps are all it takes. The loop count depends on no
+        tensor value.
+        """
+        num_candidates = scores.shape[1]
+        # Data-dependent size: one synchronisation. Class-major flat positions c * M + m.
+        pairs = paddle.nonzero((scores > self.conf_thresh).flatten()).flatten()
+        num_pairs = pairs.shape[0]
+        if num_pairs == 0:
+            return (paddle.zeros([0], 'int64'),) * 2 + (paddle.zeros([0], scores.dtype),)
+        pair_scores = paddle.gather(scores.flatten(), pairs)
+        order = _top_k_by_rank(pair_scores.unsqueeze(0), num_pairs, index=pairs.unsqueeze(0))[0]
+        pairs = paddle.gather(pairs, order)
+        pair_scores = paddle.gather(pair_scores, order)
+        classes = pairs // num_candidates
+        idx = pairs % num_candidates
+        x1, y1, x2, y2 = paddle.unbind(paddle.gather(boxes * self.max_size, idx), axis=1)   # [K] each
+        areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+
+        alive = paddle.ones([num_pairs], 'bool')
+        rank = paddle.arange(num_pairs, dtype='int64')
+        none_left = paddle.full_like(rank, num_pairs)
+        picks = []
+        for _ in range(min(self.max_num_detections, num_pairs)):
+            pick = paddle.where(alive, rank, none_left).min(keepdim=True)    # [1]; num_pairs: none left
+            picks.append(pick)
+            i = paddle.clip(pick, max=num_pairs - 1)
+            bx1, by1, bx2, by2, barea, bclass = (paddle.gather(t, i) for t in (x1, y1, x2, y2, areas, classes))
+            w = paddle.clip(paddle.minimum(bx2, x2) - paddle.maximum(bx1, x1) + 1, min=0)
+            h = paddle.clip(paddle.minimum(by2, y2) - paddle.maximum(by1, y1) + 1, min=0)
+            inter = w * h
+            overlap = divide_rounded(inter, barea + areas - inter)
+            alive = alive & ((classes != bclass) | (overlap < self.nms_thresh)) & (rank != pick)
+        picks = paddle.concat(picks)
+        # Data-dependent size: one synchronisation (fewer survivors than steps).
+        kept = paddle.gather(picks, paddle.nonzero(picks < num_pairs).flatten())
+        return paddle.gather(idx, kept), paddle.gather(classes, kept), paddle.gather(pair_scores, kept)
+
 def _argsort_desc(x, axis):
     """Descending argsort; equal values keep their index order (the module's tie rule)."""
     return paddle.argsort(x, axis=axis, descending=True, stable=True)
@@ -180,6 +275,44 @@ def _top_k_desc(scores, k):
             order = _argsort_desc(paddle.take_along_axis(scores, idx, axis=1), axis=1)
             return paddle.take_along_axis(idx, order, axis=1)
     return _argsort_desc(scores, axis=1)[:, :k]
+
+
+def _rank_keys(scores, index=None):
+    """int64 keys ordering the columns of each row by the module's rule.
+
+    scores: [R, M] float32; index: [R, M] int64 in [0, 2**32), distinct
+    within a row (default: the column) -> [R, M] int64. A larger key means a
+    higher score, or an equal score at a lower index, so keys are unique
+    within a row and any top-k of them is the stable descending order, with no
+    tie to look at. The float's bits become an order-preserving integer
+    (negative floats have their magnitude bits reversed), shifted left 32
+    bits, and the low 32 bits hold 2**32 - 1 - index.
+    """
+    # + 0.0 turns -0.0 (bits 0x80000000) into +0.0: equal scores, equal keys.
+    bits = (scores + 0.0).view('int32').astype('int64')
+    ordered = paddle.where(bits < 0, -(bits + 2 ** 31) - 1, bits)
+    if index is None:
+        index = paddle.arange(scores.shape[1], dtype='int64').unsqueeze(0)
+    return ordered * 2 ** 32 + (2 ** 32 - 1 - index)
+
+
+def _top_k_by_rank(scores, k, index=None):
+    """_top_k_desc without its synchronising tie check: [R, M] -> [R, k] int64 column indices.
+
+    index: see _rank_keys (ties go to the lower index)."""
+    return paddle.topk(_rank_keys(scores, index), k, axis=1)[1]
+
+
+def _max_iou_with_better_device(boxes):
+    """_max_iou_with_better in Paddle ops, bit for bit: [n, k, 4] point form -> [n, k]."""
+    x1, y1, x2, y2 = paddle.unbind(boxes, axis=2)
+    iw = paddle.minimum(x2.unsqueeze(2), x2.unsqueeze(1)) - paddle.maximum(x1.unsqueeze(2), x1.unsqueeze(1))
+    ih = paddle.minimum(y2.unsqueeze(2), y2.unsqueeze(1)) - paddle.maximum(y1.unsqueeze(2), y1.unsqueeze(1))
+    inter = paddle.clip(iw, min=0) * paddle.clip(ih, min=0)
+    area = (x2 - x1) * (y2 - y1)
+    iou = divide_rounded(inter, area.unsqueeze(2) + area.unsqueeze(1) - inter)
+    # Upper triangle (j > i): the IoU of box j with the better box i.
+    return paddle.triu(iou, diagonal=1).max(axis=1)
 
 
 def _max_iou_with_better(boxes):
@@ -227,5 +360,5 @@ def _greedy_nms(boxes, scores, thresh, max_keep):
 
 def _empty_detections(dtype, mask_dim):
     """A detection dict with D = 0."""
-    return {'box': paddle.zeros([0, 4], dtype), 'mask': paddle.zeros([0, mask_dim], dtype),
-            'class': paddle.zeros([0], 'int64'), 'score': paddle.zeros([0], dtype)}
+    return {'boxes': paddle.zeros([0, 4], dtype), 'scores': paddle.zeros([0], dtype),
+            'classes': paddle.zeros([0], 'int64'), 'coeffs': paddle.zeros([0, mask_dim], dtype)}
