@@ -45,7 +45,7 @@ from utils.errors import DatasetError
 logger = logging.getLogger(__name__)
 
 __all__ = ['COCODetection', 'COCOEvalImages', 'SampleError', 'check_batches', 'classes_from_categories',
-           'detection_collate', 'image_file', 'load_coco', 'read_image']
+           'detection_collate', 'eval_collate', 'image_file', 'load_coco', 'read_image']
 
 
 def read_image(path):
@@ -103,17 +103,32 @@ class SampleError:
 
 
 def check_batches(batches):
-    """Yield the batches of a DataLoader over these datasets; raise DatasetError at a SampleError.
+    """Yield the batches of a DataLoader over these datasets; raise DatasetError at a failed sample.
 
-    batches: any iterable of batches, e.g. ``paddle.io.DataLoader(..., collate_fn=detection_collate)``.
+    batches: any iterable of batches made by ``detection_collate`` or
+    ``eval_collate``, e.g. ``paddle.io.DataLoader(..., collate_fn=detection_collate)``.
     An error other than a file error logs its loading traceback first (it may be a bug).
     """
     for batch in batches:
-        if isinstance(batch, SampleError):
-            if batch.details:
-                logger.error('loading image %s failed in the data loader:\n%s', batch.image_id, batch.details)
-            raise batch.exception()
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], SampleError):
+            error = batch[0]
+            if error.details:
+                logger.error('loading image %s failed in the data loader:\n%s', error.image_id, error.details)
+            raise error.exception()
         yield batch
+
+
+def _error_batch(batch):
+    """[the first SampleError of ``batch``, a 1-element array], or None.
+
+    Paddle's DataLoader only carries sequences and mappings as batches, and
+    with 0 workers pairs each batch's structure with the next arrays it
+    queued, which a batch without any array desynchronises: hence the array.
+    """
+    for sample in batch:
+        if isinstance(sample, SampleError):
+            return [sample, np.zeros(1, dtype=np.uint8)]
+    return None
 
 
 def _sorted_label_map(coco):
@@ -266,16 +281,25 @@ def detection_collate(batch):
     Returns (images [B, 3, S, S] float32, targets: B arrays [n_i, 5] float32,
     masks: B arrays [n_i, S, S] float32, num_crowds: B ints). Numpy arrays: the
     DataLoader hands them to the main process and turns them into paddle tensors.
-    A batch with a :class:`SampleError` is that error (the first), for check_batches.
+    A batch with a :class:`SampleError` is [that error] (the first), for check_batches.
     """
-    for sample in batch:
-        if isinstance(sample, SampleError):
-            return sample
+    error = _error_batch(batch)
+    if error is not None:
+        return error
     images = np.stack([img for img, _ in batch])
     targets = [target.astype(np.float32) for _, (target, _, _) in batch]
     masks = [m.astype(np.float32) for _, (_, m, _) in batch]
     num_crowds = [int(n) for _, (_, _, n) in batch]
     return images, targets, masks, num_crowds
+
+
+def eval_collate(batch):
+    """collate_fn for ``COCOEvalImages`` batches of one: the sample itself, not stacked.
+
+    (img [3, S, S], image_id, height, width, ok); [SampleError] for a failed sample, for check_batches.
+    """
+    error = _error_batch(batch)
+    return batch[0] if error is None else error
 
 
 class COCOEvalImages(Dataset):

@@ -15,9 +15,9 @@ from tests.conftest import needs_reference, reference_npz
 from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches, detection_collate
 from data.config import MEANS, STD, get_config
 from tools.make_shapes_dataset import SHAPE_CLASSES, main as make_shapes_main, make_shapes_dataset
-from utils.errors import DatasetError
 from utils.augmentations import (Annotations, BaseTransform, Expand, FastBaseTransform, RandomMirror,
                                  RandomSampleCrop, Resize, SSDAugmentation, resize_bilinear)
+from utils.errors import DatasetError
 
 SIDE = 96  # generated test images are SIDE x SIDE
 
@@ -428,6 +428,7 @@ def test_corrupt_or_missing_image_named_in_error_and_counted_in_eval(shapes, tmp
     assert isinstance(error, SampleError) and error.image_id == info['images'][2]['id'] and error.path == missing
     with pytest.raises(DatasetError, match=re.escape(missing)):
         list(check_batches([detection_collate([ds[0], error])]))
+    assert len(list(check_batches([detection_collate([ds[0], ds[3]])]))) == 1
 
     transform = BaseTransform(64, get_config('yolact_base').backbone.transform)
     eval_ds = COCOEvalImages(image_dir, info_file, transform)

@@ -23,10 +23,14 @@ import os
 import shutil
 import sys
 
-import paddle
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from utils.runtime import quiet_paddle_import  # noqa: E402
+
+quiet_paddle_import()  # before the first import of paddle, here and in the trainers and loader workers
+
+import paddle  # noqa: E402
 
 import eval as yolact_eval  # noqa: E402
 import train as yolact_train  # noqa: E402
