@@ -157,52 +157,99 @@ def _finite_sum(values):
         return False
 
 
-def rle_string_counts(counts):
-    """The run lengths of COCO's compressed RLE string, decoded without pycocotools; None if malformed.
+# Longest run of one compressed-RLE count: 7 characters hold 35 bits, more than
+# any uint32 run; longer groups are malformed (and bounding them keeps the sums
+# below int64 overflow).
+_MAX_RLE_GROUP = 7
 
-    Each run is a little-endian group of 6-bit characters (value = char - 48):
-    5 data bits, 0x20 marks that the group continues, the last character's 0x10
-    bit is the sign. Runs after the second are stored as differences from the
-    run two places before. Vectorised: a python loop over the characters of
-    100k RLEs would dominate the validation time.
+
+def decode_rle_strings(strings):
+    """Run lengths of COCO compressed RLE strings, decoded together without pycocotools.
+
+    Returns (runs int64 [R], owner int64 [R] index of each run's string,
+    malformed bool [len(strings)]). Each run is a little-endian group of 6-bit
+    characters (value = char - 48): 5 data bits, 0x20 says the group goes on,
+    the last character's 0x10 bit is the sign; runs after the second are
+    stored as the difference from the run two places before. Vectorised over
+    all strings at once: a per-string loop costs ~0.2 ms per RLE.
     """
-    if not counts.isascii():
-        return None
-    chars = np.frombuffer(counts.encode('ascii'), dtype=np.uint8).astype(np.int64) - 48
+    lengths = np.array([len(c) for c in strings], dtype=np.int64)
+    malformed = np.array([not c.isascii() for c in strings], dtype=bool) | (lengths == 0)
+    joined = ''.join(c if c.isascii() else '0' * len(c) for c in strings)
+    chars = np.frombuffer(joined.encode('ascii'), dtype=np.uint8).astype(np.int16) - 48
     if len(chars) == 0:
-        return np.zeros(0, dtype=np.int64)
-    if chars.min() < 0 or chars.max() > 63 or chars[-1] & 0x20:
-        return None
-    ends = np.flatnonzero((chars & 0x20) == 0)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), malformed
+    nonempty = np.flatnonzero(lengths)
+    string_start = (np.cumsum(lengths) - lengths)[nonempty]
+    last_char = string_start + lengths[nonempty] - 1
+    bad_char = (chars < 0) | (chars > 63)
+    bad_char[last_char] |= (chars[last_char] & 0x20) != 0
+    malformed[nonempty] |= np.add.reduceat(bad_char, string_start) > 0
+    chars[bad_char] = 0
+
+    # A group ends at a character without the continuation bit or at the end of its string.
+    is_end = (chars & 0x20) == 0
+    is_end[last_char] = True
+    ends = np.flatnonzero(is_end)
     starts = np.concatenate([[0], ends[:-1] + 1])
-    if (ends - starts).max() >= 12:  # more than 60 bits: not a run length
-        return None
-    group = np.repeat(np.arange(len(ends)), ends - starts + 1)
-    position = np.arange(len(chars)) - starts[group]
-    values = np.add.reduceat((chars & 0x1f) << (5 * position), starts)
+    size = ends - starts + 1
+    owner = np.repeat(nonempty, np.diff(np.searchsorted(ends, np.append(string_start, len(chars)))))
+    malformed[owner[size > _MAX_RLE_GROUP]] = True
+    # Groups are at most _MAX_RLE_GROUP characters: one pass per character place.
+    runs = np.zeros(len(ends), dtype=np.int64)
+    for k in range(_MAX_RLE_GROUP):
+        has = size > k
+        runs[has] |= (chars[starts[has] + k] & 0x1f).astype(np.int64) << (5 * k)
     negative = (chars[ends] & 0x10) != 0
-    values[negative] -= np.int64(1) << (5 * (ends[negative] - starts[negative] + 1))
-    # Runs 3, 5, 7, ... and 4, 6, 8, ... are stored as running differences.
-    values[1::2] = np.cumsum(values[1::2])
-    values[2::2] = np.cumsum(values[2::2])
-    return values
+    runs[negative] -= np.int64(1) << (5 * np.minimum(size, _MAX_RLE_GROUP)[negative])
+
+    # Undo the differences: within each string, runs 1, 3, 5, ... and runs 2, 4, 6, ...
+    # are running sums (run 0 stands alone). ``lagged[i] = runs[i] + lagged[i - 2]``
+    # over the whole array; a string's chain is then a difference of two of its terms.
+    first_run = np.searchsorted(owner, np.arange(len(strings)))
+    index = np.arange(len(runs)) - first_run[owner]
+    lagged = np.empty_like(runs)
+    lagged[0::2] = np.cumsum(runs[0::2])
+    lagged[1::2] = np.cumsum(runs[1::2])
+    before_chain = first_run[owner] - np.where(index % 2, 1, 0)  # two places before the chain's first run
+    base = np.where(before_chain >= 0, lagged[np.maximum(before_chain, 0)], 0)
+    runs = np.where(index == 0, runs, lagged - base)
+    return runs, owner, malformed
+
+
+def rle_strings_valid(strings, areas):
+    """bool [N]: each compressed RLE string decodes to non-negative runs adding up to its ``areas`` (h * w)."""
+    if not strings:
+        return np.zeros(0, dtype=bool)
+    runs, owner, malformed = decode_rle_strings(strings)
+    n = len(strings)
+    negative = np.bincount(owner, weights=runs < 0, minlength=n) > 0
+    # Sums in float64 are exact below 2**53; valid totals are image areas.
+    totals = np.bincount(owner, weights=runs.astype(np.float64), minlength=n)
+    return ~malformed & ~negative & (totals == np.asarray(areas, dtype=np.float64))
+
+
+def rle_string_counts(counts):
+    """The run lengths (int64 array) of one compressed RLE string, or None if malformed."""
+    runs, _, malformed = decode_rle_strings([counts])
+    return None if malformed[0] else runs
+
+
+# _segmentation_problem's answer for compressed RLE strings: checked together afterwards.
+_CHECK_RLE_STRING = 'compressed RLE to check'
 
 
 def _segmentation_problem(seg, height, width):
     """The reason ``seg`` is unusable for an image of height x width, or None."""
     if isinstance(seg, dict):
         size, counts = seg.get('size'), seg.get('counts')
-        if not (isinstance(size, (list, tuple)) and len(size) == 2 and list(size) == [height, width]):
+        # Compared item by item: a list per annotation would wake the garbage collector.
+        if not (isinstance(size, list) and len(size) == 2 and size[0] == height and size[1] == width):
             return RLE_WRONG_SIZE
         if isinstance(counts, str):
-            runs = rle_string_counts(counts)
-            if runs is None:
-                return BAD_RLE
-        elif isinstance(counts, list) and all(_is_int(c) for c in counts):
-            runs = counts
-        else:
-            return BAD_RLE
-        if len(runs) == 0 or min(runs) < 0 or sum(runs) != height * width:
+            return _CHECK_RLE_STRING
+        if not (isinstance(counts, list) and counts and all(_is_int(c) for c in counts)
+                and min(counts) >= 0 and sum(counts) == height * width):
             return BAD_RLE
         return None
     if not isinstance(seg, list) or not seg:
@@ -269,7 +316,7 @@ def check_coco(data, source='', image_dir=None, label_map=None, check_files=Fals
     report.data['images'] = kept_images
 
     if 'annotations' in data:
-        kept, ann_ids = [], set()
+        kept, ann_ids, rle_strings = [], set(), []
         for index, ann in enumerate(data['annotations']):
             ann_id = ann.get('id') if isinstance(ann, dict) else None
             if not _is_int(ann_id) or ann_id in ann_ids:
@@ -279,10 +326,20 @@ def check_coco(data, source='', image_dir=None, label_map=None, check_files=Fals
             if ann.get('image_id') in dropped_images:
                 continue  # counted with its image
             reason = _annotation_problem(ann, images, categories, label_map)
-            if reason is not None:
+            if reason == _CHECK_RLE_STRING:
+                rle_strings.append(len(kept))
+            elif reason is not None:
                 report.add(reason, ann_id)
                 continue
             kept.append(ann)
+        if rle_strings:
+            valid = rle_strings_valid([kept[i]['segmentation']['counts'] for i in rle_strings],
+                                      [images[kept[i]['image_id']]['height'] * images[kept[i]['image_id']]['width']
+                                       for i in rle_strings])
+            bad = {rle_strings[j] for j in np.flatnonzero(~valid)}
+            for i in sorted(bad):
+                report.add(BAD_RLE, kept[i]['id'])
+            kept = [ann for i, ann in enumerate(kept) if i not in bad]
         report.data['annotations'] = kept
     return report
 

@@ -1,5 +1,4 @@
 """Dataset validation (data/validation.py), hang-free loading errors, the quiet Paddle import, empty-GT loss."""
-import copy
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from data import validation as V
-from data.coco import COCODetection, COCOEvalImages, SampleError, detection_collate, eval_collate
+from data.coco import COCODetection, COCOEvalImages, SampleError, detection_collate
 from data.config import get_config
 from layers.modules.multibox_loss import MultiBoxLoss
 from tests.conftest import ROOT
