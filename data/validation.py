@@ -323,7 +323,7 @@ def check_coco(data, source='', image_dir=None, label_map=None, check_files=Fals
                 report.add(BAD_ANNOTATION, ann_id if _is_int(ann_id) else f'#{index}')
                 continue
             ann_ids.add(ann_id)
-            if ann.get('image_id') in dropped_images:
+            if _is_int(ann.get('image_id')) and ann['image_id'] in dropped_images:
                 continue  # counted with its image
             reason = _annotation_problem(ann, images, categories, label_map)
             if reason == _CHECK_RLE_STRING:

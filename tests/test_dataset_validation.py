@@ -71,7 +71,10 @@ def _missing_file(ann, info, image_dir):
 # be named when it is not the annotation's).
 CORRUPTIONS = {
     'unknown image_id': (V.UNKNOWN_IMAGE, lambda a, i, d: a.update(image_id=9999)),
+    'list image_id': (V.UNKNOWN_IMAGE, lambda a, i, d: a.update(image_id=[1])),
     'unknown category': (V.UNKNOWN_CATEGORY, lambda a, i, d: a.update(category_id=77)),
+    'string bbox': (V.BAD_BBOX, lambda a, i, d: a.update(bbox=['1', 2, 3, 4])),
+    'RLE with string size': (V.RLE_WRONG_SIZE, lambda a, i, d: a['segmentation'].update(size='64x64')),
     'short polygon': (V.SHORT_POLYGON, lambda a, i, d: a.update(segmentation=[[10, 10, 20, 20]])),
     'empty polygon': (V.SHORT_POLYGON, lambda a, i, d: a.update(segmentation=[[]])),
     'empty segmentation': (V.EMPTY_SEGMENTATION, lambda a, i, d: a.update(segmentation=[])),
