@@ -10,8 +10,9 @@ DatasetError, so pycocotools never sees them.
 Loading errors and the DataLoader: an exception raised in ``__getitem__`` or
 in the collate function never reaches the main process cleanly in Paddle 3.3.
 With 0 workers the loader's fetch thread dies without closing its queue and
-the main process waits forever; with worker processes the main process gets
-"Blocking queue is killed" (or, under some schedules, waits). So neither
+the main process waits forever; with worker processes the worker's traceback
+is printed and the main process gets a bare SystemError "Blocking queue is
+killed because the data reader raises an exception". So neither
 ``__getitem__`` nor ``detection_collate`` raises: a sample that fails to load
 becomes a :class:`SampleError` record (image id, path, message, traceback),
 the collate passes it on as the batch, and :func:`check_batches`, wrapped
@@ -79,7 +80,7 @@ class SampleError:
 
     Carried through the DataLoader (picklable, and kept as is by Paddle's batch
     flattening since it is not a sequence) to the main process, where
-    :func:`check_batches` raises it. image_id / path name the image; message is
+    :func:`check_batches` raises it. image_id / path name the image (None when batching failed); message is
     the exception's ``Type: text``; details its traceback in the loading process,
     kept (empty for file errors: a missing or undecodable image is the user's
     input, not a bug) so that a failing transform still shows where it failed.
@@ -96,6 +97,8 @@ class SampleError:
 
     def exception(self):
         """The DatasetError to raise in the main process."""
+        if self.path is None:  # the samples loaded but could not be batched
+            return DatasetError(f'cannot batch the samples: {self.message}')
         return DatasetError(f'cannot load image {self.image_id} ({self.path}): {self.message}')
 
     def __repr__(self):
@@ -286,10 +289,13 @@ def detection_collate(batch):
     error = _error_batch(batch)
     if error is not None:
         return error
-    images = np.stack([img for img, _ in batch])
-    targets = [target.astype(np.float32) for _, (target, _, _) in batch]
-    masks = [m.astype(np.float32) for _, (_, m, _) in batch]
-    num_crowds = [int(n) for _, (_, _, n) in batch]
+    try:
+        images = np.stack([img for img, _ in batch])
+        targets = [target.astype(np.float32) for _, (target, _, _) in batch]
+        masks = [m.astype(np.float32) for _, (_, m, _) in batch]
+        num_crowds = [int(n) for _, (_, _, n) in batch]
+    except Exception as err:  # noqa: BLE001 -- e.g. a transform giving unequal sizes; raised by check_batches
+        return _error_batch([SampleError.from_exception(None, None, err)])
     return images, targets, masks, num_crowds
 
 

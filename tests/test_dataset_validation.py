@@ -14,7 +14,7 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from data import validation as V
-from data.coco import COCODetection, COCOEvalImages, SampleError, detection_collate
+from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches, detection_collate
 from data.config import get_config
 from layers.modules.multibox_loss import MultiBoxLoss
 from tests.conftest import ROOT
@@ -297,6 +297,16 @@ def test_sample_error_survives_the_loader_as_the_batch(dataset, tmp_path):
     batches = list(paddle.io.DataLoader(ds, batch_size=2, num_workers=0, collate_fn=detection_collate))
     assert isinstance(batches[0][0], SampleError) and batches[0][0].image_id == ds.ids[1]
     assert isinstance(batches[1][0], paddle.Tensor)
+
+
+def test_unbatchable_samples_become_an_error_batch(dataset, tmp_path):
+    image_dir, info = dataset
+    ds = COCODetection(image_dir, write_json(info, tmp_path / 'ok.json'))
+    (img, rest), other = ds[0], ds[1]
+    batch = detection_collate([(img[:, :-1], rest), other])  # images of unequal sizes
+    assert isinstance(batch[0], SampleError)
+    with pytest.raises(DatasetError, match='cannot batch the samples: ValueError'):
+        list(check_batches([batch]))
 
 
 # ----------------------------------------------------------- Paddle's ccache warning --
