@@ -32,16 +32,19 @@ written; the table is printed and saved under --log_dir.
 import argparse
 import dataclasses
 import logging
-import os
 
-from data.coco import COCOEvalImages, custom_dataset
-from data.config import DATASETS
-from utils.augmentations import BaseTransform
-from utils.errors import ConfigError, MissingFileError, run_cli
-from utils.evaluation import benchmark, evaluate
-from utils.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec
-from utils.predictor import Predictor
-from utils.runtime import select_device
+from utils.runtime import quiet_paddle_import
+
+quiet_paddle_import()  # before the first import of paddle, here and in the DataLoader workers
+
+from data.coco import COCOEvalImages, custom_dataset  # noqa: E402
+from data.config import DATASETS  # noqa: E402
+from utils.augmentations import BaseTransform  # noqa: E402
+from utils.errors import ConfigError, run_cli  # noqa: E402
+from utils.evaluation import benchmark, evaluate  # noqa: E402
+from utils.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
+from utils.predictor import Predictor  # noqa: E402
+from utils.runtime import select_device  # noqa: E402
 
 logger = logging.getLogger('eval')
 
@@ -97,6 +100,9 @@ def parse_args(argv=None):
     data.add_argument('--log_dir', default='logs', help='folder of the saved mAP tables (eval_*.json)')
     data.add_argument('--num_workers', default=2, type=int,
                       help='DataLoader processes decoding and preprocessing images (0: in this process)')
+    data.add_argument('--strict', action='store_true',
+                      help='stop at the first bad annotation instead of skipping it (every bad entry is '
+                           'reported either way, counted by reason)')
     data.add_argument('--benchmark', action='store_true',
                       help='time the dataset images (data wait, network, detect, postprocess) without '
                            'writing results or computing mAP')
@@ -198,10 +204,8 @@ def main(argv=None):
 
     cfg = predictor.cfg
     ds = cfg.dataset
-    if not ds.valid_info or not os.path.isfile(ds.valid_info):
-        raise MissingFileError(f'annotation file of {ds.name!r} not found: {ds.valid_info!r} '
-                               '(see --dataset, --valid_images/--valid_info)')
-    dataset = COCOEvalImages(ds.valid_images, ds.valid_info, BaseTransform.from_config(cfg), has_gt=ds.has_gt)
+    dataset = COCOEvalImages(ds.valid_images, ds.valid_info, BaseTransform.from_config(cfg), has_gt=ds.has_gt,
+                             strict=args.strict)
     if args.benchmark:
         benchmark(predictor, dataset, args.max_images, args.num_workers)
         return 0

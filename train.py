@@ -29,13 +29,17 @@ import dataclasses
 import logging
 import sys
 
-import paddle.distributed as dist
+from utils.runtime import quiet_paddle_import
 
-from data.coco import custom_dataset
-from data.config import DATASETS, get_config
-from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli
-from utils.runtime import select_device
-from utils.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen
+quiet_paddle_import()  # before the first import of paddle, here and in the DataLoader workers
+
+import paddle.distributed as dist  # noqa: E402
+
+from data.coco import custom_dataset  # noqa: E402
+from data.config import DATASETS, get_config  # noqa: E402
+from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
+from utils.runtime import select_device  # noqa: E402
+from utils.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
 
 logger = logging.getLogger('train')
 
@@ -57,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument('--start_iter', default=-1, type=int,
                    help='iteration to resume at; -1 reads it from the checkpoint')
     p.add_argument('--num_workers', default=4, type=int, help='DataLoader worker processes')
+    p.add_argument('--strict', action='store_true',
+                   help='stop at the first bad annotation instead of skipping it (every bad entry is '
+                        'reported either way, counted by reason)')
     p.add_argument('--lr', '--learning_rate', default=None, type=float,
                    help='initial learning rate (default: the config, scaled with the batch size)')
     p.add_argument('--momentum', default=None, type=float, help='SGD momentum (default: the config)')

@@ -3,6 +3,25 @@
 Both datasets return numpy arrays (cheap to pass out of DataLoader worker
 processes); ``detection_collate`` batches training samples.
 
+Both index the annotation file through data.validation: bad entries are
+dropped (one warning) or, with ``strict``, stop construction with a
+DatasetError, so pycocotools never sees them.
+
+Loading errors and the DataLoader: an exception raised in ``__getitem__`` or
+in the collate function never reaches the main process cleanly in Paddle 3.3.
+With 0 workers the loader's fetch thread dies without closing its queue and
+the main process waits forever; with worker processes the worker's traceback
+is printed and the main process gets a bare SystemError "Blocking queue is
+killed because the data reader raises an exception". So neither
+``__getitem__`` nor ``detection_collate`` raises: a sample that fails to load
+becomes a :class:`SampleError` record (image id, path, message, traceback),
+the collate passes it on as the batch, and :func:`check_batches`, wrapped
+around the loader in the main process, raises it as a DatasetError naming the
+image. Training stops at such an error (skipping would change the seeded
+schedule of the run, and validation already dropped missing files, so the
+image changed on disk or the transform failed); evaluation keeps skipping
+unreadable images (``ok=False``) and stops at any other error.
+
 Ground-truth conventions (what the loss expects):
   * boxes are point form (x1, y1, x2, y2) relative to the image side;
   * labels are 0-based: ``label_map[category_id] - 1``;
@@ -12,9 +31,9 @@ Ground-truth conventions (what the loss expects):
 """
 import contextlib
 import io
-import json
 import logging
 import os
+import traceback
 
 import cv2
 import numpy as np
@@ -22,21 +41,13 @@ from paddle.io import Dataset
 from pycocotools.coco import COCO
 
 from data.config import DatasetConfig
+from data.validation import image_file, load_annotations, validate_coco
 from utils.errors import ConfigError, DatasetError, MissingFileError, UnreadableFileError
 
 logger = logging.getLogger(__name__)
 
-
-def image_file(image_dir, file_name):
-    """Path of an image listed in a COCO info file.
-
-    COCO 2014 names images ``COCO_val2014_000000000042.jpg`` while the download
-    scripts store them as ``000000000042.jpg``, as the 2017 files are named; the
-    reference strips the prefix the same way.
-    """
-    if file_name.startswith('COCO'):
-        file_name = file_name.split('_')[-1]
-    return os.path.join(image_dir, file_name)
+__all__ = ['COCODetection', 'COCOEvalImages', 'SampleError', 'check_batches', 'classes_from_categories',
+           'detection_collate', 'eval_collate', 'image_file', 'load_coco', 'read_image']
 
 
 def read_image(path):
@@ -49,12 +60,79 @@ def read_image(path):
     return img
 
 
-def load_coco(info_file):
-    """pycocotools' COCO index of ``info_file``, its progress messages sent to the log."""
+def load_coco(info_file, data=None):
+    """pycocotools' COCO index of ``info_file`` (or of its already loaded json dict ``data``).
+
+    Its progress messages go to the log.
+    """
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        coco = COCO(info_file)
+        if data is None:
+            coco = COCO(info_file)
+        else:
+            coco = COCO()
+            coco.dataset = data
+            coco.createIndex()
     logger.debug('%s: %s', info_file, out.getvalue().strip())
     return coco
+
+
+class SampleError:
+    """What a dataset returns, instead of raising, for a sample it failed to load.
+
+    Carried through the DataLoader (picklable, and kept as is by Paddle's batch
+    flattening since it is not a sequence) to the main process, where
+    :func:`check_batches` raises it. image_id / path name the image (None when batching failed); message is
+    the exception's ``Type: text``; details its traceback in the loading process,
+    kept (empty for file errors: a missing or undecodable image is the user's
+    input, not a bug) so that a failing transform still shows where it failed.
+    """
+
+    def __init__(self, image_id, path, message, details=''):
+        self.image_id, self.path, self.message, self.details = image_id, path, message, details
+
+    @classmethod
+    def from_exception(cls, image_id, path, err):
+        details = '' if isinstance(err, OSError) else \
+            ''.join(traceback.format_exception(type(err), err, err.__traceback__))
+        return cls(image_id, path, f'{type(err).__name__}: {err}', details)
+
+    def exception(self):
+        """The DatasetError to raise in the main process."""
+        if self.path is None:  # the samples loaded but could not be batched
+            return DatasetError(f'cannot batch the samples: {self.message}')
+        return DatasetError(f'cannot load image {self.image_id} ({self.path}): {self.message}')
+
+    def __repr__(self):
+        return f'SampleError({self.image_id!r}, {self.path!r}, {self.message!r})'
+
+
+def check_batches(batches):
+    """Yield the batches of a DataLoader over these datasets; raise DatasetError at a failed sample.
+
+    batches: any iterable of batches made by ``detection_collate`` or
+    ``eval_collate``, e.g. ``paddle.io.DataLoader(..., collate_fn=detection_collate)``.
+    An error other than a file error logs its loading traceback first (it may be a bug).
+    """
+    for batch in batches:
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], SampleError):
+            error = batch[0]
+            if error.details:
+                logger.error('loading image %s failed in the data loader:\n%s', error.image_id, error.details)
+            raise error.exception()
+        yield batch
+
+
+def _error_batch(batch):
+    """[the first SampleError of ``batch``, a 1-element array], or None.
+
+    Paddle's DataLoader only carries sequences and mappings as batches, and
+    with 0 workers pairs each batch's structure with the next arrays it
+    queued, which a batch without any array desynchronises: hence the array.
+    """
+    for sample in batch:
+        if isinstance(sample, SampleError):
+            return [sample, np.zeros(1, dtype=np.uint8)]
+    return None
 
 
 def _sorted_label_map(coco):
@@ -88,20 +166,6 @@ def classes_from_categories(categories, class_names=None, source=''):
     return names, tuple((id_of[n], i + 1) for i, n in enumerate(names))
 
 
-def read_info_file(info_file):
-    """The parsed JSON of a COCO annotation/info file; MissingFileError / DatasetError naming it."""
-    if not info_file or not os.path.isfile(info_file):
-        raise MissingFileError(f'annotation file not found: {info_file!r}')
-    try:
-        with open(info_file) as f:
-            info = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise DatasetError(f'{info_file}: not a valid JSON annotation file ({err})') from err
-    if not isinstance(info, dict) or not isinstance(info.get('images'), list):
-        raise DatasetError(f'{info_file}: not a COCO annotation file (no "images" list)')
-    return info
-
-
 def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
     """A DatasetConfig for COCO-format files whose classes come from ``info_file``'s categories.
 
@@ -118,7 +182,7 @@ def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
     Without either, every category is a class, in increasing id order.
     ``has_gt`` is whether ``info_file`` has annotations (a test-dev image-info file has none).
     """
-    info = read_info_file(info_file)
+    info = load_annotations(info_file)
     categories = info.get('categories') or []
     model_classes = tuple(model_classes or ())
     if class_names is None and categories and all(c.get('name') in model_classes for c in categories):
@@ -140,15 +204,20 @@ class COCODetection(Dataset):
         in increasing id order.
     has_gt: False for info files without annotations (e.g. test-dev); every
         image is then listed, with empty targets.
+    strict: a bad annotation-file entry raises DatasetError instead of being
+        skipped with a warning (see data.validation).
+    check_files: drop (or, with strict, refuse) images whose file is missing.
 
     With ground truth, only images with at least one non-crowd annotation are
     listed: an image of crowd regions alone gives the loss no positive example.
     (The reference lists every annotated image.)
     """
 
-    def __init__(self, image_path, info_file, transform=None, label_map=None, has_gt=True):
+    def __init__(self, image_path, info_file, transform=None, label_map=None, has_gt=True, strict=False,
+                 check_files=True):
         self.root = image_path
-        self.coco = load_coco(info_file)
+        self.validation = validate_coco(info_file, image_path, label_map, check_files=check_files, strict=strict)
+        self.coco = load_coco(info_file, self.validation.data)
         self.transform = transform
         self.label_map = _sorted_label_map(self.coco) if label_map is None else dict(label_map)
         self.has_gt = has_gt
@@ -159,12 +228,12 @@ class COCODetection(Dataset):
             self.ids = list(self.coco.imgs.keys())
 
     @classmethod
-    def from_config(cls, cfg, transform=None, train=True):
+    def from_config(cls, cfg, transform=None, train=True, strict=False):
         """The training (``train=True``) or validation split of ``cfg.dataset``."""
         ds = cfg.dataset
         if train:
-            return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict())
-        return cls(ds.valid_images, ds.valid_info, transform, ds.label_map_dict(), ds.has_gt)
+            return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict(), strict=strict)
+        return cls(ds.valid_images, ds.valid_info, transform, ds.label_map_dict(), ds.has_gt, strict=strict)
 
     def __len__(self):
         return len(self.ids)
@@ -174,8 +243,15 @@ class COCODetection(Dataset):
 
         target rows are (x1, y1, x2, y2, label), boxes relative. Without a
         transform, img is the raw [3, H, W] BGR uint8 image and masks [n, H, W].
+        Any error while loading or transforming returns a :class:`SampleError`
+        instead (see the module docstring); ``pull_item`` raises it.
         """
-        img, target, masks, _, _, num_crowds = self.pull_item(index)
+        try:
+            img, target, masks, _, _, num_crowds = self.pull_item(index)
+        except Exception as err:  # noqa: BLE001 -- raised in the main process by check_batches
+            img_id = self.ids[index]
+            return SampleError.from_exception(img_id, image_file(self.root, self.coco.imgs[img_id]['file_name']),
+                                              err)
         return img, (target, masks, num_crowds)
 
     def pull_item(self, index):
@@ -239,12 +315,28 @@ def detection_collate(batch):
     Returns (images [B, 3, S, S] float32, targets: B arrays [n_i, 5] float32,
     masks: B arrays [n_i, S, S] float32, num_crowds: B ints). Numpy arrays: the
     DataLoader hands them to the main process and turns them into paddle tensors.
+    A batch with a :class:`SampleError` is [that error] (the first), for check_batches.
     """
-    images = np.stack([img for img, _ in batch])
-    targets = [target.astype(np.float32) for _, (target, _, _) in batch]
-    masks = [m.astype(np.float32) for _, (_, m, _) in batch]
-    num_crowds = [int(n) for _, (_, _, n) in batch]
+    error = _error_batch(batch)
+    if error is not None:
+        return error
+    try:
+        images = np.stack([img for img, _ in batch])
+        targets = [target.astype(np.float32) for _, (target, _, _) in batch]
+        masks = [m.astype(np.float32) for _, (_, m, _) in batch]
+        num_crowds = [int(n) for _, (_, _, n) in batch]
+    except Exception as err:  # noqa: BLE001 -- e.g. a transform giving unequal sizes; raised by check_batches
+        return _error_batch([SampleError.from_exception(None, None, err)])
     return images, targets, masks, num_crowds
+
+
+def eval_collate(batch):
+    """collate_fn for ``COCOEvalImages`` batches of one: the sample itself, not stacked.
+
+    (img [3, S, S], image_id, height, width, ok); [SampleError] for a failed sample, for check_batches.
+    """
+    error = _error_batch(batch)
+    return batch[0] if error is None else error
 
 
 class COCOEvalImages(Dataset):
@@ -252,27 +344,32 @@ class COCOEvalImages(Dataset):
 
     Yields (img [3, S, S] float32, image_id, height, width, ok). A missing or
     unreadable image yields ok=False with a zero image and the size the info file
-    gives (0 if absent), is logged, and is counted by the caller, so one bad file
-    does not end a long evaluation.
+    gives, is logged, and is counted by the caller, so one bad file does not end
+    a long evaluation. Any other error (e.g. in the transform) yields a
+    :class:`SampleError`, which :func:`check_batches` raises in the main process.
 
     image_path: folder of the images; info_file: COCO json (annotations optional,
     e.g. test-dev's image_info file); transform: ``BaseTransform``.
     has_gt: list only images with annotations when the file has any, the image
     set the reference evaluates; False lists every image.
+    strict: a bad annotation-file entry raises DatasetError instead of being
+    skipped with a warning (see data.validation). Image files are not checked
+    up front: unreadable ones are skipped as above.
     """
 
-    def __init__(self, image_path, info_file, transform, has_gt=True):
+    def __init__(self, image_path, info_file, transform, has_gt=True, strict=False):
         self.root = image_path
-        self.coco = load_coco(info_file)
+        self.validation = validate_coco(info_file, image_path, strict=strict)
+        self.coco = load_coco(info_file, self.validation.data)
         self.transform = transform
         self.ids = list(self.coco.imgToAnns.keys()) if has_gt else []
         if not self.ids:
             self.ids = list(self.coco.imgs.keys())
 
     @classmethod
-    def from_config(cls, cfg, transform):
+    def from_config(cls, cfg, transform, strict=False):
         ds = cfg.dataset
-        return cls(ds.valid_images, ds.valid_info, transform, ds.has_gt)
+        return cls(ds.valid_images, ds.valid_info, transform, ds.has_gt, strict=strict)
 
     def __len__(self):
         return len(self.ids)
@@ -286,6 +383,8 @@ class COCOEvalImages(Dataset):
         except OSError as err:
             logger.warning('skipping image %s: %s', img_id, err)
             side = self.transform.max_size
-            return (np.zeros((3, side, side), dtype=np.float32), img_id,
-                    int(info.get('height', 0)), int(info.get('width', 0)), False)
-        return self.transform(img), img_id, img.shape[0], img.shape[1], True
+            return (np.zeros((3, side, side), dtype=np.float32), img_id, info['height'], info['width'], False)
+        try:
+            return self.transform(img), img_id, img.shape[0], img.shape[1], True
+        except Exception as err:  # noqa: BLE001 -- raised in the main process by check_batches
+            return SampleError.from_exception(img_id, path, err)

@@ -12,11 +12,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tests.conftest import needs_reference, reference_npz
-from data.coco import COCODetection, COCOEvalImages, detection_collate
+from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches, detection_collate
 from data.config import MEANS, STD, get_config
 from tools.make_shapes_dataset import SHAPE_CLASSES, main as make_shapes_main, make_shapes_dataset
 from utils.augmentations import (Annotations, BaseTransform, Expand, FastBaseTransform, RandomMirror,
                                  RandomSampleCrop, Resize, SSDAugmentation, resize_bilinear)
+from utils.errors import DatasetError
 
 SIDE = 96  # generated test images are SIDE x SIDE
 
@@ -415,11 +416,19 @@ def test_corrupt_or_missing_image_named_in_error_and_counted_in_eval(shapes, tmp
         f.write(b'this is not a jpeg')
     os.remove(missing)
 
-    ds = COCODetection(image_dir, info_file)
+    # Validation drops the missing file up front; a file that disappears or is
+    # corrupt later raises from pull_item and becomes a SampleError in __getitem__.
+    assert info['images'][2]['id'] not in COCODetection(image_dir, info_file).ids
+    ds = COCODetection(image_dir, info_file, check_files=False)
     with pytest.raises(OSError, match=re.escape(corrupt)):
         ds.pull_item(ds.ids.index(info['images'][1]['id']))
     with pytest.raises(FileNotFoundError, match=re.escape(missing)):
         ds.pull_item(ds.ids.index(info['images'][2]['id']))
+    error = ds[ds.ids.index(info['images'][2]['id'])]
+    assert isinstance(error, SampleError) and error.image_id == info['images'][2]['id'] and error.path == missing
+    with pytest.raises(DatasetError, match=re.escape(missing)):
+        list(check_batches([detection_collate([ds[0], error])]))
+    assert len(list(check_batches([detection_collate([ds[0], ds[3]])]))) == 1
 
     transform = BaseTransform(64, get_config('yolact_base').backbone.transform)
     eval_ds = COCOEvalImages(image_dir, info_file, transform)

@@ -21,12 +21,12 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 # Run from any directory: the project's top-level packages live one level up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Paddle's custom-op machinery warns about a missing compiler cache on import; no op is compiled here.
-warnings.filterwarnings('ignore', message='No ccache found')
+from utils.runtime import quiet_paddle_import  # noqa: E402
+
+quiet_paddle_import()
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

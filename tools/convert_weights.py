@@ -11,13 +11,13 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from collections import OrderedDict
 
 # Run from any directory: the project's top-level packages live one level up.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Paddle's custom-op machinery warns about a missing compiler cache on import; no op is compiled here.
-warnings.filterwarnings('ignore', message='No ccache found')
+from utils.runtime import quiet_paddle_import  # noqa: E402
+
+quiet_paddle_import()
 
 from data.config import config_name_from_weights, get_config  # noqa: E402
 from utils.convert import convert_backbone, convert_checkpoint, imagenet_backbone, save_params  # noqa: E402

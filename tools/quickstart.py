@@ -25,10 +25,14 @@ import subprocess
 import sys
 import tempfile
 
-import paddle
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from utils.runtime import quiet_paddle_import  # noqa: E402
+
+quiet_paddle_import()  # before the first import of paddle, here and in the programs and loader workers it starts
+
+import paddle  # noqa: E402
 
 from data.config import get_config  # noqa: E402
 from tools.make_shapes_dataset import make_shapes_dataset  # noqa: E402

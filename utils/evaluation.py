@@ -13,6 +13,7 @@ import numpy as np
 import paddle
 from tqdm import tqdm
 
+from data.coco import check_batches, eval_collate
 from utils import coco_eval
 from utils.errors import DatasetError
 
@@ -56,15 +57,14 @@ def evaluation_order(image_ids, max_images=-1):
     return order if max_images < 0 else order[:max_images]
 
 
-def _single(batch):
-    """collate_fn for batches of one: the sample itself, not stacked."""
-    return batch[0]
-
-
 def _loader(dataset, indices, num_workers):
-    """A DataLoader yielding one (img tensor [3, S, S], image_id, height, width, ok) at a time."""
-    return paddle.io.DataLoader(paddle.io.Subset(dataset, indices), batch_size=1, shuffle=False,
-                                num_workers=num_workers, collate_fn=_single)
+    """A DataLoader yielding one (img tensor [3, S, S], image_id, height, width, ok) at a time.
+
+    An image that fails for another reason than being unreadable (ok=False) stops it with a
+    DatasetError naming the image (data.coco.check_batches).
+    """
+    return check_batches(paddle.io.DataLoader(paddle.io.Subset(dataset, indices), batch_size=1, shuffle=False,
+                                              num_workers=num_workers, collate_fn=eval_collate))
 
 
 def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, compute_map=True, log_dir='logs',

@@ -1,7 +1,33 @@
-"""Process-wide device selection shared by the programs."""
-import os
+"""Process-wide settings shared by the programs: device selection, Paddle's import warning.
 
-import paddle
+Paddle is imported inside the functions so that :func:`quiet_paddle_import`
+can run before the program's first ``import paddle``.
+"""
+import os
+import warnings
+
+# Paddle's warning at import (paddle.utils.cpp_extension looks for ccache,
+# which only matters when compiling custom C++ operators).
+CCACHE_WARNING = 'No ccache found'
+
+
+def quiet_paddle_import():
+    """Silence Paddle's "No ccache found" UserWarning here and in every Python process started from here.
+
+    ``import paddle`` imports paddle.utils.cpp_extension, whose module-level
+    ``find_ccache_home()`` warns when ccache is not on PATH: once per process
+    that imports Paddle. Processes started with the 'spawn' method import it
+    anew: paddle.distributed.spawn's trainers, and their DataLoader workers,
+    which inherit the spawn start method and are started again every epoch, so
+    the quickstart printed it dozens of times. A warnings filter does not reach
+    those fresh interpreters, PYTHONWARNINGS does: this sets both. Call it
+    before the program's first ``import paddle``.
+    """
+    warnings.filterwarnings('ignore', message=CCACHE_WARNING, category=UserWarning)
+    spec = f'ignore:{CCACHE_WARNING}:UserWarning'
+    current = [s for s in os.environ.get('PYTHONWARNINGS', '').split(',') if s]
+    if spec not in current:
+        os.environ['PYTHONWARNINGS'] = ','.join(current + [spec])
 
 
 def local_process_count():
@@ -23,6 +49,8 @@ def select_device(device=None, cpu_threads=None):
     thread, 1.29 s with two), while more threads than cores, as N processes
     with a thread per core each would make, thrash.
     """
+    import paddle
+
     device = device or ('gpu' if paddle.device.cuda.device_count() > 0 else 'cpu')
     paddle.set_device(device)
     if device == 'cpu':

@@ -13,7 +13,7 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from data.coco import COCODetection, COCOEvalImages, detection_collate
+from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
 from data.samplers import ResumableBatchSampler, SeededSamples
 from layers.modules.multibox_loss import MultiBoxLoss
 from utils import checkpoint
@@ -41,7 +41,8 @@ class TrainOptions:
     'interrupt' or 'latest' (see utils.checkpoint.find_resume_checkpoint);
     start_iter -1 reads the iteration from it. trained_model: weights to
     fine-tune; backbone_weights: ImageNet weights ('none': random
-    initialisation; None: <save_folder>/<the config's backbone file>).
+    initialisation; None: <save_folder>/<the config's backbone file>). strict: stop at a bad
+    annotation instead of skipping it (data.validation).
     """
     batch_size: int = 8
     num_workers: int = 4
@@ -59,6 +60,7 @@ class TrainOptions:
     backbone_weights: Optional[str] = None
     amp: bool = False
     seed: int = 0
+    strict: bool = False
 
 
 class NonFiniteLossError(YolactError):
@@ -176,7 +178,8 @@ class Trainer:
         self.iteration = self._starting_point()
 
         self.rng = np.random.RandomState()
-        train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng), train=True)
+        train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng), train=True,
+                                              strict=opts.strict)
         self.train_set = SeededSamples(train_set, self.rng, opts.seed)
         self.epoch_size = len(train_set) // opts.batch_size
         if self.epoch_size == 0:
@@ -188,7 +191,7 @@ class Trainer:
 
         self.validation = opts.validation_epoch > 0 and bool(cfg.dataset.valid_info)
         if self.validation and rank == 0:
-            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg))
+            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict)
             self.predictor = Predictor.from_network(cfg, self.net)
         self.log = (TrainingLogger(opts.log_folder, cfg.max_iter, start_iter=self.iteration,
                                    log_interval=opts.log_interval) if rank == 0 else None)
@@ -274,7 +277,7 @@ class Trainer:
         self.train_set.set_epoch(self.epoch)
         self.sampler.set_epoch(self.epoch, start_batch, end - self.epoch * self.epoch_size)
         last_time = time.perf_counter()
-        for images, targets, masks, num_crowds in self.loader:
+        for images, targets, masks, num_crowds in check_batches(self.loader):
             lr = self.schedule.lr_at(self.iteration)
             losses = self.train_step(images, targets, masks, num_crowds, lr)
             now = time.perf_counter()

@@ -192,6 +192,10 @@ class MultiBoxLoss:
         conf [B, P, C] logits, conf_t [B, P], pos [B, P] bool -> scalar (summed, times conf_alpha).
         Negatives are ranked by -log softmax(background); per image the top
         ``negpos_ratio * num_pos`` of them are kept. Neutral anchors never count.
+        An image without positives (no non-crowd object, which the reference
+        cannot train on) keeps ``negpos_ratio`` negatives, as if it had one
+        positive: it still teaches background, and a batch of such images gives
+        a positive loss, as the batch's positive count is taken as 1 too.
         """
         batch_size, num_priors, num_classes = conf.shape
         with paddle.no_grad():
@@ -207,7 +211,7 @@ class MultiBoxLoss:
             order = paddle.argsort(background_loss, axis=1, descending=True)
             rank = paddle.argsort(order, axis=1)
             num_pos = pos.astype('int64').sum(axis=1, keepdim=True)
-            num_neg = paddle.clip(self.negpos_ratio * num_pos, max=num_priors - 1)
+            num_neg = paddle.clip(self.negpos_ratio * paddle.clip(num_pos, min=1), max=num_priors - 1)
             neg = (rank < num_neg) & (conf_t == 0)
 
         keep = pos | neg
