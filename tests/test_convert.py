@@ -324,6 +324,9 @@ def test_cli_reports_a_truncated_file(work, tmp_path):
 
 
 def test_cli_usage_errors(work, tmp_path):
+    result = run_cli(work, tmp_path / 'missing.pth', tmp_path / 'out.pdparams')
+    assert result.returncode == 1 and f"error: weights file not found: {tmp_path / 'missing.pth'}" in result.stderr
+    (tmp_path / 'weights.pth').write_bytes(b'not read: the config is looked up first')
     result = run_cli(work, tmp_path / 'weights.pth', tmp_path / 'out.pdparams')
     assert result.returncode == 1
     assert "cannot infer the config from the file name 'weights.pth'" in result.stderr
