@@ -219,6 +219,36 @@ def test_evaluate_map_equals_cocoeval_on_the_written_files(shapes, tmp_path):
         assert 0.1 < expected[0] < 0.9
 
 
+def test_background_writer_gives_the_sequential_files_byte_for_byte(shapes, tmp_path):
+    coco = COCO(shapes.valid_info)
+    cfg = get_config('yolact_shapes', dataset=shapes)
+    predictor = _ScriptedPredictor(cfg, _imperfect_detections(coco, cfg.dataset.label_map_dict()))
+    files = {}
+    for background in (False, True):
+        summary = evaluate(predictor, _IdImages(coco), str(tmp_path / str(background)), num_workers=0,
+                           compute_map=False, progress=False, background=background)
+        files[background] = {k: open(path, 'rb').read() for k, path in summary.files.items()}
+    assert files[True] == files[False] and len(files[True]['segm']) > 1000
+
+
+def test_an_error_in_the_background_writer_stops_the_evaluation(shapes, tmp_path, monkeypatch):
+    coco = COCO(shapes.valid_info)
+    cfg = get_config('yolact_shapes', dataset=shapes)
+    predictor = _ScriptedPredictor(cfg, _imperfect_detections(coco, cfg.dataset.label_map_dict()))
+    calls = []
+
+    def add_then_fail(self, *args):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(coco_eval.CocoResultsWriter, 'add', add_then_fail)
+    with pytest.raises(OSError, match='No space left'):
+        evaluate(predictor, _IdImages(coco), str(tmp_path), num_workers=0, compute_map=False, progress=False)
+    assert os.listdir(tmp_path) == []        # nothing under the final names, no temporary file left
+    assert len(calls) == 2                   # the writer stopped at the error
+
+
 def test_evaluate_counts_and_reports_unreadable_images(shapes, tmp_path):
     coco = COCO(shapes.valid_info)
     cfg = get_config('yolact_shapes', dataset=shapes)
