@@ -42,7 +42,7 @@ from pycocotools.coco import COCO
 
 from data.config import DatasetConfig
 from data.validation import image_file, load_annotations, validate_coco
-from utils.errors import ConfigError, DatasetError, MissingFileError, UnreadableFileError
+from utils.errors import ConfigError, DatasetError, MissingFileError, UnreadableFileError, YolactError
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ class SampleError:
     def from_exception(cls, image_id, path, err):
         details = '' if isinstance(err, OSError) else \
             ''.join(traceback.format_exception(type(err), err, err.__traceback__))
-        return cls(image_id, path, f'{type(err).__name__}: {err}', details)
+        # The user's input (a missing or corrupt file) says what is wrong by itself; anything else names its type.
+        message = str(err) if isinstance(err, YolactError) else f'{type(err).__name__}: {err}'
+        return cls(image_id, path, message, details)
 
     def exception(self):
         """The DatasetError to raise in the main process."""

@@ -117,6 +117,24 @@ def test_ground_truth_as_detections_scores_ap_one(shapes, tmp_path):
         assert results[iou_type]['AP75'] == pytest.approx(1.0)
 
 
+def test_rle_encoding_equals_pycocotools():
+    rng = np.random.default_rng(0)
+    h, w = 37, 53
+    masks = rng.random((12, h, w)) < 0.3
+    masks[:6] &= np.pad(np.ones((10, 12), bool), ((5, h - 15), (7, w - 19)))[None]   # box-like bands
+    masks[6] = False                              # empty
+    masks[7] = True                               # full
+    masks[8] = False
+    masks[8, :, -1] = True                        # the last column only
+    masks[9] = False
+    masks[9, 0, 0] = True                         # the first pixel only
+    masks[10] = False
+    masks[10, -1, -1] = True                      # the last pixel only
+    expected = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    assert coco_eval.encode_rle(masks) == expected
+    assert coco_eval.encode_rle(masks.astype(np.float32)) == expected
+
+
 def test_records_map_categories_back_and_encode_rle_as_text():
     masks = np.zeros((3, 20, 30), dtype=np.float32)
     masks[0, 2:6, 3:9] = 1
