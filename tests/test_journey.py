@@ -14,6 +14,7 @@ import os
 
 import cv2
 import numpy as np
+import paddle
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -28,6 +29,7 @@ from utils import coco_eval, media
 from utils.checkpoint import latest_checkpoint, sidecar_paths
 from utils.errors import run_cli
 from utils.predictor import Predictor
+from yolact import Yolact
 
 CONFIG = 'journey_resnet50_128'
 SIDE = 128
@@ -130,3 +132,13 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
         [(r['image_id'], r['category_id']) for r in dygraph_records]
     np.testing.assert_allclose([r['score'] for r in exported_records], [r['score'] for r in dygraph_records],
                                rtol=0, atol=1e-5)
+
+
+def test_weights_without_their_record_keep_their_class_count(tmp_path):
+    """A fine-tuned .pdparams copied without its JSON: the class count is read from the weights."""
+    cfg = get_config('yolact_shapes')
+    cfg = dataclasses.replace(cfg, num_classes=3, dataset=dataclasses.replace(cfg.dataset, class_names=('a', 'b')))
+    path = str(tmp_path / 'yolact_shapes_3_30.pdparams')
+    paddle.save(Yolact.from_config(cfg).state_dict(), path)
+    predictor = Predictor(path)
+    assert predictor.cfg.num_classes == 3 and predictor.class_names == ('class_1', 'class_2')

@@ -106,11 +106,29 @@ def load_model(weights_path, config_name=None, cfg=None):
     """
     if not os.path.isfile(weights_path):
         raise MissingFileError(f'weights file not found: {weights_path}')
-    cfg = cfg if cfg is not None else resolve_config(config_name, weights_path)
+    if cfg is None:
+        cfg = resolve_config(config_name, weights_path)
+        if weights_path.endswith('.pdparams') and not (weights_record(weights_path) or {}).get('class_names'):
+            cfg = _with_class_count_of(cfg, read_state_dict(weights_path))
     net = Yolact.from_config(cfg)
     load_weights_file(net, weights_path, cfg)
     net.eval()
     return cfg, net
+
+
+def _with_class_count_of(cfg, state):
+    """cfg with the class count a state dict's class-confidence conv has (a fine-tuned .pdparams
+    without its JSON record); the classes are then named 'class_1', 'class_2', ..."""
+    weight = state.get('prediction_layers.0.conf_layer.weight')
+    per_location = cfg.num_priors_per_location[0]
+    if weight is None or weight.shape[0] % per_location:
+        return cfg
+    num_classes = int(weight.shape[0]) // per_location
+    if num_classes == cfg.num_classes or num_classes < 2:
+        return cfg
+    logger.warning('%d classes in the weights, %d in config %s, and no record of their names: naming them '
+                   'class_1 ... class_%d', num_classes - 1, cfg.num_classes - 1, cfg.name, num_classes - 1)
+    return with_classes(cfg, [f'class_{i + 1}' for i in range(num_classes - 1)])
 
 
 def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=False):
