@@ -179,11 +179,20 @@ def _paddle2onnx(paddle_prefix, onnx_path, what):
                paddle_prefix + '.pdiparams', onnx_path, str(ONNX_OPSET)]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0 or not os.path.isfile(onnx_path):
-        reason = next((line.strip() for line in reversed(_strip_ansi(result.stderr + result.stdout).splitlines())
-                       if 'error' in line.lower() and line.strip()), f'exit status {result.returncode}')
-        if 'deformable_conv' in reason or 'deform' in reason:
-            reason += ' (the deformable convolutions of YOLACT++)'
-        raise ConfigError(f'paddle2onnx {_paddle2onnx_version()} cannot convert {what} to ONNX: {reason}')
+        raise ConfigError(f'paddle2onnx {_paddle2onnx_version()} cannot convert {what} to ONNX: '
+                          f'{_paddle2onnx_reason(result.stdout + result.stderr, result.returncode)}')
+
+
+def _paddle2onnx_reason(output, returncode):
+    """paddle2onnx's own messages from a failed conversion's output, on one line."""
+    progress = ('Start parsing', 'Use opset_version', 'is exported as ONNX')
+    lines = [line.strip() for line in _strip_ansi(output).splitlines() if line.strip()]
+    messages = [re.sub(r'^(\[ERROR\])?\[Paddle2ONNX\]\s*', '', line) for line in lines
+                if ('[Paddle2ONNX]' in line or '[ERROR]' in line or 'not supported' in line)
+                and not any(p in line for p in progress)]
+    if not messages:
+        messages = [line for line in lines if 'error' in line.lower()][-1:] or [f'exit status {returncode}']
+    return '; '.join(m.rstrip('.') for m in messages)
 
 
 def _paddle2onnx_version():
