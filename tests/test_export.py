@@ -1,4 +1,5 @@
 """Export without global patches, the export cache, and the ONNX export run by onnxruntime."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -198,10 +199,13 @@ def test_onnx_export_of_yolact_base_matches_dygraph_on_reference_fixture(tmp_pat
 
 
 @onnx_missing
-def test_export_tool_onnx_small_yolact_plus_like_with_mask_iou(tmp_path):
-    """--format onnx through the tool; a mask-IoU net (YOLACT++) is exported and runs too."""
+def test_onnx_export_of_a_small_yolact_plus_with_dcn_and_mask_iou(tmp_path):
+    """YOLACT++'s parts: DCNv2 blocks (ONNX DeformConv, opset 19) and the mask-IoU net, vs dygraph."""
     plus = get_config('yolact_plus_base')
-    cfg, net = _small_net(use_maskiou=True, maskiou_net=plus.maskiou_net)
+    shapes = get_config('yolact_shapes')
+    backbone = dataclasses.replace(shapes.backbone, dcn_layers=(0, 2, 2, 2), dcn_interval=1)
+    cfg, net = _small_net(backbone=backbone, use_maskiou=True, maskiou_net=plus.maskiou_net)
+    assert any(type(layer).__name__ == 'ModulatedDeformConv2D' for layer in net.sublayers())
     prefix = str(tmp_path / 'plus')
     export_onnx(net, cfg, prefix)
     runner = OnnxYolact(prefix)
