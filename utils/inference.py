@@ -20,7 +20,6 @@ float rounding. :func:`cached_export` exports once per weights file, config and
 Paddle version into a cache folder; :func:`export_onnx` writes an ONNX file
 (paddle2onnx) run by :class:`OnnxYolact` (onnxruntime).
 """
-
 import contextlib
 import hashlib
 import importlib.util
@@ -130,8 +129,7 @@ def _move_export(source_prefix, path_prefix):
 
 # paddle2onnx runs in a child process: on an operator it cannot convert at the
 # requested opset it aborts the whole process (SIGABRT from C++), and it calls
-# sys.exit on other failures. The child prints nothing of ours; its last line
-# of stderr names the problem.
+# sys.exit on other failures. Its "[Paddle2ONNX]" lines name the problem.
 _PADDLE2ONNX_CHILD = """
 import sys
 import paddle2onnx
@@ -340,7 +338,7 @@ def _model_file(path_prefix):
     for ext in ('.json', '.pdmodel'):
         if os.path.isfile(path_prefix + ext):
             return path_prefix + ext
-    raise FileNotFoundError(f'no {path_prefix}.json or {path_prefix}.pdmodel found')
+    raise MissingFileError(f'no {path_prefix}.json or {path_prefix}.pdmodel found')
 
 
 def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=True,
