@@ -15,6 +15,61 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from backbone import construct_backbone
+from utils.augmentations import linear_taps
+
+
+def interpolation_matrix(in_size, out_size):
+    """[out_size, in_size] float32 matrix of a 1-D linear resize with align_corners=False.
+
+    Row i holds the two taps of output sample i with Paddle's kernel weights
+    (utils.augmentations.linear_taps), so ``A @ v`` resizes a vector ``v``.
+    """
+    i0, i1, w0, w1 = linear_taps(in_size, out_size)
+    rows = np.arange(out_size)
+    matrix = np.zeros((out_size, in_size), dtype=np.float32)
+    # add.at: at the border both taps are the same pixel and their weights add up.
+    np.add.at(matrix, (rows, i0), w0)
+    np.add.at(matrix, (rows, i1), w1)
+    return matrix
+
+
+class Resize(nn.Layer):
+    """Parameter-free resize of NCHW maps (align_corners=False), the FPN's and ProtoNet's upsampling.
+
+    Args:
+        scale_factor: output side = input side * scale_factor, when forward gets no size.
+        mode: F.interpolate mode ('bilinear' in every published config).
+    Forward: x [B, C, H, W], optional size (out_h, out_w) -> [B, C, out_h, out_w].
+
+    ``as_matmul`` (False by default; utils.inference.export_yolact sets it
+    while tracing) computes a bilinear resize as ``A_h @ x @ A_w^T`` with
+    :func:`interpolation_matrix`: a bilinear resize is separable and linear,
+    and unlike the ``bilinear_interp`` op the two products run under Paddle
+    3.3's oneDNN executor (PaddlePaddle/Paddle#79749) and export to ONNX as
+    plain MatMul. Results agree with the op to float rounding. Other modes
+    always use F.interpolate.
+    """
+
+    def __init__(self, scale_factor=None, mode='bilinear'):
+        super().__init__()
+        self.scale_factor = scale_factor
+        self.mode = mode
+        self.as_matmul = False
+
+    def forward(self, x, size=None):
+        if not (self.as_matmul and self.mode == 'bilinear'):
+            scale = None if size is not None else self.scale_factor
+            return F.interpolate(x, size=size, scale_factor=scale, mode=self.mode, align_corners=False)
+        b, c, h, w = x.shape
+        if size is None:
+            size = (int(h * self.scale_factor), int(w * self.scale_factor))
+        out_h, out_w = int(size[0]), int(size[1])
+        rows = paddle.to_tensor(interpolation_matrix(h, out_h))
+        cols = paddle.to_tensor(np.ascontiguousarray(interpolation_matrix(w, out_w).T))
+        # Flattened to [B*C, H, W] first: fed the 4-D output of a oneDNN conv
+        # directly, oneDNN's matmul reads it in the wrong memory layout (wrong values, no error).
+        y = paddle.matmul(paddle.matmul(rows, x.reshape([b * c, h, w])), cols)
+        return y.reshape([b, c, out_h, out_w])
 
 
 class Conv2D(nn.Conv2D):
@@ -53,7 +108,7 @@ def make_net(in_channels, layer_specs, include_last_relu=True):
             layers.append(Conv2D(in_channels, out_channels, kernel, stride=stride, padding=padding))
             in_channels = out_channels
         elif out_channels is None:
-            layers.append(nn.Upsample(scale_factor=-kernel, mode='bilinear', align_corners=False))
+            layers.append(Resize(scale_factor=-kernel))
         else:
             raise ValueError(f'unsupported layer spec {(out_channels, kernel, padding, stride)}: a negative '
                              'kernel means bilinear upsampling and needs out_channels None')
@@ -75,7 +130,7 @@ class FPN(nn.Layer):
         pad: pad the 3x3 prediction convs (keeps the input resolutions).
         relu_pred_layers: ReLU after the prediction convs.
         relu_downsample_layers: ReLU on the extra levels.
-        interpolation_mode: F.interpolate mode of the top-down pathway.
+        interpolation_mode: F.interpolate mode of the top-down pathway (a parameter-free Resize).
     Forward: list of [B, in_channels[i], H_i, W_i] -> list of
     len(in_channels) + num_downsample maps [B, num_features, H_i, W_i].
 
@@ -97,7 +152,7 @@ class FPN(nn.Layer):
         self.use_conv_downsample = use_conv_downsample
         self.relu_pred_layers = relu_pred_layers
         self.relu_downsample_layers = relu_downsample_layers
-        self.interpolation_mode = interpolation_mode
+        self.upsample = Resize(mode=interpolation_mode)
 
     def forward(self, feats):
         num_in = len(feats)
@@ -107,8 +162,7 @@ class FPN(nn.Layer):
         for lat_layer, j in zip(self.lat_layers, reversed(range(num_in))):
             lateral = lat_layer(feats[j])
             if x is not None:
-                lateral = F.interpolate(x, size=feats[j].shape[2:], mode=self.interpolation_mode,
-                                        align_corners=False) + lateral
+                lateral = self.upsample(x, size=feats[j].shape[2:]) + lateral
             x = lateral
             outs[j] = x
         for pred_layer, j in zip(self.pred_layers, reversed(range(num_in))):

@@ -82,7 +82,7 @@ def test_unreadable_pth_names_the_file(capsys, shapes, tmp_path):
 
 
 @pytest.mark.parametrize('content, message', [(None, 'annotation file not found'),
-                                              ('{"images": [', 'not a valid JSON annotation file')])
+                                              ('{"images": [', 'is not valid JSON')])
 def test_missing_or_malformed_annotation_file(capsys, shapes, tmp_path, content, message):
     info = tmp_path / 'train.json'
     if content is not None:

@@ -31,8 +31,8 @@ from tools import export_model
 from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
 from utils import coco_eval
 from utils.drawing import detection_color, draw_detections
-from utils.inference import StaticYolact, export_yolact, interpolation_matrix
-from yolact import Yolact
+from utils.inference import StaticYolact, export_yolact
+from yolact import Yolact, interpolation_matrix
 
 NUM_VAL = 6
 SIDE = 128

@@ -12,6 +12,7 @@ statistics (see ``benchmark_weights``), so that Detect and postprocess work
 on a full set of detections as with a real model on a busy image.
 
     python tools/benchmark.py --config yolact_base --runs 5
+    python tools/benchmark.py --config yolact_base --onnx --alternate --no_dygraph   # vs onnxruntime
     python tools/benchmark.py --trained_model weights/yolact_base_54_800000.pth --image photo.jpg
 
 --pipeline N also runs a dataset evaluation of N images (utils.evaluation.evaluate)
@@ -43,7 +44,7 @@ from data.config import get_config  # noqa: E402
 from utils import coco_eval  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
-from utils.inference import export_yolact  # noqa: E402
+from utils.inference import OnnxYolact, export_onnx, export_yolact  # noqa: E402
 from utils.model_loader import load_model  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
@@ -127,23 +128,29 @@ def run_chain(predictor, image_path, top_k=None):
     return times, len(out['scores'])
 
 
-def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None):
+def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None, alternate=False):
     """Median stage times of each chain.
 
-    chains: {label: Predictor} (dygraph Yolact or StaticYolact network), timed one
-    after the other: alternating them would time each network while the
-    other's CPU threads are still spinning down. top_k: see run_chain. Returns
-    {label: {stage or 'total': median seconds}} and logs the table.
+    chains: {label: Predictor} (dygraph Yolact, StaticYolact or OnnxYolact network),
+    timed one after the other by default: alternating them would time each
+    network while the other's CPU threads are still spinning down.
+    alternate: run the chains in turn, one run each, instead; fairer on a
+    machine whose load changes, for runtimes that do not spin (Paddle
+    Inference and onnxruntime as utils.inference sets it up). top_k: see
+    run_chain. Returns {label: {stage or 'total': median seconds}} and logs the table.
     """
     samples = {label: [] for label in chains}
     detections = {}
+    if alternate:
+        order = [(run, label) for run in range(warmup + runs) for label in chains]
+    else:
+        order = [(run, label) for label in chains for run in range(warmup + runs)]
     with paddle.no_grad():
-        for label, predictor in chains.items():
-            for run in range(warmup + runs):
-                times, detections[label] = run_chain(predictor, image_path, top_k)
-                if run >= warmup:
-                    samples[label].append(times)
-                    logger.info('run %d %-9s %.3f s', run - warmup + 1, label, sum(times.values()))
+        for run, label in order:
+            times, detections[label] = run_chain(chains[label], image_path, top_k)
+            if run >= warmup:
+                samples[label].append(times)
+                logger.info('run %d %-9s %.3f s', run - warmup + 1, label, sum(times.values()))
     medians = {}
     for label, runs_times in samples.items():
         medians[label] = {s: statistics.median(t[s] for t in runs_times) for s in STAGES}
@@ -234,6 +241,11 @@ def parse_args(argv=None):
                    help='postprocess only the k best detections, as eval.py --image/--video do for drawing '
                         '(default: all, as dataset evaluation does)')
     p.add_argument('--device', default='cpu', choices=('cpu', 'gpu'), help='where the networks run')
+    p.add_argument('--onnx', action='store_true',
+                   help='also time the network exported to ONNX and run by onnxruntime on the CPU '
+                        '(needs paddle2onnx and onnxruntime)')
+    p.add_argument('--alternate', action='store_true',
+                   help='run the networks in turn, one run each, instead of all runs of one network first')
     p.add_argument('--pipeline', default=0, type=int, metavar='N',
                    help='also time a dataset evaluation of N images with a stand-in network that sleeps for the '
                         'measured network time (see above); 0: skip')
@@ -257,9 +269,12 @@ def main(argv=None):
         prefix = os.path.join(args.export_dir or tmp, cfg.name)
         export_yolact(net, cfg, prefix)
         chains = {'exported': Predictor.from_exported(prefix, device=args.device)}
+        if args.onnx:
+            export_onnx(net, cfg, prefix + '_onnx')
+            chains['onnx'] = Predictor.from_network(cfg, OnnxYolact(prefix + '_onnx'))
         if not args.no_dygraph:
             chains['dygraph'] = Predictor.from_network(cfg, net)
-        medians = benchmark(chains, cfg, image_path, args.runs, args.warmup, args.top_k)
+        medians = benchmark(chains, cfg, image_path, args.runs, args.warmup, args.top_k, args.alternate)
         if args.pipeline:
             image = cv2.imread(image_path)
             detections = chains['exported'](image)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Export a YOLACT network as a static inference model for Paddle Inference.
+"""Export a YOLACT network as a static inference model for Paddle Inference, or as ONNX.
 
 Only the network is exported (input [1, 3, S, S] preprocessed, S the config's
 max_size; outputs loc, conf, mask, priors, proto); Detect and postprocess stay
@@ -7,6 +7,8 @@ in Python. YOLACT++ also gets its mask-IoU net as <PREFIX>_maskiou. Run the
 result with ``eval.py --inference_model PREFIX`` or ``utils.inference.StaticYolact``.
 
     python tools/export_model.py --trained_model weights/yolact_base_54_800000.pth --output exported/yolact_base
+    python tools/export_model.py --trained_model weights/yolact_base_54_800000.pth --output exported/yolact_base \
+        --format onnx      # PREFIX.onnx for onnxruntime (utils.inference.OnnxYolact); needs paddle2onnx
 """
 import argparse
 import logging
@@ -20,7 +22,7 @@ from utils.runtime import quiet_paddle_import  # noqa: E402
 quiet_paddle_import()
 
 from utils.errors import OutputError, run_cli  # noqa: E402
-from utils.inference import export_yolact  # noqa: E402
+from utils.inference import export_onnx, export_yolact  # noqa: E402
 from utils.model_loader import load_model  # noqa: E402
 
 
@@ -34,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument('--output', required=True, metavar='PREFIX',
                    help='output path without extension: writes PREFIX.json, PREFIX.pdiparams, '
                         'PREFIX.yolact.json (and PREFIX_maskiou.* for YOLACT++)')
+    p.add_argument('--format', default='paddle', choices=('paddle', 'onnx'),
+                   help='paddle: PREFIX.json + PREFIX.pdiparams for Paddle Inference (default); onnx: '
+                        'PREFIX.onnx for onnxruntime, converted by paddle2onnx (pip install paddle2onnx)')
     return p.parse_args(argv)
 
 
@@ -42,7 +47,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
     cfg, net = load_model(args.trained_model, args.config)
     try:
-        export_yolact(net, cfg, args.output)
+        export = export_onnx if args.format == 'onnx' else export_yolact
+        export(net, cfg, args.output)
     except OSError as err:
         raise OutputError(f'cannot write the export {args.output}: {err.strerror or err}') from err
     return 0

@@ -14,22 +14,32 @@ dygraph for ResNet-101 at 550x550 on a 2-core machine (0.48 s vs 2.9 s).
 
 Paddle 3.3's oneDNN executor cannot run the ``bilinear_interp`` op of a PIR
 program (PaddlePaddle/Paddle#79749), which YOLACT's FPN and ProtoNet use, so
-:func:`export_yolact` records bilinear resizes as two matrix products instead
-(see :func:`_matmul_bilinear_resize`); the results agree with the op to float
-rounding.
+:func:`export_yolact` switches the network's :class:`yolact.Resize` layers to
+two matrix products while tracing (and back); the results agree with the op to
+float rounding. :func:`cached_export` exports once per weights file, config and
+Paddle version into a cache folder; :func:`export_onnx` writes an ONNX file
+(paddle2onnx) run by :class:`OnnxYolact` (onnxruntime).
 """
 import contextlib
+import hashlib
+import importlib.util
 import json
 import logging
 import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import numpy as np
 import paddle
-import paddle.nn.functional as F
 
-from utils.augmentations import linear_taps
-from utils.errors import MissingFileError
-from utils.runtime import default_cpu_threads
+from utils.errors import ConfigError, MissingFileError, OutputError
+from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
+from yolact import Resize
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +71,24 @@ def export_yolact(net, cfg, path_prefix, batch_size=1):
         batch_size: the fixed batch dimension of the input spec.
     Returns:
         the metadata dict written to ``<path_prefix>.yolact.json``.
+
+    Files are written in a temporary folder beside the output and then moved
+    to their names, the metadata last: an interrupted export leaves no file
+    under a final name.
     """
-    folder = os.path.dirname(os.path.abspath(path_prefix))
-    os.makedirs(folder, exist_ok=True)
+    with _staging_folder(path_prefix) as stage:
+        meta = _save_static(net, cfg, os.path.join(stage, 'model'), batch_size)
+        _move_export(os.path.join(stage, 'model'), path_prefix)
+    logger.info('exported %s (%dx%d, batch %d) to %s', cfg.name, cfg.max_size, cfg.max_size, batch_size,
+                path_prefix)
+    return meta
+
+
+def _save_static(net, cfg, path_prefix, batch_size, export_format='paddle'):
+    """paddle.jit.save of the network (and mask-IoU net) plus the metadata file, in place."""
     net.eval()
     size = cfg.max_size
-    with _matmul_bilinear_resize():
+    with _resize_as_matmul(net):
         paddle.jit.save(_ForwardOutputs(net), path_prefix, input_spec=[
             paddle.static.InputSpec([batch_size, 3, size, size], 'float32', 'x')])
     has_maskiou = getattr(net, 'maskiou_net', None) is not None
@@ -74,66 +96,232 @@ def export_yolact(net, cfg, path_prefix, batch_size=1):
         # The number of masks varies per image; the side is the prototypes' (138 at 550).
         paddle.jit.save(net.maskiou_net, path_prefix + MASKIOU_SUFFIX, input_spec=[
             paddle.static.InputSpec([None, 1, None, None], 'float32', 'masks')])
-    meta = {'config': cfg.name, 'max_size': size, 'batch_size': batch_size,
+    meta = {'config': cfg.name, 'max_size': size, 'batch_size': batch_size, 'format': export_format,
             'num_classes': cfg.num_classes, 'class_names': list(cfg.dataset.class_names),
             'outputs': list(OUTPUT_KEYS), 'maskiou': has_maskiou}
     with open(path_prefix + META_SUFFIX, 'w') as f:
         json.dump(meta, f, indent=2)
-    logger.info('exported %s (%dx%d, batch %d) to %s', cfg.name, size, size, batch_size, path_prefix)
     return meta
 
 
-def interpolation_matrix(in_size, out_size):
-    """[out_size, in_size] float32 matrix of a 1-D linear resize with align_corners=False.
+@contextlib.contextmanager
+def _staging_folder(path_prefix):
+    """A temporary folder beside ``path_prefix`` (same file system, so moves are atomic), removed on exit."""
+    folder = os.path.dirname(os.path.abspath(path_prefix))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        stage = tempfile.mkdtemp(prefix='.export-', dir=folder)
+    except OSError as e:
+        raise OutputError(f'cannot write the export to {folder}: {e.strerror}') from e
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
-    Row i holds the two taps of output sample i with Paddle's kernel weights
-    (utils.augmentations.linear_taps), so ``A @ v`` resizes a vector ``v``.
+
+def _move_export(source_prefix, path_prefix):
+    """Move every ``<source_prefix>*`` file to ``<path_prefix>*``, the metadata file last."""
+    folder, base = os.path.split(source_prefix)
+    names = sorted(n for n in os.listdir(folder) if n.startswith(base))
+    names.sort(key=lambda n: n.endswith(META_SUFFIX))
+    for name in names:
+        os.replace(os.path.join(folder, name), path_prefix + name[len(base):])
+
+
+# paddle2onnx runs in a child process: on an operator it cannot convert at the
+# requested opset it aborts the whole process (SIGABRT from C++), and it calls
+# sys.exit on other failures. Its "[Paddle2ONNX]" lines name the problem.
+_PADDLE2ONNX_CHILD = """
+import sys
+import paddle2onnx
+paddle2onnx.export(sys.argv[1], sys.argv[2], sys.argv[3], opset_version=int(sys.argv[4]),
+                   auto_upgrade_opset=True, optimize_tool='onnxoptimizer')
+"""
+# The lowest ONNX opset that has every operator YOLACT uses; paddle2onnx raises
+# it when a graph needs more (DeformConv of YOLACT++'s DCNv2 needs 19).
+ONNX_OPSET = 13
+ONNX_SUFFIX = '.onnx'
+
+
+def export_onnx(net, cfg, path_prefix, batch_size=1):
+    """Save a Yolact network (eval mode) as ``<path_prefix>.onnx`` for onnxruntime, through paddle2onnx.
+
+    Writes ``<path_prefix>.onnx`` (input ``x`` [B, 3, S, S] float32
+    preprocessed, outputs in :data:`OUTPUT_KEYS` order), for YOLACT++
+    ``<path_prefix>_maskiou.onnx``, and ``<path_prefix>.yolact.json``
+    (``"format": "onnx"``); run them with :class:`OnnxYolact`. The network is
+    first exported as by :func:`export_yolact` (bilinear resizes as
+    MatMul), then converted; all in a temporary folder, moved into place at
+    the end. Raises ConfigError when paddle2onnx is not installed or cannot
+    convert the graph (the message gives paddle2onnx's reason).
     """
-    i0, i1, w0, w1 = linear_taps(in_size, out_size)
-    rows = np.arange(out_size)
-    matrix = np.zeros((out_size, in_size), dtype=np.float32)
-    # add.at: at the border both taps are the same pixel and their weights add up.
-    np.add.at(matrix, (rows, i0), w0)
-    np.add.at(matrix, (rows, i1), w1)
-    return matrix
+    if importlib.util.find_spec('paddle2onnx') is None:
+        raise ConfigError('ONNX export needs paddle2onnx, which is not installed (pip install paddle2onnx)')
+    with _staging_folder(path_prefix) as stage:
+        paddle_prefix = os.path.join(stage, 'paddle')
+        meta = _save_static(net, cfg, paddle_prefix, batch_size, export_format='onnx')
+        onnx_prefix = os.path.join(stage, 'model')
+        _paddle2onnx(paddle_prefix, onnx_prefix + ONNX_SUFFIX, cfg.name)
+        if meta['maskiou']:
+            _paddle2onnx(paddle_prefix + MASKIOU_SUFFIX, onnx_prefix + MASKIOU_SUFFIX + ONNX_SUFFIX,
+                         cfg.name + ' mask-IoU net')
+        os.replace(paddle_prefix + META_SUFFIX, onnx_prefix + META_SUFFIX)
+        _move_export(onnx_prefix, path_prefix)
+    logger.info('exported %s as ONNX (%dx%d, batch %d) to %s%s', cfg.name, cfg.max_size, cfg.max_size,
+                batch_size, path_prefix, ONNX_SUFFIX)
+    return meta
+
+
+def _paddle2onnx(paddle_prefix, onnx_path, what):
+    """Convert one exported Paddle graph to ONNX in a child process; ConfigError if it fails."""
+    command = [sys.executable, '-c', _PADDLE2ONNX_CHILD, _model_file(paddle_prefix),
+               paddle_prefix + '.pdiparams', onnx_path, str(ONNX_OPSET)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not os.path.isfile(onnx_path):
+        raise ConfigError(f'paddle2onnx {_paddle2onnx_version()} cannot convert {what} to ONNX: '
+                          f'{_paddle2onnx_reason(result.stdout + result.stderr, result.returncode)}')
+
+
+def _paddle2onnx_reason(output, returncode):
+    """paddle2onnx's own messages from a failed conversion's output, on one line."""
+    progress = ('Start parsing', 'Use opset_version', 'is exported as ONNX')
+    lines = [line.strip() for line in _strip_ansi(output).splitlines() if line.strip()]
+    messages = [re.sub(r'^(\[ERROR\])?\[Paddle2ONNX\]\s*', '', line) for line in lines
+                if ('[Paddle2ONNX]' in line or '[ERROR]' in line or 'not supported' in line)
+                and not any(p in line for p in progress)]
+    if not messages:
+        messages = [line for line in lines if 'error' in line.lower()][-1:] or [f'exit status {returncode}']
+    return '; '.join(m.rstrip('.') for m in messages)
+
+
+def _paddle2onnx_version():
+    from importlib.metadata import version
+    return version('paddle2onnx')
+
+
+def _strip_ansi(text):
+    """Text without the terminal colour codes paddle2onnx writes around its messages."""
+    return re.sub(r'\x1b\[[0-9;]*m', '', text)
+
+
+# Part of every cache key: bump it when the exported graph changes for the same weights and config.
+CACHE_FORMAT = 1
+_PARTIAL = '.partial-'
+
+
+def default_cache_dir():
+    """Where :func:`cached_export` keeps exports: ``$YOLACT_CACHE``, else ``~/.cache/yolact/exported``."""
+    return os.environ.get('YOLACT_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'yolact', 'exported')
+
+
+def export_cache_key(cfg, weights_path, batch_size=1):
+    """Hex key of an export: the weights file's content, the config, the class count, Paddle's version.
+
+    The config is the frozen dataclass's repr, so any field (input size,
+    anchors, head layout) changes the key; the weights enter by a SHA-256 of
+    their bytes, not their name or date.
+    """
+    digest = hashlib.sha256()
+    try:
+        with open(weights_path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                digest.update(chunk)
+    except FileNotFoundError as e:
+        raise MissingFileError(f'weights file {weights_path!r} not found') from e
+    parts = {'weights': digest.hexdigest(), 'config': repr(cfg), 'num_classes': cfg.num_classes,
+             'paddle': paddle.__version__, 'batch_size': batch_size, 'format': CACHE_FORMAT}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cached_export(net, cfg, weights_path, cache_dir=None, batch_size=1):
+    """The prefix of ``net``'s export in the cache, exporting it on first use.
+
+    Args:
+        net: a ``Yolact`` for ``cfg`` with the weights of ``weights_path`` loaded.
+        cfg: its YolactConfig.
+        weights_path: the file those weights came from (its bytes enter the key).
+        cache_dir: default :func:`default_cache_dir`.
+        batch_size: as for :func:`export_yolact`.
+    Returns:
+        ``<cache_dir>/<config>-<key>/<config>``, a prefix for :class:`StaticYolact`.
+
+    An entry is exported into its own ``.partial-<host>-<pid>-*`` folder and
+    renamed to its final name when complete, so a killed export leaves no
+    entry, and of concurrent exporters of one key the first rename wins and
+    the others discard their copies. Partial folders of dead processes on
+    this host (and any older than a day) are removed on the next call.
+    """
+    cache_dir = cache_dir or default_cache_dir()
+    key = export_cache_key(cfg, weights_path, batch_size)
+    entry = os.path.join(cache_dir, f'{cfg.name}-{key[:24]}')
+    prefix = os.path.join(entry, cfg.name)
+    if os.path.isfile(prefix + META_SUFFIX):
+        logger.info('using the cached export %s', entry)
+        return prefix
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        _remove_dead_partials(cache_dir)
+        stage = tempfile.mkdtemp(prefix=f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-', dir=cache_dir)
+    except OSError as e:
+        raise OutputError(f'cannot write the export cache {cache_dir}: {e.strerror}') from e
+    try:
+        _save_static(net, cfg, os.path.join(stage, cfg.name), batch_size)
+        try:
+            os.rename(stage, entry)
+        except OSError:
+            if not os.path.isfile(prefix + META_SUFFIX):
+                raise
+            logger.info('%s was exported concurrently; using that copy', entry)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    logger.info('exported %s (%dx%d, batch %d) to the cache %s', cfg.name, cfg.max_size, cfg.max_size,
+                batch_size, entry)
+    return prefix
+
+
+def _remove_dead_partials(cache_dir, max_age=24 * 3600):
+    """Delete partial exports left by killed processes: this host's dead pids, or older than max_age s."""
+    host = socket.gethostname()
+    for name in os.listdir(cache_dir):
+        if not name.startswith(_PARTIAL):
+            continue
+        path = os.path.join(cache_dir, name)
+        owner_host, _, rest = name[len(_PARTIAL):].rpartition('-')[0].rpartition('-')
+        pid = int(rest) if rest.isdigit() else None
+        try:
+            stale = time.time() - os.path.getmtime(path) > max_age
+        except OSError:
+            continue
+        if stale or (owner_host == host and pid is not None and not _process_alive(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager
-def _matmul_bilinear_resize():
-    """While tracing for export, compute bilinear resizes as A_h @ x @ A_w^T.
+def _resize_as_matmul(net):
+    """While tracing for export, ``net``'s Resize layers compute bilinear resizes as two matmuls.
 
-    Replaces ``paddle.nn.functional.interpolate`` (which nn.Upsample calls too)
-    for 4-D NCHW bilinear resizes with align_corners=False, the only kind
-    YOLACT uses; anything else goes to the original function. A bilinear
-    resize is separable and linear, so two products with
-    :func:`interpolation_matrix` compute it, and unlike the ``bilinear_interp``
-    op they run under Paddle 3.3's oneDNN executor. The input is flattened to
-    [B*C, H, W] first: fed the 4-D output of a oneDNN conv directly, oneDNN's
-    matmul reads it in the wrong memory layout (wrong values, no error).
-    The original function is restored on exit.
+    See :class:`yolact.Resize`; each layer's previous mode is restored on exit.
+    Nothing outside ``net`` changes.
     """
-    original = F.interpolate
-
-    def interpolate(x, size=None, scale_factor=None, mode='nearest', align_corners=False,
-                    align_mode=0, data_format='NCHW', **kwargs):
-        if mode != 'bilinear' or align_corners or data_format != 'NCHW' or x.ndim != 4:
-            return original(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=align_corners,
-                            align_mode=align_mode, data_format=data_format, **kwargs)
-        b, c, h, w = x.shape
-        if size is None:
-            sy, sx = scale_factor if isinstance(scale_factor, (list, tuple)) else (scale_factor,) * 2
-            size = (int(h * sy), int(w * sx))
-        out_h, out_w = int(size[0]), int(size[1])
-        rows = paddle.to_tensor(interpolation_matrix(h, out_h))
-        cols = paddle.to_tensor(np.ascontiguousarray(interpolation_matrix(w, out_w).T))
-        y = paddle.matmul(paddle.matmul(rows, x.reshape([b * c, h, w])), cols)
-        return y.reshape([b, c, out_h, out_w])
-
-    F.interpolate = interpolate
+    layers = [layer for layer in net.sublayers(include_self=True) if isinstance(layer, Resize)]
+    previous = [layer.as_matmul for layer in layers]
+    for layer in layers:
+        layer.as_matmul = True
     try:
         yield
     finally:
-        F.interpolate = original
+        for layer, value in zip(layers, previous):
+            layer.as_matmul = value
 
 
 def read_export_meta(path_prefix):
@@ -141,7 +329,7 @@ def read_export_meta(path_prefix):
     path = path_prefix + META_SUFFIX
     if not os.path.isfile(path):
         raise MissingFileError(f'{path!r} not found: is {path_prefix!r} the prefix of a model '
-                                'written by tools/export_model.py?')
+                               'written by tools/export_model.py?')
     with open(path) as f:
         return json.load(f)
 
@@ -151,7 +339,7 @@ def _model_file(path_prefix):
     for ext in ('.json', '.pdmodel'):
         if os.path.isfile(path_prefix + ext):
             return path_prefix + ext
-    raise FileNotFoundError(f'no {path_prefix}.json or {path_prefix}.pdmodel found')
+    raise MissingFileError(f'no {path_prefix}.json or {path_prefix}.pdmodel found')
 
 
 def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=True,
@@ -177,7 +365,7 @@ def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=Tru
                                           use_static=False, use_calib_mode=False)
     elif device == 'cpu':
         config.disable_gpu()
-        config.set_cpu_math_library_num_threads(num_threads or default_cpu_threads())
+        config.set_cpu_math_library_num_threads(predictor_cpu_threads(num_threads))
         if use_onednn:
             config.enable_onednn()
             if onednn_cache_capacity > 0:
@@ -194,10 +382,8 @@ def _run(predictor, array):
     handle = predictor.get_input_handle(predictor.get_input_names()[0])
     handle.reshape(list(array.shape))
     handle.copy_from_cpu(np.ascontiguousarray(array, dtype=np.float32))
-    predictor.run()
-    # A CPU predictor run leaves this process's dygraph operators on one thread
-    # (Paddle 3.3.1), and Detect and postprocess run in dygraph next (68 ms instead of 57 ms for yolact_base).
-    paddle.base.core.set_num_threads(default_cpu_threads())
+    with dygraph_threads_restored():
+        predictor.run()
     return [predictor.get_output_handle(name).copy_to_cpu() for name in predictor.get_output_names()]
 
 
@@ -249,4 +435,72 @@ class StaticYolact:
     def __call__(self, x):
         array = x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
         outputs = _run(self.predictor, array)
+        return {k: paddle.to_tensor(v) for k, v in zip(self.meta['outputs'], outputs)}
+
+
+def create_onnx_session(onnx_path, num_threads=None):
+    """An onnxruntime CPU session for one ONNX file (onnxruntime is imported here, only when used).
+
+    Its threads do not spin-wait after a run: Detect and postprocess run in
+    dygraph right after the network and would share the cores with them.
+    """
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ConfigError('running an ONNX export needs onnxruntime, which is not installed '
+                          '(pip install onnxruntime)') from e
+    if not os.path.isfile(onnx_path):
+        raise MissingFileError(f'{onnx_path!r} not found: export it with tools/export_model.py --format onnx')
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = predictor_cpu_threads(num_threads)
+    options.add_session_config_entry('session.intra_op.allow_spinning', '0')
+    options.log_severity_level = 3   # its warnings about initializers paddle2onnx left unused are noise
+    return onnxruntime.InferenceSession(onnx_path, options, providers=['CPUExecutionProvider'])
+
+
+class OnnxMaskIoU:
+    """The ONNX mask-IoU net, callable like ``Yolact.maskiou_net``: [N, 1, s, s] -> [N, C-1]."""
+
+    def __init__(self, session, num_classes):
+        self.session = session
+        self.num_classes = num_classes
+
+    def __call__(self, masks):
+        if masks.shape[0] == 0:
+            return paddle.zeros([0, self.num_classes - 1], 'float32')
+        feed = {self.session.get_inputs()[0].name: np.ascontiguousarray(masks.numpy(), dtype=np.float32)}
+        return paddle.to_tensor(self.session.run(None, feed)[0])
+
+
+class OnnxYolact:
+    """An ONNX export (:func:`export_onnx`) run by onnxruntime on the CPU, called like ``Yolact`` in eval mode.
+
+    ``runner(x)`` with x [B, 3, S, S] float32 (paddle tensor or numpy, B as
+    exported) returns the dict of :class:`StaticYolact`: 'loc' [B, P, 4],
+    'conf' [B, P, C] (softmax), 'mask' [B, P, K], 'priors' [P, 4], 'proto'
+    [B, S/4, S/4, K] as paddle tensors. ``maskiou_net``: OnnxMaskIoU or None.
+    """
+
+    def __init__(self, path_prefix, num_threads=None):
+        self.meta = read_export_meta(path_prefix)
+        self.session = create_onnx_session(path_prefix + ONNX_SUFFIX, num_threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.maskiou_net = None
+        if self.meta['maskiou']:
+            self.maskiou_net = OnnxMaskIoU(
+                create_onnx_session(path_prefix + MASKIOU_SUFFIX + ONNX_SUFFIX, num_threads),
+                self.meta['num_classes'])
+        logger.info('loaded ONNX %s from %s (onnxruntime, CPU)', self.meta['config'], path_prefix)
+
+    @property
+    def config_name(self):
+        return self.meta['config']
+
+    @property
+    def max_size(self):
+        return self.meta['max_size']
+
+    def __call__(self, x):
+        array = x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
+        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(array, dtype=np.float32)})
         return {k: paddle.to_tensor(v) for k, v in zip(self.meta['outputs'], outputs)}
