@@ -6,12 +6,15 @@ fixtures are skipped only when the folder is absent (CI always has it).
 import importlib.util
 import os
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Predictor and eval.py export CPU models on first use into a cache: the tests' own one, not the user's.
+os.environ.setdefault('YOLACT_CACHE', tempfile.mkdtemp(prefix='yolact-test-cache-'))
 
 REFERENCE_DIR = os.environ.get(
     'YOLACT_REFERENCE_DIR', os.path.join(os.path.dirname(ROOT), 'shared', 'reference'))

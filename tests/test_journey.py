@@ -28,6 +28,7 @@ from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
 from utils import coco_eval, media
 from utils.checkpoint import latest_checkpoint, sidecar_paths
 from utils.errors import run_cli
+from utils.inference import default_cache_dir
 from utils.predictor import Predictor
 from yolact import Yolact
 
@@ -80,7 +81,7 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     results_dir, log_dir = str(tmp_path / 'results'), str(tmp_path / 'eval_logs')
     val_flags = ['--valid_images', shapes.valid_images, '--valid_info', shapes.valid_info, '--num_workers', '0']
     assert run_cli(eval_script.main, ['--trained_model', checkpoint, '--results_dir', results_dir,
-                                      '--log_dir', log_dir, *val_flags]) == 0
+                                      '--log_dir', log_dir, '--dygraph', *val_flags]) == 0
     with open(os.path.join(results_dir, coco_eval.BBOX_FILE)) as f:
         dygraph_records = json.load(f)
     assert dygraph_records and {r['category_id'] for r in dygraph_records} <= {10, 20, 30, 40}
@@ -116,12 +117,15 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     with open(prefix + '.yolact.json') as f:
         assert json.load(f)['class_names'] == list(SHAPE_CLASSES)
     bgr = cv2.imread(image)
-    dygraph = Predictor(checkpoint)(bgr)
-    exported = Predictor.from_exported(prefix)(bgr)
-    assert dygraph['labels'] == exported['labels'] and set(dygraph['labels']) <= set(SHAPE_CLASSES)
-    np.testing.assert_array_equal(exported['classes'], dygraph['classes'])
-    np.testing.assert_array_equal(exported['boxes'], dygraph['boxes'])
-    np.testing.assert_allclose(exported['scores'], dygraph['scores'], rtol=0, atol=1e-5)
+    dygraph = Predictor(checkpoint, dygraph=True)(bgr)
+    assert set(dygraph['labels']) <= set(SHAPE_CLASSES)
+    # Predictor's CPU default (the cached export step 3's eval.py --image made, reused) and the explicit export.
+    for exported in (Predictor(checkpoint)(bgr), Predictor.from_exported(prefix)(bgr)):
+        assert dygraph['labels'] == exported['labels']
+        np.testing.assert_array_equal(exported['classes'], dygraph['classes'])
+        np.testing.assert_array_equal(exported['boxes'], dygraph['boxes'])
+        np.testing.assert_allclose(exported['scores'], dygraph['scores'], rtol=0, atol=1e-5)
+    assert len([n for n in os.listdir(default_cache_dir()) if n.startswith(CONFIG + '-')]) == 1
 
     exported_results = str(tmp_path / 'exported_results')
     assert run_cli(eval_script.main, ['--inference_model', prefix, '--results_dir', exported_results,

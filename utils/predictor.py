@@ -12,6 +12,7 @@ import paddle
 from layers.functions import Detect
 from layers.output_utils import PostProcess
 from utils.augmentations import FastBaseTransform
+from utils.inference import StaticYolact, cached_export
 from utils.model_loader import load_exported, load_model
 from utils.runtime import select_device
 
@@ -26,6 +27,13 @@ class Predictor:
     name; ``Predictor('yolact_base', 'weights/yolact_base_54_800000.pth')``
     (config first) still works. ``.pth`` files are converted on the fly.
 
+    On a CPU the network runs through Paddle Inference (oneDNN), 3-4x faster
+    than dygraph there: it is exported on first use into a cache keyed by the
+    weights' content, the config and Paddle's version
+    (utils.inference.cached_export; ``$YOLACT_CACHE``, default
+    ``~/.cache/yolact/exported``) and reused afterwards. ``dygraph=True``
+    keeps the dygraph network (and so does a GPU).
+
     Args:
         weights: a weights path, or a config name when ``weights_path`` is given.
         weights_path: the weights, in the (config, weights) form.
@@ -33,6 +41,7 @@ class Predictor:
         device: Paddle device for the network, e.g. 'cpu' or 'gpu:0'; None
             picks a GPU if there is one. Set process-wide (utils.runtime.select_device).
         score_threshold: keep detections whose box score is above it.
+        dygraph: on a CPU, run the dygraph network instead of the cached export.
         **detect_overrides: Detect.from_config overrides, e.g.
             ``use_fast_nms=False`` or ``conf_thresh=0.3``.
     Attributes:
@@ -40,12 +49,14 @@ class Predictor:
         net: the network, called as ``net(x)`` with x [1, 3, S, S].
     """
 
-    def __init__(self, weights, weights_path=None, config=None, device=None, score_threshold=0.0,
+    def __init__(self, weights, weights_path=None, config=None, device=None, score_threshold=0.0, dygraph=False,
                  **detect_overrides):
         if weights_path is not None:
             config, weights = weights, weights_path
-        select_device(device)
+        device = select_device(device)
         cfg, net = load_model(weights, config)
+        if device == 'cpu' and not dygraph:
+            net = StaticYolact(cached_export(net, cfg, weights), device='cpu')
         self._setup(cfg, net, score_threshold, detect_overrides)
         logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 
