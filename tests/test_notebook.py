@@ -90,7 +90,7 @@ def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     nbclient = pytest.importorskip('nbclient')
     shapes, work = tmp_path / 'shapes', tmp_path / 'work'
     subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'make_shapes_dataset.py'), '--out', str(shapes),
-                    '--num_train', '4', '--num_val', '6'], check=True, capture_output=True)
+                    '--num_train', '4', '--num_val', '4'], check=True, capture_output=True)
     extra = tmp_path / 'extra'
     _fake_data7122(str(shapes), str(tmp_path / 'data7122'), str(extra))
     weights = tmp_path / 'data00001' / 'yolact_resnet50_54_800000.pth'
