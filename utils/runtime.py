@@ -1,11 +1,19 @@
-"""Process-wide settings shared by the programs: device selection, CPU threads, Paddle's import warning.
+"""Process-wide settings shared by the programs: device, CPU threads, DataLoader shared memory,
+COCO zips, Paddle's import warning.
 
 Paddle is imported inside the functions so that :func:`quiet_paddle_import`
 can run before the program's first ``import paddle``.
 """
 import contextlib
+import logging
 import os
+import shutil
 import warnings
+import zipfile
+
+from utils.errors import ConfigError, DatasetError
+
+logger = logging.getLogger(__name__)
 
 # Paddle's warning at import (paddle.utils.cpp_extension looks for ccache,
 # which only matters when compiling custom C++ operators).
@@ -85,3 +93,126 @@ def dygraph_threads_restored(num_threads=None):
         yield
     finally:
         paddle.base.core.set_num_threads(num_threads or default_cpu_threads())
+
+
+# ------------------------------------------------------ DataLoader shared memory --
+# Measured with data/coco.py's datasets and detection_collate for yolact_base
+# (550 x 550 input): a training batch holds the float32 images [B, 3, S, S]
+# (29,040,000 bytes at batch 8) and float32 masks [n, S, S] per image
+# (1,210,000 bytes per object); an eval sample is one float32 image
+# (3,630,032 bytes). Measured on shapes images resized to 550 (batches of 8 with
+# 25 and 23 objects: 59,290,564 and 56,870,524 bytes, 64 and 4 bytes of that
+# not images or masks). COCO train2017 has 7.3 objects per image
+# (860,001 / 118,287), so a yolact_base batch of 8 is about 100 MB and an
+# eval sample 3.6 MB.
+COCO_OBJECTS_PER_IMAGE = 7.3
+# Paddle's DataLoader keeps up to prefetch_factor (default 2) batches per
+# worker in flight, each in its own shared-memory segment.
+PREFETCH_FACTOR = 2
+# Batches with twice the mean object count are common in COCO (crowded scenes).
+SHM_MARGIN = 2.0
+SHARED_MEMORY_SETTINGS = ('auto', 'on', 'off')
+
+
+def training_batch_bytes(max_size, batch_size, objects_per_image=COCO_OBJECTS_PER_IMAGE):
+    """Bytes of one collated training batch: float32 images [B, 3, S, S] and masks [n, S, S]."""
+    return int(batch_size * (3 + objects_per_image) * max_size * max_size * 4)
+
+
+def eval_sample_bytes(max_size):
+    """Bytes of one evaluation sample: a float32 image [3, S, S]."""
+    return 3 * max_size * max_size * 4
+
+
+def shared_memory_free(path='/dev/shm'):
+    """Free bytes in the shared-memory filesystem, or None where there is none (not Linux)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def dataloader_shared_memory(num_workers, batch_bytes, setting='auto', shm_path='/dev/shm'):
+    """Whether a paddle.io.DataLoader should pass batches through shared memory (``use_shared_memory``).
+
+    'on' and 'off' force the answer. 'auto' uses shared memory only when
+    ``shm_path`` has room for what the workers keep in flight:
+    ``num_workers * PREFETCH_FACTOR * batch_bytes * SHM_MARGIN`` (yolact_base,
+    batch 8, 4 workers: 1.6 GB; eval, 2 workers: 29 MB), since a worker that
+    finds /dev/shm full dies with a bus error (Docker's and AI Studio's
+    /dev/shm is 64 MB). Without workers shared memory is unused (False). The
+    decision is logged; call this once per DataLoader.
+    """
+    if setting not in SHARED_MEMORY_SETTINGS:
+        raise ConfigError(f"shared memory setting {setting!r}: use one of {', '.join(SHARED_MEMORY_SETTINGS)}")
+    if num_workers <= 0:
+        return False
+    if setting != 'auto':
+        logger.info('DataLoader shared memory %s (forced)', setting)
+        return setting == 'on'
+    free = shared_memory_free(shm_path)
+    needed = int(num_workers * PREFETCH_FACTOR * batch_bytes * SHM_MARGIN)
+    use = free is not None and free >= needed
+    logger.info('DataLoader shared memory %s: %s has %s free, %d workers need %.0f MB',
+                'on' if use else 'off', shm_path,
+                'no space' if free is None else f'{free / 2**20:.0f} MB', num_workers, needed / 2**20)
+    return use
+
+
+# ------------------------------------------------------------ COCO zips --
+def unpack_zips(zip_dir, dest, names):
+    """Unpack the zips ``names`` of ``zip_dir`` into ``dest``; returns {name: 'unpacked' | 'present' | 'absent'}.
+
+    Idempotent: a zip whose every file already exists in ``dest`` with its
+    size is skipped ('present'). Otherwise it is extracted into a temporary
+    folder inside ``dest`` and its entries renamed into place, so no file
+    appears under its final name before it is complete (an interrupted run
+    leaves only the temporary folder, removed the next time). Zips missing
+    from ``zip_dir`` are 'absent'. Made for AI Studio's COCO dataset (data7122,
+    :data:`data.config.COCO_LAYOUT` names its zips) and a ``dest`` outside the
+    ``data/`` folder that a restart resets.
+    """
+    os.makedirs(dest, exist_ok=True)
+    status = {}
+    for name in names:
+        src = os.path.join(zip_dir, name)
+        if not os.path.isfile(src):
+            status[name] = 'absent'
+            continue
+        try:
+            zf = zipfile.ZipFile(src)
+        except zipfile.BadZipFile as e:
+            raise DatasetError(f'{src}: not a readable zip ({e})') from e
+        with zf:
+            files = [i for i in zf.infolist() if not i.is_dir()]
+            if all(_same_file(os.path.join(dest, i.filename), i.file_size) for i in files):
+                status[name] = 'present'
+                continue
+            tmp = os.path.join(dest, f'.unpacking-{name}')
+            shutil.rmtree(tmp, ignore_errors=True)
+            logger.info('unpacking %s (%d files) into %s', src, len(files), dest)
+            zf.extractall(tmp)
+        for entry in sorted(os.listdir(tmp)):
+            _move_into(os.path.join(tmp, entry), os.path.join(dest, entry))
+        shutil.rmtree(tmp)
+        status[name] = 'unpacked'
+    return status
+
+
+def _same_file(path, size):
+    try:
+        return os.path.getsize(path) == size
+    except OSError:
+        return False
+
+
+def _move_into(src, dst):
+    """Rename ``src`` to ``dst``; a folder whose destination exists (annotations/ of two zips) is merged."""
+    if os.path.isdir(src) and os.path.isdir(dst):
+        for entry in os.listdir(src):
+            _move_into(os.path.join(src, entry), os.path.join(dst, entry))
+    elif os.path.isdir(dst):
+        shutil.rmtree(dst)
+        os.rename(src, dst)
+    else:
+        os.replace(src, dst)

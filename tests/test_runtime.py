@@ -1,0 +1,161 @@
+"""utils/runtime.py additions (DataLoader shared memory, COCO zips) and data/config.py's COCO root."""
+import collections
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+from data.config import COCO2017, COCO2017_TESTDEV, SHAPES, coco_datasets, coco_root_dataset, get_config
+from tests.conftest import ROOT
+from utils import runtime
+from utils.errors import ConfigError, DatasetError, MissingFileError
+from utils.runtime import (dataloader_shared_memory, eval_sample_bytes, training_batch_bytes,
+                           unpack_zips)
+
+MB = 2 ** 20
+Usage = collections.namedtuple('Usage', 'total used free')
+
+
+def _fake_shm(monkeypatch, free):
+    def disk_usage(path):
+        assert path == '/dev/shm'
+        if free is None:
+            raise FileNotFoundError(path)
+        return Usage(free, 0, free)
+    monkeypatch.setattr(runtime.shutil, 'disk_usage', disk_usage)
+
+
+def test_shared_memory_auto_follows_free_space(monkeypatch, caplog):
+    train_batch = training_batch_bytes(550, 8)
+    assert 95 * MB < train_batch < 105 * MB      # 8 x (3 + 7.3) x 550^2 x 4 bytes
+    _fake_shm(monkeypatch, 64 * MB)              # AI Studio, Docker's default
+    with caplog.at_level(logging.INFO, logger='utils.runtime'):
+        assert dataloader_shared_memory(4, train_batch) is False
+    assert 'shared memory off: /dev/shm has 64 MB free, 4 workers need' in caplog.text
+    # An eval sample is small: 2 workers x 2 prefetched x 3.6 MB x 2 = 29 MB fits in 64 MB (MB = 2**20 bytes here).
+    assert dataloader_shared_memory(2, eval_sample_bytes(550)) is True
+    _fake_shm(monkeypatch, 27 * MB)             # 2 x 2 x 3.63e6 x 2 bytes = 27.7 MB do not fit
+    assert dataloader_shared_memory(2, eval_sample_bytes(550)) is False
+    _fake_shm(monkeypatch, 2048 * MB)
+    assert dataloader_shared_memory(4, train_batch) is True
+    _fake_shm(monkeypatch, None)                 # no /dev/shm at all
+    assert dataloader_shared_memory(1, 1000) is False
+
+
+def test_shared_memory_forced_and_without_workers(monkeypatch):
+    _fake_shm(monkeypatch, 1 * MB)
+    assert dataloader_shared_memory(4, training_batch_bytes(550, 8), setting='on') is True
+    _fake_shm(monkeypatch, 10 ** 12)
+    assert dataloader_shared_memory(4, 1000, setting='off') is False
+    assert dataloader_shared_memory(0, 1000, setting='on') is False
+    with pytest.raises(ConfigError, match='maybe'):
+        dataloader_shared_memory(2, 1000, setting='maybe')
+
+
+def test_training_batch_bytes_match_collated_batch(tmp_path):
+    """The size rule against what data/coco.py really hands the DataLoader for yolact_base."""
+    from data.coco import COCODetection, detection_collate
+    from utils.augmentations import SSDAugmentation
+    subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'make_shapes_dataset.py'), '--out',
+                    str(tmp_path), '--num_train', '8', '--num_val', '1', '--size', '300',
+                    '--max_objects', '6'], check=True, capture_output=True)
+    ds = dataclasses.replace(SHAPES, train_images=str(tmp_path / 'train'),
+                             train_info=str(tmp_path / 'annotations' / 'instances_train.json'))
+    cfg = get_config('yolact_base', dataset=ds)
+    data = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=np.random.RandomState(0)))
+    images, targets, masks, _ = detection_collate([data[i] for i in range(8)])
+    objects = sum(len(t) for t in targets)
+    collated = images.nbytes + sum(m.nbytes for m in masks) + sum(t.nbytes for t in targets)
+    expected = training_batch_bytes(550, 8, objects / 8)
+    assert objects > 8
+    assert expected <= collated <= expected + objects * 5 * 4
+
+
+def _coco_tree(root, skip=()):
+    files = {'annotations/instances_train2017.json': '{}', 'annotations/instances_val2017.json': '{}',
+             'annotations/image_info_test-dev2017.json': '{}'}
+    for rel, text in files.items():
+        if rel not in skip:
+            os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+            with open(os.path.join(root, rel), 'w') as f:
+                f.write(text)
+    for folder in ('train2017', 'val2017', 'test2017'):
+        if folder not in skip:
+            os.makedirs(os.path.join(root, folder), exist_ok=True)
+
+
+def test_coco_datasets_standard_layout(tmp_path):
+    _coco_tree(tmp_path)
+    sets = coco_datasets(str(tmp_path))
+    val = sets['coco2017_dataset']
+    assert (val.valid_images, val.valid_info) == (str(tmp_path / 'val2017'),
+                                                  str(tmp_path / 'annotations' / 'instances_val2017.json'))
+    assert (val.train_images, val.train_info) == (str(tmp_path / 'train2017'),
+                                                  str(tmp_path / 'annotations' / 'instances_train2017.json'))
+    assert val.label_map == COCO2017.label_map and val.has_gt
+    dev = sets['coco2017_testdev_dataset']
+    assert dev.valid_images == str(tmp_path / 'test2017') and not dev.has_gt
+    assert dev.valid_info == str(tmp_path / 'annotations' / 'image_info_test-dev2017.json')
+    assert coco_root_dataset(str(tmp_path), COCO2017, ('train', 'valid')) == val
+    assert coco_root_dataset(str(tmp_path), COCO2017_TESTDEV) == dev
+
+
+@pytest.mark.parametrize('missing, dataset, splits, zip_name', [
+    ('val2017', COCO2017, ('valid',), 'val2017.zip'),
+    ('annotations/instances_train2017.json', COCO2017, ('train',), 'annotations_trainval2017.zip'),
+    ('annotations/image_info_test-dev2017.json', COCO2017_TESTDEV, ('valid',), 'image_info_test2017.zip'),
+])
+def test_coco_root_names_the_missing_file(tmp_path, missing, dataset, splits, zip_name):
+    _coco_tree(tmp_path, skip=(missing,))
+    with pytest.raises(MissingFileError) as err:
+        coco_root_dataset(str(tmp_path), dataset, splits)
+    assert str(tmp_path / missing) in str(err.value) and zip_name in str(err.value)
+
+
+def test_coco_root_errors(tmp_path):
+    _coco_tree(tmp_path, skip=('train2017',))
+    coco_root_dataset(str(tmp_path), COCO2017, ('valid',))     # evaluation needs no train2017/
+    with pytest.raises(MissingFileError, match='nowhere'):
+        coco_datasets(str(tmp_path / 'nowhere'))
+    with pytest.raises(ConfigError, match='Shapes'):
+        coco_root_dataset(str(tmp_path), SHAPES)
+
+
+def _zip(path, members):
+    with zipfile.ZipFile(path, 'w') as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def test_unpack_zips_idempotent_and_merges_annotations(tmp_path):
+    zips, dest = tmp_path / 'data7122', tmp_path / 'coco'
+    zips.mkdir()
+    _zip(zips / 'val2017.zip', {'val2017/000000000139.jpg': b'x' * 10, 'val2017/000000000285.jpg': b'y' * 7})
+    _zip(zips / 'annotations_trainval2017.zip', {'annotations/instances_val2017.json': b'{"a": 1}'})
+    _zip(zips / 'image_info_test2017.zip', {'annotations/image_info_test-dev2017.json': b'{"b": 2}'})
+    names = ['val2017.zip', 'annotations_trainval2017.zip', 'image_info_test2017.zip', 'train2017.zip']
+    assert unpack_zips(str(zips), str(dest), names) == {
+        'val2017.zip': 'unpacked', 'annotations_trainval2017.zip': 'unpacked',
+        'image_info_test2017.zip': 'unpacked', 'train2017.zip': 'absent'}
+    assert (dest / 'val2017' / '000000000285.jpg').read_bytes() == b'y' * 7
+    assert json.loads((dest / 'annotations' / 'image_info_test-dev2017.json').read_text()) == {'b': 2}
+    assert json.loads((dest / 'annotations' / 'instances_val2017.json').read_text()) == {'a': 1}
+    assert sorted(os.listdir(dest)) == ['annotations', 'val2017']          # no temporary folder left
+    mtime = os.path.getmtime(dest / 'val2017' / '000000000139.jpg')
+    assert unpack_zips(str(zips), str(dest), names[:3]) == dict.fromkeys(names[:3], 'present')
+    assert os.path.getmtime(dest / 'val2017' / '000000000139.jpg') == mtime
+    # A truncated file (an interrupted copy) and an interrupted unpacking's leftovers: unpacked again.
+    (dest / 'val2017' / '000000000139.jpg').write_bytes(b'x')
+    (dest / '.unpacking-val2017.zip').mkdir()
+    assert unpack_zips(str(zips), str(dest), ['val2017.zip']) == {'val2017.zip': 'unpacked'}
+    assert (dest / 'val2017' / '000000000139.jpg').read_bytes() == b'x' * 10
+    assert sorted(os.listdir(dest)) == ['annotations', 'val2017']
+    (zips / 'test2017.zip').write_bytes(b'not a zip')
+    with pytest.raises(DatasetError, match='test2017.zip'):
+        unpack_zips(str(zips), str(dest), ['test2017.zip'])

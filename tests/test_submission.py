@@ -1,0 +1,214 @@
+"""COCO-server submission packaging and checking (utils/submission.py, tools/*_submission.py)."""
+import importlib.util
+import json
+import logging
+import os
+import zipfile
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+
+from tests.conftest import ROOT
+from utils.errors import ConfigError, MissingFileError, run_cli
+from utils.submission import check_submission, rle_pixel_count, submission_name, write_submission
+
+NAME = 'detections_test-dev2017_myalg_results'
+CATEGORIES = [{'id': c, 'name': f'c{c}'} for c in (1, 2, 3, 90)]
+ALL_IDS = list(range(1000, 1030))       # a test2017-like folder: 30 images
+TEST_DEV = ALL_IDS[::3] + ALL_IDS[1::3]  # 20 of them are test-dev
+CROWDED = TEST_DEV[0]                   # 150 detections
+
+
+def _size(image_id):
+    return (40 + image_id % 7, 50 + image_id % 5)
+
+
+@pytest.fixture
+def info_file(tmp_path):
+    path = tmp_path / 'image_info_test-dev2017.json'
+    images = [{'id': i, 'file_name': f'{i}.jpg', 'height': _size(i)[0], 'width': _size(i)[1]} for i in TEST_DEV]
+    path.write_text(json.dumps({'images': images, 'categories': CATEGORIES}))
+    return str(path)
+
+
+def _records(image_id, n, rng, first_score=0.0):
+    h, w = _size(image_id)
+    boxes, masks = [], []
+    for k in range(n):
+        m = np.zeros((h, w), np.uint8, order='F')
+        y, x = rng.integers(0, h - 10), rng.integers(0, w - 10)
+        m[y:y + 8, x:x + 9] = 1
+        rle = mask_util.encode(m)
+        rle['counts'] = rle['counts'].decode('ascii')
+        cat = CATEGORIES[k % len(CATEGORIES)]['id']
+        score = first_score + k / 1000
+        boxes.append({'image_id': image_id, 'category_id': cat, 'bbox': [float(x), float(y), 9.0, 8.0],
+                      'score': score})
+        masks.append({'image_id': image_id, 'category_id': cat, 'segmentation': rle, 'score': score})
+    return boxes, masks
+
+
+def _write_results(folder, per_image):
+    """eval.py-style results files (one record per line) for {image_id: count}; returns (boxes, masks)."""
+    rng = np.random.default_rng(0)
+    boxes, masks = [], []
+    for image_id, n in per_image.items():
+        b, m = _records(image_id, n, rng)
+        boxes += b
+        masks += m
+    os.makedirs(folder, exist_ok=True)
+    for name, recs in (('bbox_detections.json', boxes), ('mask_detections.json', masks)):
+        with open(os.path.join(folder, name), 'w') as f:
+            f.write('[' + ''.join((',\n' if i else '\n') + json.dumps(r) for i, r in enumerate(recs)) + '\n]\n')
+    return boxes, masks
+
+
+def _zip(path, records, member=None):
+    stem = os.path.basename(path)[:-len('.zip')]
+    with zipfile.ZipFile(path, 'w') as zf:
+        zf.writestr(member or stem + '.json', json.dumps(records))
+    return str(path)
+
+
+def _read_zip(path):
+    with zipfile.ZipFile(path) as zf:
+        assert zf.namelist() == [os.path.basename(path)[:-4] + '.json']
+        return json.loads(zf.read(zf.namelist()[0]))
+
+
+def test_write_submission_filters_to_test_dev_and_top_100(tmp_path, info_file, caplog):
+    # Detections on all 30 images of the folder (the 10 foreign ones too); 150 on one test-dev image.
+    per_image = {i: 3 for i in ALL_IDS}
+    per_image[CROWDED] = 150
+    boxes, _ = _write_results(tmp_path / 'results', per_image)
+    with caplog.at_level(logging.INFO, logger='utils.submission'):
+        paths = write_submission(str(tmp_path / 'results'), 'myalg', info_file, str(tmp_path / 'out'))
+    assert paths == {'bbox': str(tmp_path / 'out' / 'bbox' / (NAME + '.zip')),
+                     'segm': str(tmp_path / 'out' / 'segm' / (NAME + '.zip'))}
+    assert sorted(os.listdir(tmp_path / 'out' / 'bbox')) == [NAME + '.zip']   # no temporary left
+    for kind, path in paths.items():
+        recs = _read_zip(path)
+        assert {r['image_id'] for r in recs} == set(TEST_DEV)
+        crowded = [r for r in recs if r['image_id'] == CROWDED]
+        # The 100 highest of the scores k/1000, k = 0..149: k = 50..149.
+        assert sorted(round(r['score'] * 1000) for r in crowded) == list(range(50, 150))
+        assert len(recs) == 100 + 3 * 19
+        assert ('segmentation' in recs[0]) == (kind == 'segm')
+        report = check_submission(path, info_file)
+        assert report.ok, report.format()
+        assert report.kind == kind
+    # Dropped: 10 foreign images x 3, and 50 over the limit, said in the log.
+    assert 'dropped 30 of other images and 50 over 100 per image' in caplog.text
+
+
+def _good(rng):
+    boxes, masks = [], []
+    for image_id in TEST_DEV[:15]:
+        b, m = _records(image_id, 4, rng, first_score=0.5)
+        boxes += b
+        masks += m
+    return boxes, masks
+
+
+def _spoil(kind, records, how):
+    """Make ``records`` bad in exactly one way; returns the name of the check that must fail."""
+    r = records[5]
+    if how == 'foreign':
+        r['image_id'] = ALL_IDS[2]          # in the test2017 folder, not in test-dev
+        return 'foreign ids'
+    if how == 'category0':
+        r['category_id'] = 0
+        return 'category ids'
+    if how == 'nan':
+        r['score'] = float('nan')
+        return 'scores'
+    if how == 'crowded':
+        extra = _records(TEST_DEV[0], 150, np.random.default_rng(1))[0 if kind == 'bbox' else 1]
+        records += extra
+        return 'per-image limit'
+    if how == 'wrong_size' and kind == 'segm':
+        h, w = _size(r['image_id'])
+        m = np.zeros((h + 3, w), np.uint8, order='F')
+        m[2:6, 2:6] = 1
+        rle = mask_util.encode(m)
+        # Claims the image's size, but the runs cover (h + 3) x w pixels.
+        r['segmentation'] = {'size': [h, w], 'counts': rle['counts'].decode('ascii')}
+        return 'segmentation'
+    if how == 'wrong_size':
+        r['bbox'] = [1.0, 2.0, float('inf'), 3.0]
+        return 'bbox'
+    raise AssertionError(how)
+
+
+@pytest.mark.parametrize('kind', ['bbox', 'segm'])
+@pytest.mark.parametrize('how', ['foreign', 'category0', 'nan', 'crowded', 'wrong_size'])
+def test_check_submission_names_each_bad_detection(tmp_path, info_file, kind, how):
+    boxes, masks = _good(np.random.default_rng(0))
+    records = boxes if kind == 'bbox' else masks
+    good = check_submission(_zip(tmp_path / (NAME + '.zip'), records), info_file)
+    assert good.ok, good.format()
+    expected = _spoil(kind, records, how)
+    report = check_submission(_zip(tmp_path / (NAME + '.zip'), records), info_file)
+    assert report.failed() == [expected], report.format()
+    assert f'[FAIL] {expected}:' in report.format()
+
+
+def test_check_submission_counts_empty_images(tmp_path, info_file):
+    _, masks = _good(np.random.default_rng(0))
+    report = check_submission(_zip(tmp_path / (NAME + '.zip'), masks), info_file)
+    assert report.ok
+    assert '15 of 20 images have detections, 5 empty' in report.format()
+
+
+def test_check_submission_names(tmp_path, info_file):
+    boxes, _ = _good(np.random.default_rng(0))
+    bad_zip = check_submission(_zip(tmp_path / 'detections_test-dev2017_my_alg_bbox.zip', boxes), info_file)
+    assert bad_zip.failed() == ['zip name']
+    bad_member = check_submission(_zip(tmp_path / (NAME + '.zip'), boxes, member='results.json'), info_file)
+    assert bad_member.failed() == ['json name']
+
+
+def test_alg_name_and_missing_inputs(tmp_path, info_file):
+    assert submission_name('yolact-base') == 'detections_test-dev2017_yolact-base_results'
+    with pytest.raises(ConfigError, match='my_alg'):
+        submission_name('my_alg')
+    with pytest.raises(MissingFileError, match='bbox_detections.json'):
+        write_submission(str(tmp_path), 'myalg', info_file, str(tmp_path / 'out'))
+    with pytest.raises(MissingFileError, match='nope.json'):
+        check_submission(_zip(tmp_path / (NAME + '.zip'), []), str(tmp_path / 'nope.json'))
+
+
+def test_rle_pixel_count():
+    rng = np.random.default_rng(3)
+    for h, w in ((1, 1), (7, 5), (61, 83), (300, 200)):
+        m = np.asfortranarray((rng.random((h, w)) > rng.random()).astype(np.uint8))
+        assert rle_pixel_count(mask_util.encode(m)['counts'].decode('ascii')) == h * w
+    with pytest.raises(ValueError):
+        rle_pixel_count('0`')   # a run whose continuation bit has no following group
+
+
+def _tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cli_exit_status(tmp_path, info_file, capsys):
+    _write_results(tmp_path / 'results', {i: 2 for i in ALL_IDS})
+    make = _tool('make_submission')
+    assert run_cli(make.main, ['--results_dir', str(tmp_path / 'results'), '--alg', 'myalg',
+                               '--info', info_file, '--out_dir', str(tmp_path / 'out')]) == 0
+    assert capsys.readouterr().out.count('PASSED') == 2
+    check = _tool('check_submission')
+    good = str(tmp_path / 'out' / 'segm' / (NAME + '.zip'))
+    assert run_cli(check.main, [good, '--info', info_file]) == 0
+    boxes, _ = _good(np.random.default_rng(0))
+    boxes[0]['category_id'] = 0
+    bad = _zip(tmp_path / (NAME + '.zip'), boxes)
+    assert run_cli(check.main, [good, bad, '--info', info_file]) == 1
+    out = capsys.readouterr().out
+    assert '[FAIL] category ids' in out and 'FAILED: category ids' in out
+    assert run_cli(check.main, [str(tmp_path / 'missing.zip'), '--info', info_file]) == 1
+    assert 'missing.zip' in capsys.readouterr().err

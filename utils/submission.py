@@ -1,0 +1,382 @@
+"""COCO evaluation-server submissions: packaging and checking.
+
+The server (COCO detection challenge, test-dev2017) takes one zip per
+evaluation type. Its upload format names the results file
+``detections_test-dev2017_<alg>_results.json`` for boxes and for masks alike
+(the type, bbox or segm, is chosen when uploading), inside a zip of the same
+name with ``.zip``. Since both files must carry that same name, they are
+written to two folders, ``<out_dir>/bbox/`` and ``<out_dir>/segm/``, rather
+than with an infix the server's name check would refuse.
+
+A results file is a JSON array of records
+``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` (bbox, pixels)
+or ``{"image_id", "category_id", "segmentation": {"size": [h, w], "counts": str}, "score"}``
+(segm, COCO compressed RLE), as ``eval.py`` writes them
+(``bbox_detections.json``, ``mask_detections.json``, see utils/coco_eval.py).
+The server evaluates at most 100 detections per image and only the 20,288
+test-dev image ids (``image_info_test-dev2017.json``); ``test2017/`` holds
+40,670 images, so results of the whole folder are filtered.
+"""
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import zipfile
+from collections import defaultdict
+from typing import List
+
+import numpy as np
+import pycocotools.mask as mask_util
+
+from utils.coco_eval import BBOX_FILE, MASK_FILE
+from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError
+
+logger = logging.getLogger(__name__)
+
+MAX_DETECTIONS = 100
+TEST_SET = 'test-dev2017'
+# Letters, digits and '-': an underscore would make <alg> ambiguous in the
+# server's '_'-separated name fields.
+_ALG_RE = re.compile(r'^[A-Za-z0-9-]+$')
+KINDS = {'bbox': BBOX_FILE, 'segm': MASK_FILE}
+
+
+def submission_name(alg_name, test_set=TEST_SET):
+    """``detections_<test_set>_<alg>_results`` (no extension). Raises ConfigError for a bad ``alg_name``."""
+    if not _ALG_RE.match(alg_name or ''):
+        raise ConfigError(f'algorithm name {alg_name!r} for the COCO server must be letters, digits '
+                          "and '-' only (no '_', no spaces)")
+    return f'detections_{test_set}_{alg_name}_results'
+
+
+def load_image_info(info_file):
+    """(images {id: (height, width)}, category ids set) of a COCO image-info or annotation file."""
+    if not os.path.isfile(info_file):
+        raise MissingFileError(f'image info file not found: {info_file}')
+    try:
+        with open(info_file) as f:
+            info = json.load(f)
+        images = {int(im['id']): (int(im['height']), int(im['width'])) for im in info['images']}
+        categories = {int(c['id']) for c in info['categories']}
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f'{info_file}: not a COCO image-info file ({type(e).__name__}: {e})') from e
+    return images, categories
+
+
+def iter_records(path):
+    """The records of a results JSON array, one at a time.
+
+    ``eval.py`` writes one record per line (utils/coco_eval.JsonArrayWriter),
+    which is read line by line so that memory stays flat over millions of
+    masks; any other layout is read whole with ``json.load``.
+    """
+    if not os.path.isfile(path):
+        raise MissingFileError(f'results file not found: {path}')
+    with open(path) as f:
+        if f.readline().strip() == '[':
+            yielded = 0
+            for n, line in enumerate(f, start=2):
+                line = line.strip().rstrip(',')
+                if line == ']':
+                    return
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as e:
+                    if yielded:
+                        raise DatasetError(f'{path}, line {n}: not a results record ({e})') from e
+                    break   # not one record per line: read it whole below
+                yielded += 1
+                yield record
+            else:
+                raise DatasetError(f'{path}: the JSON array is not closed (an interrupted evaluation?)')
+    try:
+        with open(path) as f:
+            records = json.load(f)
+    except ValueError as e:
+        raise DatasetError(f'{path}: not a JSON array of results ({e})') from e
+    if not isinstance(records, list):
+        raise DatasetError(f'{path}: not a JSON array of results')
+    yield from records
+
+
+def _top_indices(scored, limit):
+    """Indices of records to keep: per image the ``limit`` highest scores (ties: file order)."""
+    keep = []
+    for entries in scored.values():
+        entries.sort(key=lambda e: (-e[0], e[1]))
+        keep.extend(i for _, i in entries[:limit])
+    return set(keep)
+
+
+def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_detections=MAX_DETECTIONS):
+    """Write the two server zips from ``eval.py``'s results files.
+
+    Args:
+        results_dir: folder holding ``bbox_detections.json`` and/or ``mask_detections.json``.
+        alg_name: the algorithm name in the file name (letters, digits, '-').
+        test_dev_info_file: ``image_info_test-dev2017.json``; only its image ids are kept.
+        out_dir: the zips go to ``out_dir/bbox/`` and ``out_dir/segm/``.
+        max_detections: per image, the highest-scoring ones across classes are kept.
+
+    Returns:
+        {'bbox': path, 'segm': path} of the written zips (a kind whose results
+        file is absent is left out; neither present raises MissingFileError),
+        and logs per kind how many records were kept, dropped as foreign image
+        ids and dropped over the per-image limit. Each zip is written under a
+        temporary name and renamed when complete.
+    """
+    name = submission_name(alg_name)
+    images, _ = load_image_info(test_dev_info_file)
+    present = {k: os.path.join(results_dir, f) for k, f in KINDS.items()
+               if os.path.isfile(os.path.join(results_dir, f))}
+    if not present:
+        raise MissingFileError(f'no {BBOX_FILE} or {MASK_FILE} in {results_dir}')
+    paths = {}
+    for kind, src in present.items():
+        scored, foreign = defaultdict(list), 0
+        for i, rec in enumerate(iter_records(src)):
+            image_id = int(rec['image_id'])
+            if image_id in images:
+                scored[image_id].append((float(rec['score']), i))
+            else:
+                foreign += 1
+        total = sum(len(v) for v in scored.values())
+        keep = _top_indices(scored, max_detections)
+        folder = os.path.join(out_dir, kind)
+        final = os.path.join(folder, name + '.zip')
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix='.' + name, suffix='.zip.part', dir=folder)
+            os.close(fd)
+        except OSError as e:
+            raise OutputError(f'cannot write to {folder}: {e.strerror}') from e
+        try:
+            with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as zf, \
+                    zf.open(name + '.json', 'w') as member:
+                written = 0
+                member.write(b'[')
+                for i, rec in enumerate(iter_records(src)):
+                    if i in keep:
+                        member.write((b',\n' if written else b'\n') + json.dumps(rec).encode())
+                        written += 1
+                member.write(b'\n]\n')
+            os.replace(tmp, final)
+        except OSError as e:
+            raise OutputError(f'cannot write {final} (nothing kept): {e.strerror}') from e
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        logger.info('%s: %d detections on %d of %d test-dev images; dropped %d of other images '
+                    'and %d over %d per image', final, written, len(scored), len(images), foreign,
+                    total - written, max_detections)
+        paths[kind] = final
+    return paths
+
+
+# ------------------------------------------------------------------ checking --
+@dataclasses.dataclass
+class Check:
+    name: str
+    ok: bool
+    message: str
+
+
+@dataclasses.dataclass
+class SubmissionReport:
+    """What :func:`check_submission` found; ``ok`` when every check passed."""
+    zip_path: str
+    kind: str = ''
+    checks: List[Check] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self):
+        return all(c.ok for c in self.checks)
+
+    def failed(self):
+        """Names of the failed checks."""
+        return [c.name for c in self.checks if not c.ok]
+
+    def add(self, name, ok, message):
+        self.checks.append(Check(name, bool(ok), message))
+
+    def format(self):
+        """The report as text: one line per check, then the verdict."""
+        lines = [f'{self.zip_path} ({self.kind or "unknown kind"})']
+        lines += [f'  [{"ok" if c.ok else "FAIL"}] {c.name}: {c.message}' for c in self.checks]
+        lines.append('PASSED' if self.ok else f'FAILED: {", ".join(self.failed())}')
+        return '\n'.join(lines)
+
+
+def rle_pixel_count(counts):
+    """Pixels covered by the runs of a COCO compressed RLE string (the sum of its run lengths).
+
+    The string holds each run as 5-bit groups (char - 48), least significant
+    first, bit 0x20 meaning "more groups follow", 0x10 of the last group the
+    sign; from the third run on a value is a difference to the run two before.
+    Raises ValueError on a malformed string.
+    """
+    runs, value, shift, total = [], 0, 0, 0
+    for ch in counts:
+        c = ord(ch) - 48
+        if c < 0 or c > 63:
+            raise ValueError(f'character {ch!r} outside the RLE alphabet')
+        value |= (c & 0x1f) << shift
+        shift += 5
+        if c & 0x20:
+            continue
+        if c & 0x10:
+            value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError('negative run length')
+        runs.append(value)
+        total += value
+        value, shift = 0, 0
+    if shift:
+        raise ValueError('truncated run')
+    return total
+
+
+def _check_rles(image_rles, sizes):
+    """Describe the first few segmentations that do not decode to their image's size; returns (count, examples)."""
+    bad, examples = 0, []
+    for image_id, rles in image_rles.items():
+        height, width = sizes[image_id]
+        for rle in rles:
+            problem = None
+            try:
+                size = [int(v) for v in rle['size']]
+                counts = rle['counts']
+                if size != [height, width]:
+                    problem = f'size {size} != image {[height, width]}'
+                elif not isinstance(counts, str):
+                    problem = 'counts is not a compressed RLE string'
+                else:
+                    # Fast path: pycocotools' own encoding decodes and re-encodes to itself.
+                    decoded = mask_util.decode({'size': size, 'counts': counts.encode('ascii')})
+                    again = mask_util.encode(np.asfortranarray(decoded))['counts'].decode('ascii')
+                    if again != counts and rle_pixel_count(counts) != height * width:
+                        problem = f'runs cover {rle_pixel_count(counts)} pixels, not {height}x{width}'
+            except (KeyError, TypeError, ValueError, UnicodeError) as e:
+                problem = f'not decodable ({type(e).__name__}: {e})'
+            if problem:
+                bad += 1
+                if len(examples) < 3:
+                    examples.append(f'image {image_id}: {problem}')
+    return bad, examples
+
+
+def _finite(values):
+    try:
+        return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for v in values)
+    except TypeError:
+        return False
+
+
+def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS):
+    """Verify a server zip against the test-dev image-info file; returns a :class:`SubmissionReport`.
+
+    Checks, each reported by name: ``zip name`` (``detections_test-dev2017_<alg>_results.zip``),
+    ``json name`` (one member, the same name with ``.json``), ``json`` (an array of
+    bbox or of segm records), ``foreign ids`` (image ids not in the info file),
+    ``coverage`` (test-dev images with no detection are counted, not failed),
+    ``per-image limit`` (at most ``max_detections``), ``category ids`` (those of the
+    info file's categories), ``scores`` (finite numbers), ``bbox`` (4 finite numbers,
+    bbox kind) and ``segmentation`` (RLE decodable to the image's height x width, segm kind).
+    """
+    report = SubmissionReport(zip_path)
+    if not os.path.isfile(zip_path):
+        raise MissingFileError(f'submission zip not found: {zip_path}')
+    images, categories = load_image_info(test_dev_info_file)
+    base = os.path.basename(zip_path)
+    stem = base[:-len('.zip')] if base.endswith('.zip') else base
+    m = re.match(r'^detections_test-dev2017_([A-Za-z0-9-]+)_results$', stem)
+    report.add('zip name', base.endswith('.zip') and m,
+               base if m and base.endswith('.zip')
+               else f'{base} is not detections_test-dev2017_<alg>_results.zip')
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            members = [n for n in zf.namelist() if not n.endswith('/')]
+            report.add('json name', members == [stem + '.json'],
+                       f'contains {members}' + ('' if members == [stem + '.json'] else f', expected [{stem}.json]'))
+            if not members:
+                return report
+            with zf.open(members[0]) as f:
+                records = json.load(f)
+    except zipfile.BadZipFile as e:
+        report.add('json', False, f'not a zip file ({e})')
+        return report
+    except ValueError as e:
+        report.add('json', False, f'not valid JSON ({e})')
+        return report
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        report.add('json', False, 'not a JSON array of objects')
+        return report
+    has_seg = sum('segmentation' in r for r in records)
+    has_box = sum('bbox' in r for r in records)
+    kind = 'segm' if has_seg else 'bbox'
+    report.kind = kind
+    required = {'image_id', 'category_id', 'score', 'segmentation' if kind == 'segm' else 'bbox'}
+    incomplete = sum(not required <= r.keys() for r in records)
+    mixed = has_seg and has_box < len(records) and has_seg < len(records)
+    report.add('json', not incomplete and not mixed and records,
+               f'{len(records)} {kind} records' + (f', {incomplete} missing one of {sorted(required)}'
+                                                   if incomplete else '')
+               + (', bbox and segm records mixed' if mixed else '') + ('' if records else ', empty'))
+    records = [r for r in records if required <= r.keys()]
+
+    per_image, foreign_ids, foreign = defaultdict(int), set(), 0
+    bad_cats, bad_scores, bad_boxes = defaultdict(int), 0, 0
+    image_rles = defaultdict(list)
+    for r in records:
+        try:
+            image_id = int(r['image_id'])
+        except (TypeError, ValueError):
+            image_id = None
+        if image_id not in images:
+            foreign += 1
+            foreign_ids.add(r['image_id'])
+        else:
+            per_image[image_id] += 1
+            if kind == 'segm':
+                image_rles[image_id].append(r['segmentation'])
+        if r['category_id'] not in categories or isinstance(r['category_id'], bool):
+            bad_cats[r['category_id']] += 1
+        if not _finite([r['score']]):
+            bad_scores += 1
+        if kind == 'bbox' and not (isinstance(r['bbox'], list) and len(r['bbox']) == 4 and _finite(r['bbox'])):
+            bad_boxes += 1
+
+    report.add('foreign ids', not foreign,
+               f'{foreign} detections on {len(foreign_ids)} image ids not in the info file '
+               f'(e.g. {sorted(foreign_ids, key=str)[:3]})' if foreign else 'every image id is in the info file')
+    empty = len(images) - len(per_image)
+    report.add('coverage', True, f'{len(per_image)} of {len(images)} images have detections, {empty} empty')
+    over = {i: n for i, n in per_image.items() if n > max_detections}
+    report.add('per-image limit', not over,
+               f'{len(over)} images over {max_detections} detections (e.g. '
+               + ', '.join(f'image {i}: {n}' for i, n in sorted(over.items())[:3]) + ')'
+               if over else f'at most {max(per_image.values(), default=0)} per image')
+    report.add('category ids', not bad_cats,
+               f'{sum(bad_cats.values())} detections with category ids not in the info file: '
+               f'{sorted(bad_cats, key=str)[:5]}' if bad_cats
+               else f'all within the {len(categories)} categories of the info file')
+    report.add('scores', not bad_scores,
+               f'{bad_scores} detections with a score that is not a finite number' if bad_scores
+               else 'all finite')
+    if kind == 'bbox':
+        report.add('bbox', not bad_boxes,
+                   f'{bad_boxes} boxes are not 4 finite numbers' if bad_boxes else 'all 4 finite numbers')
+    else:
+        bad, examples = _check_rles(image_rles, images)
+        report.add('segmentation', not bad,
+                   f'{bad} masks do not decode to their image size ({"; ".join(examples)})' if bad
+                   else 'every RLE decodes to its image size')
+    return report
