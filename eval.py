@@ -38,7 +38,7 @@ from utils.runtime import quiet_paddle_import
 quiet_paddle_import()  # before the first import of paddle, here and in the DataLoader workers
 
 from data.coco import COCOEvalImages, custom_dataset  # noqa: E402
-from data.config import DATASETS  # noqa: E402
+from data.config import DATASETS, coco_root_dataset  # noqa: E402
 from utils.augmentations import BaseTransform  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.evaluation import benchmark, evaluate  # noqa: E402
@@ -84,6 +84,9 @@ def parse_args(argv=None):
     data.add_argument('--dataset', default=None, choices=sorted(DATASETS),
                       help="dataset to evaluate instead of the config's, e.g. coco2017_dataset, "
                            'coco2017_testdev_dataset (no ground truth: only writes the results files)')
+    data.add_argument('--coco_root', default=None, metavar='DIR',
+                      help='a COCO 2017 tree in the standard layout (train2017/, val2017/, test2017/, annotations/...) used for '
+                           'coco2017_dataset / coco2017_testdev_dataset instead of data/coco')
     data.add_argument('--valid_images', default=None, help='custom COCO-format dataset: image folder')
     data.add_argument('--valid_info', default=None,
                       help='custom COCO-format dataset: annotation file (an image-info file without '
@@ -104,6 +107,9 @@ def parse_args(argv=None):
     data.add_argument('--log_dir', default='logs', help='folder of the saved mAP tables (eval_*.json)')
     data.add_argument('--num_workers', default=2, type=int,
                       help='DataLoader processes decoding and preprocessing images (0: in this process)')
+    data.add_argument('--shared_memory', default='auto', choices=('auto', 'on', 'off'),
+                      help='pass DataLoader batches through /dev/shm; auto: only when it has room for the '
+                           "workers' batches (AI Studio and Docker give 64 MB)")
     data.add_argument('--strict', action='store_true',
                       help='stop at the first bad annotation instead of skipping it (every bad entry is '
                            'reported either way, counted by reason)')
@@ -146,6 +152,8 @@ def parse_args(argv=None):
         p.error('choose one mode: --image, --images, --video, --benchmark or a dataset evaluation')
     if args.dataset is not None and (args.valid_images or args.valid_info):
         p.error('give either --dataset or --valid_images/--valid_info')
+    if args.coco_root and (args.valid_images or args.valid_info):
+        p.error('give either --coco_root or --valid_images/--valid_info')
     if args.class_names and not args.valid_info:
         p.error('--class_names belongs to a custom dataset (--valid_info)')
     return args
@@ -168,10 +176,12 @@ def build_predictor(args):
         predictor = Predictor(args.trained_model, config=args.config, device=device, dygraph=args.dygraph,
                               **detect_options)
     cfg = predictor.cfg
-    if args.dataset is not None:
-        dataset = DATASETS[args.dataset]
+    if args.dataset is not None or args.coco_root:
+        dataset = DATASETS[args.dataset] if args.dataset is not None else cfg.dataset
+        if args.coco_root:
+            dataset = coco_root_dataset(args.coco_root, dataset, ('valid',))
         if len(dataset.class_names) + 1 != cfg.num_classes:
-            raise ConfigError(f'{args.dataset} has {len(dataset.class_names)} classes, the model '
+            raise ConfigError(f'{args.dataset or dataset.name} has {len(dataset.class_names)} classes, the model '
                               f'{cfg.num_classes - 1}')
     elif args.valid_info is not None:
         dataset = custom_dataset(args.valid_info, args.class_names, model_classes=cfg.dataset.class_names,
@@ -212,13 +222,13 @@ def main(argv=None):
     dataset = COCOEvalImages(ds.valid_images, ds.valid_info, BaseTransform.from_config(cfg), has_gt=ds.has_gt,
                              strict=args.strict)
     if args.benchmark:
-        benchmark(predictor, dataset, args.max_images, args.num_workers)
+        benchmark(predictor, dataset, args.max_images, args.num_workers, shared_memory=args.shared_memory)
         return 0
     compute_map = ds.has_gt and not args.output_coco_json
     if not ds.has_gt and not args.output_coco_json:
         logger.info('%s has no ground truth: writing the results files only', ds.name)
     evaluate(predictor, dataset, args.results_dir, args.max_images, args.num_workers, compute_map=compute_map,
-             log_dir=args.log_dir)
+             log_dir=args.log_dir, shared_memory=args.shared_memory)
     return 0
 
 

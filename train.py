@@ -36,7 +36,7 @@ quiet_paddle_import()  # before the first import of paddle, here and in the Data
 import paddle.distributed as dist  # noqa: E402
 
 from data.coco import custom_dataset  # noqa: E402
-from data.config import DATASETS, get_config  # noqa: E402
+from data.config import DATASETS, coco_root_dataset, get_config  # noqa: E402
 from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument('--start_iter', default=-1, type=int,
                    help='iteration to resume at; -1 reads it from the checkpoint')
     p.add_argument('--num_workers', default=4, type=int, help='DataLoader worker processes')
+    p.add_argument('--shared_memory', default='auto', choices=('auto', 'on', 'off'),
+                   help='pass DataLoader batches through /dev/shm; auto: only when it has room for the '
+                        "workers' batches (AI Studio and Docker give 64 MB)")
     p.add_argument('--strict', action='store_true',
                    help='stop at the first bad annotation instead of skipping it (every bad entry is '
                         'reported either way, counted by reason)')
@@ -87,6 +90,9 @@ def parse_args(argv=None):
     p.add_argument('--log_interval', default=10, type=int, help='iterations between console lines')
     p.add_argument('--dataset', default=None, choices=sorted(DATASETS),
                    help="a named dataset instead of the config's")
+    p.add_argument('--coco_root', default=None, metavar='DIR',
+                   help='a COCO 2017 tree in the standard layout (train2017/, val2017/, test2017/, annotations/...) used for '
+                        'coco2017_dataset / coco2017_testdev_dataset instead of data/coco')
     p.add_argument('--train_images', help='custom dataset: training image folder')
     p.add_argument('--train_info', help='custom dataset: training COCO annotation file')
     p.add_argument('--valid_images', help='custom dataset: validation image folder')
@@ -108,6 +114,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.resume is not None and args.trained_model is not None:
         p.error('--resume continues a run, --trained_model starts one: give only one')
+    if args.coco_root and any(getattr(args, f) for f in ('train_images', 'train_info', 'valid_images', 'valid_info')):
+        p.error('give either --coco_root or the custom dataset flags')
     return args
 
 
@@ -116,6 +124,9 @@ def build_config(args, world_size):
     cfg = get_config(args.config)
     if args.dataset is not None:
         cfg = dataclasses.replace(cfg, dataset=DATASETS[args.dataset])
+    if args.coco_root:
+        splits = ('train', 'valid') if args.validation_epoch > 0 else ('train',)
+        cfg = dataclasses.replace(cfg, dataset=coco_root_dataset(args.coco_root, cfg.dataset, splits))
     flags = ('train_images', 'train_info', 'valid_images', 'valid_info', 'class_names')
     if any(getattr(args, f) is not None for f in flags):
         # Unset folders/files fall back to the preset's; the classes come from the training file.

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from data.coco import check_batches, eval_collate
 from utils import coco_eval
 from utils.errors import DatasetError
+from utils.runtime import dataloader_shared_memory, eval_sample_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +60,18 @@ def evaluation_order(image_ids, max_images=-1):
     return order if max_images < 0 else order[:max_images]
 
 
-def _loader(dataset, indices, num_workers):
+def _loader(dataset, indices, num_workers, max_size, shared_memory='auto'):
     """A DataLoader yielding one (img tensor [3, S, S], image_id, height, width, ok) at a time.
+
+    shared_memory: 'auto', 'on' or 'off', see utils.runtime.dataloader_shared_memory (S = max_size).
 
     An image that fails for another reason than being unreadable (ok=False) stops it with a
     DatasetError naming the image (data.coco.check_batches).
     """
     return check_batches(paddle.io.DataLoader(paddle.io.Subset(dataset, indices), batch_size=1, shuffle=False,
-                                              num_workers=num_workers, collate_fn=eval_collate))
+                                              num_workers=num_workers, collate_fn=eval_collate,
+                                              use_shared_memory=dataloader_shared_memory(
+                                                  num_workers, eval_sample_bytes(max_size), shared_memory)))
 
 
 class BackgroundWriter:
@@ -118,7 +123,7 @@ class BackgroundWriter:
 
 
 def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, compute_map=True, log_dir='logs',
-             progress=True, background=True):
+             progress=True, background=True, shared_memory='auto'):
     """Run a dataset and stream its detections into COCO results files; optionally score them.
 
     Args:
@@ -132,6 +137,7 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
         background: RLE-encode and write image i's detections in a thread
             while the network runs image i+1 (:class:`BackgroundWriter`);
             False does it in the loop (same files, byte for byte).
+        shared_memory: the DataLoader's, see :func:`_loader`.
     Returns:
         an :class:`EvalSummary`.
     """
@@ -144,7 +150,8 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
             tqdm(total=len(indices), unit='img', desc='Evaluating', disable=not progress) as bar:
         sink = BackgroundWriter(writer) if background else writer
         try:
-            for img, image_id, height, width, ok in _loader(dataset, indices, num_workers):
+            for img, image_id, height, width, ok in _loader(dataset, indices, num_workers, cfg.max_size,
+                                                             shared_memory):
                 bar.update()
                 if not ok:
                     # The worker logged the file and the reason.
@@ -180,7 +187,7 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
     return EvalSummary(results, scored, skipped, files, log_path, seconds)
 
 
-def benchmark(predictor, dataset, max_images=-1, num_workers=2, progress=True):
+def benchmark(predictor, dataset, max_images=-1, num_workers=2, progress=True, shared_memory='auto'):
     """Per-stage times over dataset images, as the reference's --benchmark (nothing is written).
 
     Returns {stage: mean seconds} for 'data' (waiting for the next decoded and
@@ -190,7 +197,7 @@ def benchmark(predictor, dataset, max_images=-1, num_workers=2, progress=True):
     net, cfg = predictor.net, predictor.cfg
     indices = evaluation_order(dataset.ids, max_images)
     times = {k: [] for k in ('data', 'network', 'detect', 'postprocess', 'total')}
-    loader = iter(_loader(dataset, indices, num_workers))
+    loader = iter(_loader(dataset, indices, num_workers, cfg.max_size, shared_memory))
     with paddle.no_grad():
         for it in tqdm(range(len(indices)), unit='img', desc='Benchmark', disable=not progress):
             t0 = time.perf_counter()

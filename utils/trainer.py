@@ -24,6 +24,7 @@ from utils.logger import TrainingLogger
 from utils.lr_schedule import WarmupStepSchedule
 from utils.model_loader import init_for_finetuning, load_weights_file
 from utils.predictor import Predictor
+from utils.runtime import dataloader_shared_memory, training_batch_bytes
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ class TrainOptions:
     start_iter -1 reads the iteration from it. trained_model: weights to
     fine-tune; backbone_weights: ImageNet weights ('none': random
     initialisation; None: <save_folder>/<the config's backbone file>). strict: stop at a bad
-    annotation instead of skipping it (data.validation).
+    annotation instead of skipping it (data.validation). shared_memory: 'auto', 'on' or 'off'
+    (utils.runtime.dataloader_shared_memory).
     """
     batch_size: int = 8
     num_workers: int = 4
@@ -61,6 +63,7 @@ class TrainOptions:
     amp: bool = False
     seed: int = 0
     strict: bool = False
+    shared_memory: str = 'auto'
 
 
 class NonFiniteLossError(YolactError):
@@ -185,8 +188,10 @@ class Trainer:
         if self.epoch_size == 0:
             raise ValueError(f'{len(train_set)} training images are fewer than one batch of {opts.batch_size}')
         self.sampler = ResumableBatchSampler(self.train_set, opts.batch_size // world_size)
-        self.loader = paddle.io.DataLoader(self.train_set, batch_sampler=self.sampler,
-                                           num_workers=opts.num_workers, collate_fn=detection_collate)
+        batch_bytes = training_batch_bytes(cfg.max_size, opts.batch_size // world_size)
+        self.loader = paddle.io.DataLoader(
+            self.train_set, batch_sampler=self.sampler, num_workers=opts.num_workers, collate_fn=detection_collate,
+            use_shared_memory=dataloader_shared_memory(opts.num_workers, batch_bytes, opts.shared_memory))
         self.epoch = self.iteration // self.epoch_size
 
         self.validation = opts.validation_epoch > 0 and bool(cfg.dataset.valid_info)
@@ -362,6 +367,7 @@ class Trainer:
                     self.predictor, self.val_set,
                     results_dir=os.path.join(self.opts.log_folder, 'validation'),
                     max_images=self.opts.validation_size, num_workers=self.opts.num_workers,
+                    shared_memory=self.opts.shared_memory,
                     log_dir=self.opts.log_folder, progress=False)
             finally:
                 self.net.train()
