@@ -377,27 +377,37 @@ def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=Tru
     return inference.create_predictor(config)
 
 
-def _run(predictor, array):
-    """Run a one-input predictor on a float32 numpy array; list of numpy outputs."""
-    handle = predictor.get_input_handle(predictor.get_input_names()[0])
-    handle.reshape(list(array.shape))
-    handle.copy_from_cpu(np.ascontiguousarray(array, dtype=np.float32))
+def _run(predictor, x):
+    """Run a one-input predictor on a float32 paddle tensor; its outputs as paddle tensors.
+
+    Paddle tensors in and out (``Predictor.run(inputs)``), not numpy: on a GPU
+    the outputs stay on the device for Detect and PostProcess, with no copy
+    to the host and back.
+    """
+    x = x if isinstance(x, paddle.Tensor) else paddle.to_tensor(np.asarray(x, dtype=np.float32))
     with dygraph_threads_restored():
-        predictor.run()
-    return [predictor.get_output_handle(name).copy_to_cpu() for name in predictor.get_output_names()]
+        return predictor.run([x.astype('float32')])
 
 
-class StaticMaskIoU:
-    """The exported mask-IoU net, callable like ``Yolact.maskiou_net``: [N, 1, s, s] -> [N, C-1]."""
+class ExportedMaskIoU:
+    """An exported mask-IoU net, callable like ``Yolact.maskiou_net``: [N, 1, s, s] -> [N, C-1].
 
-    def __init__(self, predictor, num_classes):
-        self.predictor = predictor
+    run: [N, 1, s, s] -> [N, C-1], paddle tensors (``tensors``: a Paddle
+    Inference predictor) or float32 numpy arrays (an onnxruntime session);
+    no masks need no run.
+    """
+
+    def __init__(self, run, num_classes, tensors=False):
+        self.run = run
         self.num_classes = num_classes
+        self.tensors = tensors
 
     def __call__(self, masks):
         if masks.shape[0] == 0:
             return paddle.zeros([0, self.num_classes - 1], 'float32')
-        return paddle.to_tensor(_run(self.predictor, masks.numpy())[0])
+        if self.tensors:
+            return self.run(masks)
+        return paddle.to_tensor(self.run(np.ascontiguousarray(masks.numpy(), dtype=np.float32)))
 
 
 class StaticYolact:
@@ -406,8 +416,8 @@ class StaticYolact:
     ``runner(x)`` with x [B, 3, S, S] float32 (paddle tensor or numpy, B as
     exported) returns the dict of ``Yolact.forward``: 'loc' [B, P, 4], 'conf'
     [B, P, C] (softmax), 'mask' [B, P, K], 'priors' [P, 4], 'proto'
-    [B, S/4, S/4, K], as paddle tensors on the CPU. ``maskiou_net`` is the
-    exported mask-IoU net (YOLACT++) or None.
+    [B, S/4, S/4, K], as paddle tensors on the predictor's device (no host
+    copy on a GPU). ``maskiou_net`` is the exported mask-IoU net (YOLACT++) or None.
     """
 
     def __init__(self, path_prefix, device='cpu', num_threads=None, use_onednn=True,
@@ -418,9 +428,9 @@ class StaticYolact:
         self.predictor = create_predictor(path_prefix, **options)
         self.maskiou_net = None
         if self.meta['maskiou']:
-            self.maskiou_net = StaticMaskIoU(
-                create_predictor(path_prefix + MASKIOU_SUFFIX, onednn_cache_capacity=16, **options),
-                self.meta['num_classes'])
+            maskiou = create_predictor(path_prefix + MASKIOU_SUFFIX, onednn_cache_capacity=16, **options)
+            self.maskiou_net = ExportedMaskIoU(lambda masks: _run(maskiou, masks)[0], self.meta['num_classes'],
+                                               tensors=True)
         logger.info('loaded exported %s from %s (%s%s)', self.meta['config'], path_prefix, device,
                     ', oneDNN' if device == 'cpu' and use_onednn else '')
 
@@ -433,9 +443,7 @@ class StaticYolact:
         return self.meta['max_size']
 
     def __call__(self, x):
-        array = x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
-        outputs = _run(self.predictor, array)
-        return {k: paddle.to_tensor(v) for k, v in zip(self.meta['outputs'], outputs)}
+        return dict(zip(self.meta['outputs'], _run(self.predictor, x)))
 
 
 def create_onnx_session(onnx_path, num_threads=None):
@@ -458,27 +466,13 @@ def create_onnx_session(onnx_path, num_threads=None):
     return onnxruntime.InferenceSession(onnx_path, options, providers=['CPUExecutionProvider'])
 
 
-class OnnxMaskIoU:
-    """The ONNX mask-IoU net, callable like ``Yolact.maskiou_net``: [N, 1, s, s] -> [N, C-1]."""
-
-    def __init__(self, session, num_classes):
-        self.session = session
-        self.num_classes = num_classes
-
-    def __call__(self, masks):
-        if masks.shape[0] == 0:
-            return paddle.zeros([0, self.num_classes - 1], 'float32')
-        feed = {self.session.get_inputs()[0].name: np.ascontiguousarray(masks.numpy(), dtype=np.float32)}
-        return paddle.to_tensor(self.session.run(None, feed)[0])
-
-
 class OnnxYolact:
     """An ONNX export (:func:`export_onnx`) run by onnxruntime on the CPU, called like ``Yolact`` in eval mode.
 
     ``runner(x)`` with x [B, 3, S, S] float32 (paddle tensor or numpy, B as
     exported) returns the dict of :class:`StaticYolact`: 'loc' [B, P, 4],
     'conf' [B, P, C] (softmax), 'mask' [B, P, K], 'priors' [P, 4], 'proto'
-    [B, S/4, S/4, K] as paddle tensors. ``maskiou_net``: OnnxMaskIoU or None.
+    [B, S/4, S/4, K] as paddle tensors. ``maskiou_net``: an ExportedMaskIoU or None.
     """
 
     def __init__(self, path_prefix, num_threads=None):
@@ -487,9 +481,10 @@ class OnnxYolact:
         self.input_name = self.session.get_inputs()[0].name
         self.maskiou_net = None
         if self.meta['maskiou']:
-            self.maskiou_net = OnnxMaskIoU(
-                create_onnx_session(path_prefix + MASKIOU_SUFFIX + ONNX_SUFFIX, num_threads),
-                self.meta['num_classes'])
+            maskiou = create_onnx_session(path_prefix + MASKIOU_SUFFIX + ONNX_SUFFIX, num_threads)
+            feed_name = maskiou.get_inputs()[0].name
+            self.maskiou_net = ExportedMaskIoU(lambda masks: maskiou.run(None, {feed_name: masks})[0],
+                                               self.meta['num_classes'])
         logger.info('loaded ONNX %s from %s (onnxruntime, CPU)', self.meta['config'], path_prefix)
 
     @property
