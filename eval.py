@@ -199,7 +199,6 @@ def build_predictor(args):
 def main(argv=None):
     """Run the mode the flags select; returns the process exit code."""
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S', force=True)
     predictor = build_predictor(args)
     draw = dict(top_k=args.top_k, draw_masks=args.display_masks, draw_boxes=args.display_bboxes,
                 draw_text=args.display_text, draw_scores=args.display_scores)
@@ -233,4 +232,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s', datefmt='%H:%M:%S', force=True)
     raise SystemExit(run_cli(main))

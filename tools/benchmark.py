@@ -257,7 +257,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
     select_device(args.device)
     if args.trained_model:
         cfg, net = load_model(args.trained_model, args.config)
@@ -287,4 +286,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
     sys.exit(run_cli(main))

@@ -53,9 +53,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    # paddle installs an INFO handler on the root logger when imported; this
-    # tool prints its own report, so only warnings and errors are logged.
-    logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s', force=True)
     if not os.path.isfile(args.src):
         raise MissingFileError(f'weights file not found: {args.src}')
     if args.backbone:
@@ -94,4 +91,7 @@ def _key_list(keys):
 
 
 if __name__ == '__main__':
+    # paddle installs an INFO handler on the root logger when imported; this
+    # tool prints its own report, so only warnings and errors are logged.
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s: %(message)s', force=True)
     sys.exit(run_cli(main))

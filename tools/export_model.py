@@ -44,7 +44,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
     cfg, net = load_model(args.trained_model, args.config)
     try:
         export = export_onnx if args.format == 'onnx' else export_yolact
@@ -55,4 +54,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
     sys.exit(run_cli(main))

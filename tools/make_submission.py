@@ -35,7 +35,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
     paths = write_submission(args.results_dir, args.alg, args.info, args.out_dir)
     status = 0
     for kind, path in paths.items():
@@ -46,4 +45,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
     sys.exit(run_cli(main))
