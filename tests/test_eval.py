@@ -130,9 +130,19 @@ def test_rle_encoding_equals_pycocotools():
     masks[9, 0, 0] = True                         # the first pixel only
     masks[10] = False
     masks[10, -1, -1] = True                      # the last pixel only
+    masks[11, 3:9, :] = rng.random((6, w)) < 0.5  # every column, some rows
     expected = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     assert coco_eval.encode_rle(masks) == expected
     assert coco_eval.encode_rle(masks.astype(np.float32)) == expected
+    for trial in range(500):
+        # Random blocks of random density in small images: every edge case of the block arithmetic.
+        h, w = rng.integers(1, 12, 2)
+        masks = np.zeros((3, h, w), bool)
+        for k in range(3):
+            (r0, r1), (c0, c1) = sorted(rng.integers(0, h + 1, 2)), sorted(rng.integers(0, w + 1, 2))
+            masks[k, r0:r1, c0:c1] = rng.random((r1 - r0, c1 - c0)) < rng.random()
+        expected = mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+        assert coco_eval.encode_rle(masks) == expected, masks
 
 
 def test_records_map_categories_back_and_encode_rle_as_text():

@@ -76,7 +76,8 @@ def detection_records(image_id, classes, boxes, scores, masks, class_to_cat, mas
     if keep.size == 0:
         return [], []
 
-    rles = encode_rle(np.asarray(masks)[keep])
+    masks = np.asarray(masks)
+    rles = encode_rle(masks if keep.size == len(masks) else masks[keep])
 
     bbox_records, mask_records = [], []
     for rle, i in zip(rles, keep):
@@ -95,32 +96,50 @@ def detection_records(image_id, classes, boxes, scores, masks, class_to_cat, mas
 def encode_rle(masks):
     """COCO compressed RLEs of [N, H, W] masks (nonzero = inside), equal to ``pycocotools.mask.encode``'s.
 
-    COCO's RLE runs down the columns of the whole image. A detection's mask
-    covers a few of them: the runs are computed from the band of columns the
-    mask touches (the columns left and right of it are one run of zeros each),
-    which is several times faster than encoding every pixel (100 masks at
-    640x480: 15 ms instead of 55 ms, AMD EPYC). pycocotools compresses the runs.
+    COCO's RLE runs down the columns of the whole image, and a detection's
+    mask covers a small block of it: the runs are computed from that block,
+    each of its columns followed by one zero standing for the rows outside the
+    block, and lengthened to the rows and columns they stand for; pycocotools
+    compresses them. 100 masks at 640x480: 9 ms, against 55 ms for encoding
+    every pixel (AMD EPYC, 2 cores).
     """
-    masks = np.asarray(masks) != 0
+    masks = np.asarray(masks)
+    if masks.dtype != np.bool_:
+        masks = masks != 0
     n, h, w = masks.shape
-    columns = masks.any(axis=1)                                   # [N, W]
+    columns, rows = masks.any(axis=1), masks.any(axis=2)          # [N, W], [N, H]
     uncompressed = []
     for i in range(n):
-        used = np.flatnonzero(columns[i])
-        if used.size == 0:
+        used_columns, used_rows = np.flatnonzero(columns[i]), np.flatnonzero(rows[i])
+        if used_columns.size == 0:
             uncompressed.append({'size': [h, w], 'counts': [h * w]})
             continue
-        c0, c1 = int(used[0]), int(used[-1]) + 1
-        band = masks[i, :, c0:c1].T.ravel()                       # the band's pixels in column-major order
-        bounds = np.concatenate(([0], np.flatnonzero(band[1:] != band[:-1]) + 1, [band.size]))
+        c0, c1 = int(used_columns[0]), int(used_columns[-1]) + 1
+        r0, r1 = int(used_rows[0]), int(used_rows[-1]) + 1
+        height = r1 - r0
+        if height == h:
+            flat = masks[i, :, c0:c1].T.ravel()                      # whole columns follow each other
+        else:
+            block = np.zeros((c1 - c0, height + 1), bool)            # a zero after each column: the gap
+            block[:, :height] = masks[i, r0:r1, c0:c1].T
+            flat = block.ravel()
+        bounds = np.concatenate(([0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]))
         runs = np.diff(bounds)
-        if band[0]:
-            runs = np.concatenate(([0], runs))                     # runs alternate, zeros first
-        runs[0] += c0 * h
-        if len(runs) % 2:                                          # ends with zeros: extend them
-            runs[-1] += (w - c1) * h
-        elif c1 < w:
-            runs = np.concatenate((runs, [(w - c1) * h]))
+        if height < h:
+            # Each gap stands for the h - height rows outside the block; the last one for the tail below.
+            gap_runs = np.searchsorted(bounds, np.arange(height, flat.size, height + 1), side='right') - 1
+            runs += np.bincount(gap_runs, minlength=runs.size) * (h - height - 1)
+            runs[-1] -= h - height
+        if flat[0]:
+            runs = np.concatenate(([0], runs))                       # counts start with zeros
+        runs[0] += c0 * h + r0
+        tail = (h - r1) + (w - c1) * h
+        if runs.size % 2:                                            # ends with zeros: lengthen them
+            runs[-1] += tail
+            if runs[-1] == 0:
+                runs = runs[:-1]
+        elif tail:
+            runs = np.concatenate((runs, [tail]))
         uncompressed.append({'size': [h, w], 'counts': runs.tolist()})
     return mask_util.frPyObjects(uncompressed, h, w) if uncompressed else []
 
