@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 from utils.errors import ConfigError, MissingFileError, run_cli
-from utils.submission import check_submission, rle_pixel_count, submission_name, write_submission
+from utils.submission import check_submission, submission_name, write_submission
 
 NAME = 'detections_test-dev2017_myalg_results'
 CATEGORIES = [{'id': c, 'name': f'c{c}'} for c in (1, 2, 3, 90)]
@@ -177,15 +177,6 @@ def test_alg_name_and_missing_inputs(tmp_path, info_file):
         write_submission(str(tmp_path), 'myalg', info_file, str(tmp_path / 'out'))
     with pytest.raises(MissingFileError, match='nope.json'):
         check_submission(_zip(tmp_path / (NAME + '.zip'), []), str(tmp_path / 'nope.json'))
-
-
-def test_rle_pixel_count():
-    rng = np.random.default_rng(3)
-    for h, w in ((1, 1), (7, 5), (61, 83), (300, 200)):
-        m = np.asfortranarray((rng.random((h, w)) > rng.random()).astype(np.uint8))
-        assert rle_pixel_count(mask_util.encode(m)['counts'].decode('ascii')) == h * w
-    with pytest.raises(ValueError):
-        rle_pixel_count('0`')   # a run whose continuation bit has no following group
 
 
 def _tool(name):
