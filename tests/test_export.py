@@ -15,6 +15,7 @@ from tools import benchmark as benchmark_tool
 from tools import export_model
 from utils import inference
 from utils.errors import ConfigError
+from utils.model_loader import load_exported
 from utils.inference import (META_SUFFIX, OnnxYolact, StaticYolact, cached_export, export_cache_key,
                              export_onnx, export_yolact)
 from yolact import Resize, Yolact
@@ -73,6 +74,16 @@ def test_export_touches_no_global_and_restores_the_resize_mode(tmp_path, monkeyp
     assert sorted(os.listdir(tmp_path)) == ['m.json', 'm.pdiparams', 'm.yolact.json']
 
 
+def test_an_export_loaded_with_another_config_is_a_clear_error(tmp_path):
+    cfg, net = _small_net()
+    prefix = str(tmp_path / 'm')
+    export_yolact(net, cfg, prefix)
+    assert load_exported(prefix)[0].name == cfg.name
+    with pytest.raises(ConfigError, match=f'exported for {cfg.max_size}x{cfg.max_size} inputs and 4 classes; '
+                                          'config yolact_base has 550x550 and 4'):
+        load_exported(prefix, 'yolact_base')
+
+
 # ------------------------------------------------------------------ cache --
 def test_cached_export_reuses_and_keys_on_weights_and_config(tmp_path, monkeypatch):
     cache = str(tmp_path / 'cache')
@@ -82,7 +93,7 @@ def test_cached_export_reuses_and_keys_on_weights_and_config(tmp_path, monkeypat
     save = inference._save_static
     monkeypatch.setattr(inference, '_save_static', lambda *a, **k: calls.append(a[2]) or save(*a, **k))
 
-    prefix = cached_export(net, cfg, weights, cache_dir=cache)
+    prefix = cached_export(lambda: net, cfg, weights, cache_dir=cache)
     assert len(calls) == 1 and os.path.isfile(prefix + META_SUFFIX)
     x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
     with paddle.no_grad():
@@ -94,24 +105,27 @@ def test_cached_export_reuses_and_keys_on_weights_and_config(tmp_path, monkeypat
     copy = str(tmp_path / 'copy.pdparams')
     with open(weights, 'rb') as src, open(copy, 'wb') as dst:
         dst.write(src.read())
-    assert cached_export(net, cfg, copy, cache_dir=cache) == prefix
+    def no_network():
+        raise AssertionError('a cache hit must not build the network')
+
+    assert cached_export(no_network, cfg, copy, cache_dir=cache) == prefix
     assert len(calls) == 1 and len(_entries(cache)) == 1
 
     # Other weights: a new entry.
     _, other_net = _small_net(seed=1)
     other = _weights(tmp_path, other_net, 'other.pdparams')
-    assert cached_export(other_net, cfg, other, cache_dir=cache) != prefix
+    assert cached_export(lambda: other_net, cfg, other, cache_dir=cache) != prefix
     assert len(calls) == 2 and len(_entries(cache)) == 2
 
     # Another config (one field) with the first weights: a new entry.
     cfg2 = get_config('yolact_shapes', nms_top_k=cfg.nms_top_k + 1)
     assert export_cache_key(cfg2, weights) != export_cache_key(cfg, weights)
-    cached_export(net, cfg2, weights, cache_dir=cache)
+    cached_export(lambda: net, cfg2, weights, cache_dir=cache)
     assert len(calls) == 3 and len(_entries(cache)) == 3
 
     # $YOLACT_CACHE is the default folder.
     monkeypatch.setenv('YOLACT_CACHE', cache)
-    assert cached_export(net, cfg, weights) == prefix and len(calls) == 3
+    assert cached_export(lambda: net, cfg, weights) == prefix and len(calls) == 3
 
 
 def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path, monkeypatch):
@@ -127,7 +141,7 @@ def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path,
     with monkeypatch.context() as m:
         m.setattr(inference, '_save_static', crash)
         with pytest.raises(RuntimeError, match='simulated crash'):
-            cached_export(net, cfg, weights, cache_dir=cache)
+            cached_export(lambda: net, cfg, weights, cache_dir=cache)
     assert os.listdir(cache) == []
 
     # A process killed mid-export leaves its partial folder; a dead pid of this
@@ -141,7 +155,7 @@ def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path,
         os.makedirs(folder)
         with open(os.path.join(folder, cfg.name + '.json'), 'w') as f:
             f.write('{"half": ')
-    prefix = cached_export(net, cfg, weights, cache_dir=cache)
+    prefix = cached_export(lambda: net, cfg, weights, cache_dir=cache)
     assert not os.path.exists(dead_dir) and os.path.isdir(live_dir)
     assert _entries(cache) == [os.path.basename(os.path.dirname(prefix))]
     assert StaticYolact(prefix).meta['config'] == cfg.name
@@ -159,11 +173,11 @@ def test_concurrent_exporter_that_loses_the_rename_uses_the_winner(tmp_path, mon
         if not winner:
             with monkeypatch.context() as m:
                 m.setattr(inference, '_save_static', save)
-                winner['prefix'] = cached_export(net_, cfg_, weights, cache_dir=cache)
+                winner['prefix'] = cached_export(lambda: net_, cfg_, weights, cache_dir=cache)
         return save(net_, cfg_, path_prefix, batch_size, export_format)
 
     monkeypatch.setattr(inference, '_save_static', racing)
-    assert cached_export(net, cfg, weights, cache_dir=cache) == winner['prefix']
+    assert cached_export(lambda: net, cfg, weights, cache_dir=cache) == winner['prefix']
     assert os.listdir(cache) == [os.path.basename(os.path.dirname(winner['prefix']))]
 
 

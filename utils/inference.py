@@ -233,11 +233,13 @@ def export_cache_key(cfg, weights_path, batch_size=1):
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def cached_export(net, cfg, weights_path, cache_dir=None, batch_size=1):
-    """The prefix of ``net``'s export in the cache, exporting it on first use.
+def cached_export(load_net, cfg, weights_path, cache_dir=None, batch_size=1):
+    """The prefix of the cached export of ``weights_path`` for ``cfg``, exporting it on first use.
 
     Args:
-        net: a ``Yolact`` for ``cfg`` with the weights of ``weights_path`` loaded.
+        load_net: no arguments -> a ``Yolact`` for ``cfg`` with the weights of
+            ``weights_path`` loaded; called only when the entry is missing, so a
+            cache hit builds no network.
         cfg: its YolactConfig.
         weights_path: the file those weights came from (its bytes enter the key).
         cache_dir: default :func:`default_cache_dir`.
@@ -265,7 +267,7 @@ def cached_export(net, cfg, weights_path, cache_dir=None, batch_size=1):
     except OSError as e:
         raise OutputError(f'cannot write the export cache {cache_dir}: {e.strerror}') from e
     try:
-        _save_static(net, cfg, os.path.join(stage, cfg.name), batch_size)
+        _save_static(load_net(), cfg, os.path.join(stage, cfg.name), batch_size)
         try:
             os.rename(stage, entry)
         except OSError:
@@ -434,14 +436,6 @@ class StaticYolact:
         logger.info('loaded exported %s from %s (%s%s)', self.meta['config'], path_prefix, device,
                     ', oneDNN' if device == 'cpu' and use_onednn else '')
 
-    @property
-    def config_name(self):
-        return self.meta['config']
-
-    @property
-    def max_size(self):
-        return self.meta['max_size']
-
     def __call__(self, x):
         return dict(zip(self.meta['outputs'], _run(self.predictor, x)))
 
@@ -486,14 +480,6 @@ class OnnxYolact:
             self.maskiou_net = ExportedMaskIoU(lambda masks: maskiou.run(None, {feed_name: masks})[0],
                                                self.meta['num_classes'])
         logger.info('loaded ONNX %s from %s (onnxruntime, CPU)', self.meta['config'], path_prefix)
-
-    @property
-    def config_name(self):
-        return self.meta['config']
-
-    @property
-    def max_size(self):
-        return self.meta['max_size']
 
     def __call__(self, x):
         array = x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)

@@ -79,8 +79,11 @@ def resolve_config(config_name=None, weights_path=None, record=None):
     return cfg
 
 
-def load_weights_file(net, path, cfg):
-    """Load a ``.pth`` (reference checkpoint, converted strictly for ``cfg``) or ``.pdparams`` into ``net``."""
+def load_weights_file(net, path, cfg, state=None):
+    """Load a ``.pth`` (reference checkpoint, converted strictly for ``cfg``) or ``.pdparams`` into ``net``.
+
+    state: the ``.pdparams`` state dict when the caller has read it already.
+    """
     if not os.path.isfile(path):
         raise MissingFileError(f'weights file not found: {path}')
     if path.endswith('.pth'):
@@ -88,8 +91,23 @@ def load_weights_file(net, path, cfg):
         load_weights(net, params)
         logger.info('%s', report.summary())
     else:
-        load_weights(net, read_state_dict(path))
+        load_weights(net, state if state is not None else read_state_dict(path))
         logger.info('loaded %s', path)
+
+
+def model_config(weights_path, config_name=None, state=None):
+    """The config of a weights file (see the module docstring), without building the network.
+
+    A ``.pdparams`` whose record names no classes is read (or ``state``, its
+    state dict, is used) for the class count its weights have.
+    """
+    if not os.path.isfile(weights_path):
+        raise MissingFileError(f'weights file not found: {weights_path}')
+    record = weights_record(weights_path)
+    cfg = resolve_config(config_name, weights_path, record)
+    if weights_path.endswith('.pdparams') and not (record or {}).get('class_names'):
+        cfg = _with_class_count_of(cfg, state if state is not None else read_state_dict(weights_path))
+    return cfg
 
 
 def load_model(weights_path, config_name=None, cfg=None):
@@ -98,7 +116,8 @@ def load_model(weights_path, config_name=None, cfg=None):
     Args:
         weights_path: a reference ``.pth`` or a ``.pdparams`` (converted, or a train.py checkpoint).
         config_name: overrides the config the weights' record or name gives.
-        cfg: use this config as it is (e.g. with a dataset's classes) instead of resolving one.
+        cfg: use this config as it is (e.g. :func:`model_config`'s, or with a dataset's classes)
+            instead of resolving one.
     Returns:
         (cfg, Yolact in eval mode).
     Raises:
@@ -106,12 +125,11 @@ def load_model(weights_path, config_name=None, cfg=None):
     """
     if not os.path.isfile(weights_path):
         raise MissingFileError(f'weights file not found: {weights_path}')
-    if cfg is None:
-        cfg = resolve_config(config_name, weights_path)
-        if weights_path.endswith('.pdparams') and not (weights_record(weights_path) or {}).get('class_names'):
-            cfg = _with_class_count_of(cfg, read_state_dict(weights_path))
+    # Read once: for the class count (when no record names the classes) and for the weights.
+    state = read_state_dict(weights_path) if weights_path.endswith('.pdparams') else None
+    cfg = cfg if cfg is not None else model_config(weights_path, config_name, state)
     net = Yolact.from_config(cfg)
-    load_weights_file(net, weights_path, cfg)
+    load_weights_file(net, weights_path, cfg, state)
     net.eval()
     return cfg, net
 
@@ -138,6 +156,10 @@ def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=Fals
     """
     meta = read_export_meta(path_prefix)
     cfg = resolve_config(config_name, record=meta)
+    exported, configured = (meta['max_size'], meta['num_classes']), (cfg.max_size, cfg.num_classes)
+    if exported != configured:
+        raise ConfigError(f'{path_prefix} was exported for {exported[0]}x{exported[0]} inputs and {exported[1] - 1} '
+                          f'classes; config {cfg.name} has {configured[0]}x{configured[0]} and {configured[1] - 1}')
     net = StaticYolact(path_prefix, device=device, use_tensorrt=use_tensorrt)
     return cfg, net
 

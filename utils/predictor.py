@@ -13,7 +13,7 @@ from layers.functions import Detect
 from layers.output_utils import PostProcess
 from utils.augmentations import FastBaseTransform
 from utils.inference import StaticYolact, cached_export
-from utils.model_loader import load_exported, load_model
+from utils.model_loader import load_exported, load_model, model_config
 from utils.runtime import select_device
 
 logger = logging.getLogger(__name__)
@@ -54,9 +54,11 @@ class Predictor:
         if weights_path is not None:
             config, weights = weights, weights_path
         device = select_device(device)
-        cfg, net = load_model(weights, config)
+        cfg = model_config(weights, config)
         if device == 'cpu' and not dygraph:
-            net = StaticYolact(cached_export(net, cfg, weights), device='cpu')
+            net = StaticYolact(cached_export(lambda: load_model(weights, cfg=cfg)[1], cfg, weights), device='cpu')
+        else:
+            net = load_model(weights, cfg=cfg)[1]
         self._setup(cfg, net, score_threshold, detect_overrides)
         logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 
