@@ -40,6 +40,7 @@ quiet_paddle_import()  # before the first import of paddle, here and in the Data
 from data.coco import COCOEvalImages, custom_dataset  # noqa: E402
 from data.config import DATASETS, coco_root_dataset  # noqa: E402
 from utils.augmentations import BaseTransform  # noqa: E402
+from utils.cli import add_coco_root_flag, add_data_loading_flags  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.evaluation import benchmark, evaluate  # noqa: E402
 from utils.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
@@ -84,9 +85,7 @@ def parse_args(argv=None):
     data.add_argument('--dataset', default=None, choices=sorted(DATASETS),
                       help="dataset to evaluate instead of the config's, e.g. coco2017_dataset, "
                            'coco2017_testdev_dataset (no ground truth: only writes the results files)')
-    data.add_argument('--coco_root', default=None, metavar='DIR',
-                      help='a COCO 2017 tree in the standard layout (train2017/, val2017/, test2017/, annotations/...) used for '
-                           'coco2017_dataset / coco2017_testdev_dataset instead of data/coco')
+    add_coco_root_flag(data)
     data.add_argument('--valid_images', default=None, help='custom COCO-format dataset: image folder')
     data.add_argument('--valid_info', default=None,
                       help='custom COCO-format dataset: annotation file (an image-info file without '
@@ -107,12 +106,7 @@ def parse_args(argv=None):
     data.add_argument('--log_dir', default='logs', help='folder of the saved mAP tables (eval_*.json)')
     data.add_argument('--num_workers', default=2, type=int,
                       help='DataLoader processes decoding and preprocessing images (0: in this process)')
-    data.add_argument('--shared_memory', default='auto', choices=('auto', 'on', 'off'),
-                      help='pass DataLoader batches through /dev/shm; auto: only when it has room for the '
-                           "workers' batches (AI Studio and Docker give 64 MB)")
-    data.add_argument('--strict', action='store_true',
-                      help='stop at the first bad annotation instead of skipping it (every bad entry is '
-                           'reported either way, counted by reason)')
+    add_data_loading_flags(data)
     data.add_argument('--benchmark', action='store_true',
                       help='time the dataset images (data wait, network, detect, postprocess) without '
                            'writing results or computing mAP')

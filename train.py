@@ -37,6 +37,7 @@ import paddle.distributed as dist  # noqa: E402
 
 from data.coco import custom_dataset  # noqa: E402
 from data.config import DATASETS, coco_root_dataset, get_config  # noqa: E402
+from utils.cli import add_coco_root_flag, add_data_loading_flags  # noqa: E402
 from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
@@ -61,12 +62,7 @@ def parse_args(argv=None):
     p.add_argument('--start_iter', default=-1, type=int,
                    help='iteration to resume at; -1 reads it from the checkpoint')
     p.add_argument('--num_workers', default=4, type=int, help='DataLoader worker processes')
-    p.add_argument('--shared_memory', default='auto', choices=('auto', 'on', 'off'),
-                   help='pass DataLoader batches through /dev/shm; auto: only when it has room for the '
-                        "workers' batches (AI Studio and Docker give 64 MB)")
-    p.add_argument('--strict', action='store_true',
-                   help='stop at the first bad annotation instead of skipping it (every bad entry is '
-                        'reported either way, counted by reason)')
+    add_data_loading_flags(p)
     p.add_argument('--lr', '--learning_rate', default=None, type=float,
                    help='initial learning rate (default: the config, scaled with the batch size)')
     p.add_argument('--momentum', default=None, type=float, help='SGD momentum (default: the config)')
@@ -90,9 +86,7 @@ def parse_args(argv=None):
     p.add_argument('--log_interval', default=10, type=int, help='iterations between console lines')
     p.add_argument('--dataset', default=None, choices=sorted(DATASETS),
                    help="a named dataset instead of the config's")
-    p.add_argument('--coco_root', default=None, metavar='DIR',
-                   help='a COCO 2017 tree in the standard layout (train2017/, val2017/, test2017/, annotations/...) used for '
-                        'coco2017_dataset / coco2017_testdev_dataset instead of data/coco')
+    add_coco_root_flag(p)
     p.add_argument('--train_images', help='custom dataset: training image folder')
     p.add_argument('--train_info', help='custom dataset: training COCO annotation file')
     p.add_argument('--valid_images', help='custom dataset: validation image folder')
