@@ -354,16 +354,28 @@ def test_max_detections_keeps_the_first_before_the_score_threshold():
     assert PostProcess()(det, 8, 8, max_detections=0)['masks'].shape == (0, 8, 8)
 
 
-@pytest.mark.parametrize('src, dst', [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))])
-def test_upsample_masks_equals_torch_bilinear_then_threshold(src, dst):
-    """cv2 plus the exact recomputation near 0.5 = PyTorch's F.interpolate + threshold, pixel for pixel."""
+UPSAMPLE_SIZES = [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))]
+
+
+def near_threshold_masks(src, dst):
+    """(soft masks [4, *src], PyTorch's bilinear upsampling of them to ``dst`` thresholded at 0.5).
+
+    Three of the four masks are near 0.5, where any difference of sample
+    positions or rounding flips pixels.
+    """
     torch = pytest.importorskip('torch')
     rng = np.random.default_rng(0)
-    # Values near the threshold, where cv2's own rounding alone would flip pixels.
     soft = rng.uniform(0.45, 0.55, (4,) + src).astype(np.float32)
     soft[0] = rng.uniform(0, 1, src)
     expected = torch.nn.functional.interpolate(torch.from_numpy(soft)[None], size=dst, mode='bilinear',
                                                align_corners=False)[0].numpy() > 0.5
+    return soft, expected
+
+
+@pytest.mark.parametrize('src, dst', UPSAMPLE_SIZES)
+def test_upsample_masks_equals_torch_bilinear_then_threshold(src, dst):
+    """cv2 plus the exact recomputation near 0.5 = PyTorch's F.interpolate + threshold, pixel for pixel."""
+    soft, expected = near_threshold_masks(src, dst)
     np.testing.assert_array_equal(upsample_masks(soft, *dst), expected)
 
 

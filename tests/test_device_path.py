@@ -13,7 +13,8 @@ from layers.functions.detection import (_max_iou_with_better, _max_iou_with_bett
                                         _top_k_by_rank)
 from layers.output_utils import PostProcess, upsample_masks, upsample_masks_device
 from tests.conftest import needs_reference
-from tests.test_detect import H, W, _assert_post_matches, _naive_nms, _preds, reference_run  # noqa: F401
+from tests.test_detect import (UPSAMPLE_SIZES, H, W, _assert_post_matches, _naive_nms, _preds,  # noqa: F401
+                               near_threshold_masks, reference_run)
 
 NMS_MODES = {'fast': dict(use_fast_nms=True), 'cross_class': dict(use_cross_class_nms=True),
              'traditional': dict(use_fast_nms=False)}
@@ -51,15 +52,9 @@ def test_max_iou_with_better_device_equals_numpy_and_torch():
     np.testing.assert_array_equal(actual, iou.triu(diagonal=1).max(dim=1)[0].numpy())
 
 
-@pytest.mark.parametrize('src, dst', [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))])
+@pytest.mark.parametrize('src, dst', UPSAMPLE_SIZES)
 def test_upsample_masks_device_equals_torch_and_the_host_path(src, dst):
-    torch = pytest.importorskip('torch')
-    rng = np.random.default_rng(0)
-    # Values near the threshold, where any difference of sample positions flips pixels.
-    soft = rng.uniform(0.45, 0.55, (4,) + src).astype(np.float32)
-    soft[0] = rng.uniform(0, 1, src)
-    expected = torch.nn.functional.interpolate(torch.from_numpy(soft)[None], size=dst, mode='bilinear',
-                                               align_corners=False)[0].numpy() > 0.5
+    soft, expected = near_threshold_masks(src, dst)
     actual = upsample_masks_device(paddle.to_tensor(soft), *dst)
     assert actual.dtype == paddle.bool
     np.testing.assert_array_equal(actual.numpy(), expected)
