@@ -162,33 +162,99 @@ def upsample_masks(masks, h, w, threshold=0.5):
 
     masks: [N, S, S] float32 in [0, 1] -> [N, h, w] bool, True where the
     bilinear upsampling (align_corners=False, the reference's F.interpolate)
-    is above ``threshold``. cv2.resize does the bulk of the work (an order of
-    magnitude faster than Paddle's CPU kernel on 100 masks); the few pixels it
-    leaves within _THRESHOLD_MARGIN of the threshold are recomputed with the
-    exact sample positions and weights (utils.augmentations.linear_taps,
-    width first as PyTorch), so the result does not depend on cv2's rounding.
+    is above ``threshold``.
+
+    Cropped masks are zero outside their box, and an output pixel whose four
+    taps are all zero is exactly zero, so only each mask's window (the output
+    pixels whose taps reach its non-zero rows and columns) is computed: a
+    small window exactly, from utils.augmentations.linear_taps (positions
+    and weights as PyTorch, width first); a large one with cv2.resize, an
+    order of magnitude faster per pixel than numpy, whose few pixels within
+    _THRESHOLD_MARGIN of the threshold are then recomputed exactly. Either
+    way the result does not depend on cv2's rounding.
     """
     n, src_h, src_w = masks.shape
-    out = np.empty((n, h, w), dtype=bool)
-    # Reused buffers: fresh image-sized arrays per mask would cost page faults.
-    soft = np.empty((h, w), np.float32)
-    band = np.empty((h, w), np.uint8)
+    out = np.zeros((n, h, w), dtype=bool)
+    if n == 0:
+        return out
+    taps_x, taps_y = linear_taps(src_w, w), linear_taps(src_h, h)
+    if threshold < 0:
+        # Zero is above the threshold: every pixel counts, whatever the mask.
+        windows = [(0, h, 0, w)] * n
+    else:
+        windows = _mask_windows(masks, taps_y, taps_x)
+    soft = None
     doubtful = []
-    for i in range(n):
+    for i, window in enumerate(windows):
+        if window is None:
+            continue                        # all zero: no pixel above a threshold >= 0
+        top, bottom, left, right = window
+        if (bottom - top) * (right - left) <= _EXACT_WINDOW_PIXELS:
+            values = _exact_window(masks[i], taps_y, taps_x, window)
+            np.greater(values, threshold, out=out[i, top:bottom, left:right])
+            continue
+        if soft is None:
+            # Reused buffers: fresh image-sized arrays per mask would cost page faults.
+            soft = np.empty((h, w), np.float32)
+            band = np.empty((h, w), np.uint8)
         cv2.resize(masks[i], (w, h), dst=soft, interpolation=cv2.INTER_LINEAR)
-        np.greater(soft, threshold, out=out[i])
-        cv2.inRange(soft, threshold - _THRESHOLD_MARGIN, threshold + _THRESHOLD_MARGIN, dst=band)
-        if cv2.countNonZero(band):
-            cols, rows = cv2.findNonZero(band).reshape(-1, 2).T
-            doubtful.append((np.full(rows.size, i), rows, cols))
+        np.greater(soft[top:bottom, left:right], threshold, out=out[i, top:bottom, left:right])
+        near = band[top:bottom, left:right]
+        cv2.inRange(soft[top:bottom, left:right], threshold - _THRESHOLD_MARGIN, threshold + _THRESHOLD_MARGIN,
+                    dst=near)
+        if cv2.countNonZero(near):
+            cols, rows = cv2.findNonZero(near).reshape(-1, 2).T
+            doubtful.append((np.full(rows.size, i), rows + top, cols + left))
     if doubtful:
         idx, rows, cols = (np.concatenate(a) for a in zip(*doubtful))
-        x0, x1, wx0, wx1 = (a[cols] for a in linear_taps(src_w, w))
-        y0, y1, wy0, wy1 = (a[rows] for a in linear_taps(src_h, h))
-        top = masks[idx, y0, x0] * wx0 + masks[idx, y0, x1] * wx1
-        bottom = masks[idx, y1, x0] * wx0 + masks[idx, y1, x1] * wx1
-        out[idx, rows, cols] = top * wy0 + bottom * wy1 > threshold
+        x0, x1, wx0, wx1 = (a[cols] for a in taps_x)
+        y0, y1, wy0, wy1 = (a[rows] for a in taps_y)
+        upper = masks[idx, y0, x0] * wx0 + masks[idx, y0, x1] * wx1
+        lower = masks[idx, y1, x0] * wx0 + masks[idx, y1, x1] * wx1
+        out[idx, rows, cols] = upper * wy0 + lower * wy1 > threshold
     return out
+
+
+# Windows up to this many output pixels are computed in numpy, larger ones by
+# cv2.resize of the whole mask: the two cost the same near 1/8 of a 640x480 image.
+_EXACT_WINDOW_PIXELS = 40_000
+
+
+def _mask_windows(masks, taps_y, taps_x):
+    """Each mask's window: output (top, bottom, left, right), half-open, or None for an all-zero mask.
+
+    A window holds every output pixel with a tap on the mask's non-zero
+    bounding box. Taps are non-decreasing along each axis, so it is one
+    range of rows and one of columns.
+    """
+    nonzero = masks != 0
+    rows_used, cols_used = nonzero.any(axis=2), nonzero.any(axis=1)        # [N, S] each
+    windows = []
+    for rows, cols in zip(rows_used, cols_used):
+        if not rows.any():
+            windows.append(None)
+            continue
+        windows.append(_tap_range(rows, taps_y) + _tap_range(cols, taps_x))
+    return windows
+
+
+def _tap_range(used, taps):
+    """(first, end) output positions whose taps (i0 <= i1) reach the first..last True source position."""
+    i0, i1 = taps[0], taps[1]
+    first = int(np.argmax(used))
+    last = used.size - 1 - int(np.argmax(used[::-1]))
+    return int(np.searchsorted(i1, first, side='left')), int(np.searchsorted(i0, last, side='right'))
+
+
+def _exact_window(mask, taps_y, taps_x, window):
+    """One [S, S] mask's upsampled values in an output window, bit for bit the doubtful-pixel formula."""
+    top, bottom, left, right = window
+    x0, x1, wx0, wx1 = (a[left:right] for a in taps_x)
+    y0, y1, wy0, wy1 = (a[top:bottom] for a in taps_y)
+    first, last = y0[0], y1[-1] + 1
+    band = mask[first:last]
+    rows = band[:, x0] * wx0 + band[:, x1] * wx1                         # [last - first, right - left]
+    return rows[y0 - first] * wy0[:, None] + rows[y1 - first] * wy1[:, None]
 
 
 # Output pixels per chunk of the device upsampling: its float32 temporaries

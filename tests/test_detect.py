@@ -379,6 +379,43 @@ def test_upsample_masks_equals_torch_bilinear_then_threshold(src, dst):
     np.testing.assert_array_equal(upsample_masks(soft, *dst), expected)
 
 
+def cropped_masks(num, size, seed=0):
+    """Soft [num, size, size] masks near 0.5 inside random boxes and 0 outside, as PostProcess crops them.
+
+    The boxes range from one prototype pixel to the whole mask and include
+    boxes on each border; the last mask is all zero.
+    """
+    rng = np.random.default_rng(seed)
+    soft = np.zeros((num, size, size), np.float32)
+    for i in range(num - 1):
+        y1, y2 = np.sort(rng.integers(0, size + 1, 2))
+        x1, x2 = np.sort(rng.integers(0, size + 1, 2))
+        if i == 0:
+            y1, y2, x1, x2 = 0, size, 0, size
+        elif i == 1:
+            y1, y2, x1, x2 = 5, 6, size - 1, size
+        y2, x2 = max(y2, y1 + 1), max(x2, x1 + 1)
+        soft[i, y1:y2, x1:x2] = rng.uniform(0.45, 0.55, (y2 - y1, x2 - x1))
+    return soft
+
+
+@pytest.mark.parametrize('exact_window_pixels', [0, 40_000, 10 ** 9])
+def test_upsample_masks_of_cropped_masks_equals_torch(monkeypatch, exact_window_pixels):
+    """Windows computed exactly or by cv2 (forced both ways and mixed) = PyTorch's upsampling + threshold."""
+    torch = pytest.importorskip('torch')
+    monkeypatch.setattr('layers.output_utils._EXACT_WINDOW_PIXELS', exact_window_pixels)
+    soft = cropped_masks(40, 138)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(soft)[None], size=(480, 640), mode='bilinear',
+                                               align_corners=False)[0].numpy()
+    np.testing.assert_array_equal(upsample_masks(soft, 480, 640), expected > 0.5)
+    # A threshold below 0 counts the zeros outside the boxes too.
+    np.testing.assert_array_equal(upsample_masks(soft, 480, 640, threshold=-0.1), expected > -0.1)
+
+
+def test_upsample_masks_of_no_masks():
+    assert upsample_masks(np.zeros((0, 138, 138), np.float32), 48, 64).shape == (0, 48, 64)
+
+
 def test_crop_in_place_equals_box_utils_crop():
     rng = np.random.default_rng(0)
     corners = rng.uniform(-0.1, 1.1, (50, 4)).astype(np.float32)

@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from layers.functions import Detect
-from layers.functions.detection import (_max_iou_with_better, _max_iou_with_better_device, _rank_keys,
+from layers.functions.detection import (_best_pairs, _max_iou_with_better, _max_iou_with_better_device, _rank_keys,
                                         _top_k_by_rank)
 from layers.output_utils import PostProcess, upsample_masks, upsample_masks_device
 from tests.conftest import needs_reference
@@ -98,6 +98,57 @@ def test_device_detect_equals_host_detect_on_random_boxes(mode):
         expected = _naive_nms(boxes, conf, mode == 'fast', nms_thresh=0.5, top_k=40, conf_thresh=0.05,
                               max_num=30, max_size=550)
         assert [(a, c, round(s, 6)) for a, c, s in _detections(device)] == expected
+
+
+def _random_boxes(rng, n):
+    xy = rng.uniform(0, 0.7, size=(n, 2))
+    return np.concatenate([xy, xy + rng.uniform(0.05, 0.3, size=(n, 2))], axis=1)
+
+
+def _fast_nms_case(name):
+    """(boxes [P, 4], conf [P, C], top_k, max_num_detections) of one case of the block test."""
+    rng = np.random.default_rng(3)
+    if name == 'late survivors':
+        # 290 near-identical boxes outscore 10 small disjoint ones far away: each
+        # class keeps its best clustered box and all 10 far ones, which come after
+        # its 290 suppressed boxes: the blocks grow until every pair is examined.
+        boxes = np.concatenate([0.5 + rng.uniform(0, 0.002, (290, 4)) * [1, 1, 1, 1] + [0, 0, 0.3, 0.3],
+                                np.stack([np.arange(10) * 0.04, np.zeros(10), np.arange(10) * 0.04 + 0.03,
+                                          np.full(10, 0.03)], axis=1)])
+        conf = np.concatenate([rng.uniform(0.5, 0.9, (290, 6)), rng.uniform(0.06, 0.1, (10, 6))])
+        return boxes, conf, 300, 100
+    n, num_classes, top_k, max_num = {'busy image': (600, 21, 200, 100), 'tied scores': (400, 9, 50, 60),
+                                      'fewer anchors than top_k': (20, 5, 200, 100)}[name]
+    conf = rng.dirichlet(np.full(num_classes, 0.3), size=n)
+    if name == 'tied scores':
+        conf = np.round(conf * 16) / 16        # ties inside and across every cut
+    return _random_boxes(rng, n), conf, top_k, max_num
+
+
+@pytest.mark.parametrize('count', [1, 7, 40, 119, 120])
+def test_best_pairs_are_the_head_of_a_full_stable_sort(count):
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 5, size=(4, 30)).astype(np.float32) / 4     # ties everywhere
+    expected = np.argsort(-scores.ravel(), kind='stable')[:count]        # class-major flat positions
+    classes, candidates = _best_pairs(scores, scores.max(axis=0), count)
+    np.testing.assert_array_equal(classes * 30 + candidates, expected)
+
+
+@pytest.mark.parametrize('case', ['busy image', 'tied scores', 'fewer anchors than top_k', 'late survivors'])
+def test_host_fast_nms_by_blocks_equals_the_full_rule(case):
+    """The host path examines the best pairs in blocks; the device path computes every class's full IoU matrix."""
+    boxes, conf, top_k, max_num = _fast_nms_case(case)
+    preds = _preds(boxes.astype(np.float32), conf.astype(np.float32))
+    args = dict(num_classes=conf.shape[1], top_k=top_k, conf_thresh=0.05, nms_thresh=0.5,
+                max_num_detections=max_num)
+    host = _detections(Detect(**args, backend='host')(preds)[0])
+    assert host == _detections(Detect(**args, backend='device')(preds)[0])
+    if case == 'late survivors':
+        assert len(host) == 5 + 5 * 10 and {a for a, _, _ in host[5:]} == set(range(290, 300))
+    elif case == 'fewer anchors than top_k':
+        assert 0 < len(host) <= 20 * 4          # fewer pairs than max_num_detections
+    else:
+        assert len(host) == max_num
 
 
 @pytest.mark.parametrize('mode', sorted(NMS_MODES))

@@ -125,23 +125,46 @@ class Detect:
                 'coeffs': paddle.gather(coeffs, idx)}
 
     def _fast_nms(self, boxes, scores):
-        """boxes [M, 4], scores [C-1, M] -> (candidate index [D], class [D], score [D])."""
+        """boxes [M, 4], scores [C-1, M] -> (candidate index [D], class [D], score [D]).
+
+        The rule needs every class's [top_k, top_k] IoU matrix, but only the
+        max_num_detections best survivors are kept, and whether a (class,
+        candidate) pair survives depends only on the better pairs of its
+        class. So the pairs are examined best first, in blocks: the T best of
+        all pairs (for each class, its T_c best), T growing until enough of
+        them survive or every pair within the top_k of its class has been
+        seen. Each pair gets the IoUs _max_iou_with_better would give it,
+        from its class's [T_c, T_c] matrix, so the result is the full rule's;
+        a busy image needs one block of 4 * max_num_detections pairs.
+        """
+        scores = scores.numpy()
+        boxes = boxes.numpy()
         num_classes, num_candidates = scores.shape
         k = min(self.top_k, num_candidates)
-        order = _top_k_desc(scores, k)                                 # [C-1, k]
-        scores = paddle.take_along_axis(scores, order, axis=1)
-        class_boxes = paddle.gather(boxes, order.flatten()).reshape([num_classes, k, 4])
-
-        # A box's worst overlap with any better box of its class.
-        keep = paddle.to_tensor((_max_iou_with_better(class_boxes.numpy()) <= self.nms_thresh).ravel())
-
-        # Survivors in class-major order, then the best of all classes.
-        flat = paddle.nonzero(keep).flatten()
-        scores = paddle.gather(scores.flatten(), flat)
-        best = _argsort_desc(scores, axis=0)[:self.max_num_detections]
-        flat = paddle.gather(flat, best)
-        return (paddle.gather(order.flatten(), flat), flat // k,
-                paddle.gather(scores, best))
+        best_of_candidate = scores.max(axis=0)
+        count = 4 * self.max_num_detections
+        while True:
+            count = min(count, num_classes * num_candidates)
+            classes, candidates = _best_pairs(scores, best_of_candidate, count)
+            # A pair's rank in its class is the number of its class's pairs before it.
+            by_class = np.argsort(classes, kind='stable')
+            starts = np.searchsorted(classes[by_class], np.arange(num_classes + 1))
+            rank = np.empty(count, np.int64)
+            rank[by_class] = np.arange(count) - np.repeat(starts[:-1], np.diff(starts))
+            survives = rank < k
+            for c in np.flatnonzero(np.diff(starts)):
+                pairs = by_class[starts[c]:starts[c + 1]][:k]           # class c's best, in rank order
+                worst = _max_iou_with_better(boxes[candidates[pairs]][None])[0]
+                survives[pairs] &= worst <= self.nms_thresh
+            survivors = np.flatnonzero(survives)
+            examined = np.minimum(np.diff(starts), k).sum()
+            if (survivors.size >= self.max_num_detections or count == num_classes * num_candidates
+                    or examined == num_classes * k):
+                break
+            count *= 4
+        survivors = survivors[:self.max_num_detections]
+        return (paddle.to_tensor(candidates[survivors]), paddle.to_tensor(classes[survivors]),
+                paddle.to_tensor(scores[classes[survivors], candidates[survivors]]))
 
     def _cc_fast_nms(self, boxes, scores):
         """Fast NMS over each candidate's best class only; at most top_k results, best first."""
@@ -254,6 +277,27 @@ class Detect:
         # Data-dependent size: one synchronisation (fewer survivors than steps).
         kept = paddle.gather(picks, paddle.nonzero(picks < num_pairs).flatten())
         return paddle.gather(idx, kept), paddle.gather(classes, kept), paddle.gather(pair_scores, kept)
+
+def _best_pairs(scores, best_of_candidate, count):
+    """The ``count`` best (class, candidate) pairs of ``scores`` [C, M] numpy, best first.
+
+    Order: score descending, ties by class then candidate (the flat position
+    in Fast NMS's class-major layout). best_of_candidate [M] is scores.max(0):
+    a pair among the ``count`` best has a candidate among the ``count`` best
+    by that (each better candidate has a better pair), so only those
+    candidates' columns are sorted. Returns (classes [count], candidates
+    [count]) int64.
+    """
+    num_classes, num_candidates = scores.shape
+    columns = np.arange(num_candidates)
+    if count < num_candidates:
+        cut = np.partition(best_of_candidate, num_candidates - count)[num_candidates - count]
+        columns = np.flatnonzero(best_of_candidate >= cut)
+    block = scores[:, columns]
+    # A stable sort of the negated scores keeps the class-major order of ties.
+    order = np.argsort(-block.ravel(), kind='stable')[:count]
+    return order // columns.size, columns[order % columns.size]
+
 
 def _argsort_desc(x, axis):
     """Descending argsort; equal values keep their index order (the module's tie rule)."""
