@@ -17,8 +17,7 @@ What is checked (one reason string per kind, the keys of ``report.counts``):
   (``MISSING_FILE``). A dropped image takes its annotations with it;
 * annotations: a dict with an id not seen before (``BAD_ANNOTATION``), an
   ``image_id`` of a listed image (``UNKNOWN_IMAGE``), a listed ``category_id``
-  (``UNKNOWN_CATEGORY``) the label map knows when one is given
-  (``NOT_IN_LABEL_MAP``), a bbox of 4 finite numbers with width and height > 0
+  (``UNKNOWN_CATEGORY``), a bbox of 4 finite numbers with width and height > 0
   (``BAD_BBOX``), ``iscrowd`` 0 or 1 (``BAD_ISCROWD``), and a segmentation that
   is a non-empty list of polygons (``EMPTY_SEGMENTATION``), each an even number
   >= 6 of finite numbers (``SHORT_POLYGON``, ``BAD_POLYGON``), or an RLE dict
@@ -30,6 +29,10 @@ What is checked (one reason string per kind, the keys of ``report.counts``):
 
 By default bad entries are skipped with ONE warning listing counts by reason and
 the first ids; ``strict=True`` raises DatasetError with the same summary.
+
+With a label map (classes chosen with --class_names, or a model's classes),
+annotations of the listed categories it leaves out are not bad entries: they
+are dropped and counted in ``report.unselected``, logged on one info line.
 """
 import json
 import logging
@@ -49,7 +52,6 @@ MISSING_FILE = 'missing image file'
 BAD_ANNOTATION = 'annotation entry that is not a dict with a new id'
 UNKNOWN_IMAGE = 'unknown image_id'
 UNKNOWN_CATEGORY = 'unknown category_id'
-NOT_IN_LABEL_MAP = 'category_id not in the label map'
 BAD_BBOX = 'bbox not 4 finite numbers with w, h > 0'
 BAD_ISCROWD = 'iscrowd not 0/1'
 EMPTY_SEGMENTATION = 'empty segmentation'
@@ -69,13 +71,16 @@ class ValidationReport:
 
     counts: {reason: number of dropped entries}; examples: {reason: the first
     MAX_EXAMPLES image ids (image reasons) or annotation ids (annotation
-    reasons)}; data: the cleaned json dict (bad entries and the annotations of
-    dropped images removed; other keys untouched).
+    reasons)}; data: the cleaned json dict (bad entries, the annotations of
+    dropped images and those of categories outside the label map removed;
+    other keys untouched); unselected: {category_id: number of its
+    annotations dropped for being outside the label map}.
     """
     source: str
     data: dict
     counts: dict = field(default_factory=dict)
     examples: dict = field(default_factory=dict)
+    unselected: dict = field(default_factory=dict)
 
     @property
     def ok(self):
@@ -264,7 +269,7 @@ def _segmentation_problem(seg, height, width):
     return None
 
 
-def _annotation_problem(ann, images, categories, label_map):
+def _annotation_problem(ann, images, categories):
     """The reason annotation ``ann`` (a dict with an id) is unusable, or None."""
     image = images.get(ann.get('image_id')) if _is_int(ann.get('image_id')) else None
     if image is None:
@@ -272,8 +277,6 @@ def _annotation_problem(ann, images, categories, label_map):
     category = ann.get('category_id')
     if not _is_int(category) or category not in categories:
         return UNKNOWN_CATEGORY
-    if label_map is not None and category not in label_map:
-        return NOT_IN_LABEL_MAP
     bbox = ann.get('bbox')
     if not (isinstance(bbox, list) and len(bbox) == 4 and _finite_sum(bbox) and bbox[2] > 0 and bbox[3] > 0):
         return BAD_BBOX
@@ -325,7 +328,12 @@ def check_coco(data, source='', image_dir=None, label_map=None, check_files=Fals
             ann_ids.add(ann_id)
             if _is_int(ann.get('image_id')) and ann['image_id'] in dropped_images:
                 continue  # counted with its image
-            reason = _annotation_problem(ann, images, categories, label_map)
+            category = ann.get('category_id')
+            if label_map is not None and category in categories and category not in label_map:
+                # Not a class being trained or scored: dropped unchecked.
+                report.unselected[category] = report.unselected.get(category, 0) + 1
+                continue
+            reason = _annotation_problem(ann, images, categories)
             if reason == _CHECK_RLE_STRING:
                 rle_strings.append(len(kept))
             elif reason is not None:
@@ -353,6 +361,11 @@ def validate_coco(info_file, image_dir=None, label_map=None, check_files=False, 
     :func:`load_annotations`). Other arguments as :func:`check_coco`.
     """
     report = check_coco(load_annotations(info_file), info_file, image_dir, label_map, check_files)
+    if report.unselected:
+        ids = sorted(report.unselected)
+        logger.info('%s: %d annotations of %d categories outside the classes ignored (category ids %s)',
+                    info_file, sum(report.unselected.values()), len(ids),
+                    ', '.join(map(str, ids[:10])) + (' ...' if len(ids) > 10 else ''))
     if not report.ok:
         if strict:
             raise DatasetError(f'bad entries in {report.summary()}')

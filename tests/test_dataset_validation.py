@@ -1,4 +1,5 @@
 """Dataset validation (data/validation.py), hang-free loading errors, the quiet Paddle import, empty-GT loss."""
+import collections
 import json
 import logging
 import os
@@ -133,14 +134,20 @@ def test_each_bad_entry_is_counted_named_skipped_or_refused(kind, dataset, tmp_p
     assert oks.count(False) == (reason == V.MISSING_FILE)
 
 
-def test_label_map_limits_the_categories(dataset, tmp_path):
+def test_label_map_limits_the_categories_without_calling_the_others_bad(dataset, tmp_path, caplog):
+    """Classes chosen with --class_names: other categories' annotations are ignored, even with --strict."""
     image_dir, info = dataset
+    info['annotations'][0]['bbox'] = [0, 0, -1, 5]      # a bad entry of an ignored category is not reported
+    info['annotations'][0]['category_id'] = 3
     info_file = write_json(info, tmp_path / 'a.json')
-    expected = [a['id'] for a in info['annotations'] if a['category_id'] not in (1, 2)]
-    assert expected
-    report = V.validate_coco(info_file, label_map={1: 1, 2: 2})
-    assert report.counts == {V.NOT_IN_LABEL_MAP: len(expected)}
-    assert report.examples[V.NOT_IN_LABEL_MAP] == expected[:V.MAX_EXAMPLES]
+    others = collections.Counter(a['category_id'] for a in info['annotations'] if a['category_id'] not in (1, 2))
+    assert others
+    with caplog.at_level(logging.INFO, logger='data.validation'):
+        report = V.validate_coco(info_file, label_map={1: 1, 2: 2}, strict=True)
+    assert report.ok and report.unselected == dict(others)
+    assert [r.levelname for r in caplog.records] == ['INFO']
+    assert f'{sum(others.values())} annotations of {len(others)} categories outside the classes ignored' \
+        in caplog.text
     assert {a['category_id'] for a in report.data['annotations']} == {1, 2}
     ds = COCODetection(image_dir, info_file, label_map={1: 1, 2: 2})
     assert all(set(ds[i][1][0][:, 4].tolist()) <= {0, 1} for i in range(len(ds)))
