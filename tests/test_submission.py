@@ -154,6 +154,31 @@ def test_check_submission_names_each_bad_detection(tmp_path, info_file, kind, ho
     assert f'[FAIL] {expected}:' in report.format()
 
 
+def test_check_submission_streams_the_zip(tmp_path, info_file, monkeypatch):
+    """A server zip as make_submission writes it is checked record by record, RLEs in small batches."""
+    _write_results(tmp_path / 'results', {i: 3 for i in ALL_IDS})
+    zips = write_submission(str(tmp_path / 'results'), 'myalg', info_file, str(tmp_path / 'out'))
+    monkeypatch.setattr('utils.submission._RleCheck.BATCH', 4)
+    load = json.load
+    monkeypatch.setattr('json.load', lambda f, **k: load(f, **k) if getattr(f, 'name', None) == info_file
+                        else pytest.fail('a results file was loaded whole'))
+    for kind in ('bbox', 'segm'):
+        report = check_submission(zips[kind], info_file)
+        assert report.ok and report.kind == kind, report.format()
+    # A bad mask in a later batch is still found and counted once.
+    member = NAME + '.json'
+    with zipfile.ZipFile(zips['segm']) as zf:
+        lines = zf.read(member).decode().split('\n')
+    record = json.loads(lines[30].rstrip(','))
+    record['segmentation']['counts'] = record['segmentation']['counts'][:-2]
+    lines[30] = json.dumps(record) + ','
+    spoiled = str(tmp_path / NAME) + '.zip'
+    with zipfile.ZipFile(spoiled, 'w') as zf:
+        zf.writestr(member, '\n'.join(lines))
+    report = check_submission(spoiled, info_file)
+    assert report.failed() == ['segmentation'] and '1 masks do not decode' in report.format(), report.format()
+
+
 def test_check_submission_counts_empty_images(tmp_path, info_file):
     _, masks = _good(np.random.default_rng(0))
     report = check_submission(_zip(tmp_path / (NAME + '.zip'), masks), info_file)

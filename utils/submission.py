@@ -18,6 +18,7 @@ test-dev image ids (``image_info_test-dev2017.json``); ``test2017/`` holds
 40,670 images, so results of the whole folder are filtered.
 """
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -74,7 +75,16 @@ def iter_records(path):
     """
     if not os.path.isfile(path):
         raise MissingFileError(f'results file not found: {path}')
-    with open(path) as f:
+    yield from _records(lambda: open(path, encoding='utf-8'), path)
+
+
+def _records(open_text, name):
+    """Records of the JSON array in the text stream ``open_text()`` opens (see iter_records).
+
+    Raises DatasetError naming ``name`` when it is not a JSON array (the
+    elements are yielded as they are, dicts or not).
+    """
+    with open_text() as f:
         if f.readline().strip() == '[':
             yielded = 0
             for n, line in enumerate(f, start=2):
@@ -87,19 +97,19 @@ def iter_records(path):
                     record = json.loads(line)
                 except ValueError as e:
                     if yielded:
-                        raise DatasetError(f'{path}, line {n}: not a results record ({e})') from e
+                        raise DatasetError(f'{name}, line {n}: not a results record ({e})') from e
                     break   # not one record per line: read it whole below
                 yielded += 1
                 yield record
             else:
-                raise DatasetError(f'{path}: the JSON array is not closed (an interrupted evaluation?)')
+                raise DatasetError(f'{name}: the JSON array is not closed (an interrupted evaluation?)')
     try:
-        with open(path) as f:
+        with open_text() as f:
             records = json.load(f)
     except ValueError as e:
-        raise DatasetError(f'{path}: not a JSON array of results ({e})') from e
+        raise DatasetError(f'{name}: not a JSON array of results ({e})') from e
     if not isinstance(records, list):
-        raise DatasetError(f'{path}: not a JSON array of results')
+        raise DatasetError(f'{name}: not a JSON array of results')
     yield from records
 
 
@@ -211,41 +221,49 @@ class SubmissionReport:
         return '\n'.join(lines)
 
 
-def _check_rles(image_rles, sizes):
-    """Count the segmentations that do not decode to their image's size; returns (count, first few described).
+class _RleCheck:
+    """Counts the segmentations that do not decode to their image's size, fed one at a time.
 
-    The compressed strings are decoded together, vectorised, by
-    data.validation.rle_strings_valid (a full test-dev segm file holds ~2M).
+    The compressed strings are decoded in batches of BATCH, vectorised, by
+    data.validation.rle_strings_valid: a full test-dev segm file holds ~2M,
+    and memory stays flat.
     """
-    bad, examples = 0, []
+    BATCH = 50_000
 
-    def report(image_id, problem):
-        nonlocal bad
-        bad += 1
-        if len(examples) < 3:
-            examples.append(f'image {image_id}: {problem}')
+    def __init__(self, sizes):
+        self.sizes = sizes
+        self.bad = 0
+        self.examples = []
+        self._strings, self._areas, self._owners = [], [], []
 
-    strings, areas, owners = [], [], []
-    for image_id, rles in image_rles.items():
-        height, width = sizes[image_id]
-        for rle in rles:
-            try:
-                size = [int(v) for v in rle['size']]
-            except (KeyError, TypeError, ValueError):
-                report(image_id, 'no [height, width] size')
-                continue
-            if size != [height, width]:
-                report(image_id, f'size {size} != image {[height, width]}')
-            elif not isinstance(rle.get('counts'), str):
-                report(image_id, 'counts is not a compressed RLE string')
-            else:
-                strings.append(rle['counts'])
-                areas.append(height * width)
-                owners.append(image_id)
-    for image_id, valid in zip(owners, rle_strings_valid(strings, areas)):
-        if not valid:
-            report(image_id, 'the runs do not cover the image exactly (malformed or of another size)')
-    return bad, examples
+    def _report(self, image_id, problem):
+        self.bad += 1
+        if len(self.examples) < 3:
+            self.examples.append(f'image {image_id}: {problem}')
+
+    def add(self, image_id, rle):
+        height, width = self.sizes[image_id]
+        try:
+            size = [int(v) for v in rle['size']]
+        except (KeyError, TypeError, ValueError):
+            self._report(image_id, 'no [height, width] size')
+            return
+        if size != [height, width]:
+            self._report(image_id, f'size {size} != image {[height, width]}')
+        elif not isinstance(rle.get('counts'), str):
+            self._report(image_id, 'counts is not a compressed RLE string')
+        else:
+            self._strings.append(rle['counts'])
+            self._areas.append(height * width)
+            self._owners.append(image_id)
+            if len(self._strings) >= self.BATCH:
+                self.flush()
+
+    def flush(self):
+        for image_id, valid in zip(self._owners, rle_strings_valid(self._strings, self._areas)):
+            if not valid:
+                self._report(image_id, 'the runs do not cover the image exactly (malformed or of another size)')
+        self._strings, self._areas, self._owners = [], [], []
 
 
 def _finite(values):
@@ -284,51 +302,25 @@ def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS
                        f'contains {members}' + ('' if members == [stem + '.json'] else f', expected [{stem}.json]'))
             if not members:
                 return report
-            with zf.open(members[0]) as f:
-                records = json.load(f)
+            tally = _tally_records(_records(lambda: io.TextIOWrapper(zf.open(members[0]), encoding='utf-8'),
+                                            members[0]), images, categories)
     except zipfile.BadZipFile as e:
         report.add('json', False, f'not a zip file ({e})')
         return report
-    except ValueError as e:
+    except (DatasetError, UnicodeDecodeError) as e:
         report.add('json', False, f'not valid JSON ({e})')
         return report
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+    if tally is None:
         report.add('json', False, 'not a JSON array of objects')
         return report
-    has_seg = sum('segmentation' in r for r in records)
-    has_box = sum('bbox' in r for r in records)
-    kind = 'segm' if has_seg else 'bbox'
+    kind, count, incomplete, mixed = tally['kind'], tally['records'], tally['incomplete'], tally['mixed']
     report.kind = kind
-    required = {'image_id', 'category_id', 'score', 'segmentation' if kind == 'segm' else 'bbox'}
-    incomplete = sum(not required <= r.keys() for r in records)
-    mixed = has_seg and has_box < len(records) and has_seg < len(records)
-    report.add('json', not incomplete and not mixed and records,
-               f'{len(records)} {kind} records' + (f', {incomplete} missing one of {sorted(required)}'
-                                                   if incomplete else '')
-               + (', bbox and segm records mixed' if mixed else '') + ('' if records else ', empty'))
-    records = [r for r in records if required <= r.keys()]
-
-    per_image, foreign_ids, foreign = defaultdict(int), set(), 0
-    bad_cats, bad_scores, bad_boxes = defaultdict(int), 0, 0
-    image_rles = defaultdict(list)
-    for r in records:
-        try:
-            image_id = int(r['image_id'])
-        except (TypeError, ValueError):
-            image_id = None
-        if image_id not in images:
-            foreign += 1
-            foreign_ids.add(r['image_id'])
-        else:
-            per_image[image_id] += 1
-            if kind == 'segm':
-                image_rles[image_id].append(r['segmentation'])
-        if r['category_id'] not in categories or isinstance(r['category_id'], bool):
-            bad_cats[r['category_id']] += 1
-        if not _finite([r['score']]):
-            bad_scores += 1
-        if kind == 'bbox' and not (isinstance(r['bbox'], list) and len(r['bbox']) == 4 and _finite(r['bbox'])):
-            bad_boxes += 1
+    report.add('json', not incomplete and not mixed and count,
+               f'{count} {kind} records' + (f', {incomplete} missing one of {sorted(_required(kind))}'
+                                            if incomplete else '')
+               + (', bbox and segm records mixed' if mixed else '') + ('' if count else ', empty'))
+    per_image, foreign_ids, foreign = tally['per_image'], tally['foreign_ids'], tally['foreign']
+    bad_cats, bad_scores, bad_boxes = tally['bad_cats'], tally['bad_scores'], tally['bad_boxes']
 
     report.add('foreign ids', not foreign,
                f'{foreign} detections on {len(foreign_ids)} image ids not in the info file '
@@ -351,8 +343,60 @@ def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS
         report.add('bbox', not bad_boxes,
                    f'{bad_boxes} boxes are not 4 finite numbers' if bad_boxes else 'all 4 finite numbers')
     else:
-        bad, examples = _check_rles(image_rles, images)
-        report.add('segmentation', not bad,
-                   f'{bad} masks do not decode to their image size ({"; ".join(examples)})' if bad
+        rles = tally['rles']
+        report.add('segmentation', not rles.bad,
+                   f'{rles.bad} masks do not decode to their image size ({"; ".join(rles.examples)})' if rles.bad
                    else 'every RLE decodes to its image size')
     return report
+
+
+def _required(kind):
+    return {'image_id', 'category_id', 'score', 'segmentation' if kind == 'segm' else 'bbox'}
+
+
+def _tally_records(records, images, categories):
+    """One pass over a results array's records, keeping counts only (memory stays flat).
+
+    The kind (segm or bbox) is the first record's. Returns None when an
+    element is not a JSON object, else a dict: 'kind', 'records',
+    'incomplete' (records missing a required key; not checked further),
+    'mixed' (records of the other kind), 'per_image' {image_id: count},
+    'foreign' / 'foreign_ids' (records on, and ids of, images not in the info
+    file), 'bad_cats' {category_id: count}, 'bad_scores', 'bad_boxes', and
+    'rles' (a flushed _RleCheck; segm only).
+    """
+    tally = dict(kind=None, records=0, incomplete=0, mixed=0, per_image=defaultdict(int), foreign=0,
+                 foreign_ids=set(), bad_cats=defaultdict(int), bad_scores=0, bad_boxes=0, rles=_RleCheck(images))
+    for r in records:
+        if not isinstance(r, dict):
+            return None
+        if tally['kind'] is None:
+            tally['kind'] = 'segm' if 'segmentation' in r else 'bbox'
+            required = _required(tally['kind'])
+        kind = tally['kind']
+        tally['records'] += 1
+        tally['mixed'] += ('segmentation' in r) != (kind == 'segm')
+        if not required <= r.keys():
+            tally['incomplete'] += 1
+            continue
+        try:
+            image_id = int(r['image_id'])
+        except (TypeError, ValueError):
+            image_id = None
+        if image_id not in images:
+            tally['foreign'] += 1
+            tally['foreign_ids'].add(r['image_id'] if isinstance(r['image_id'], (int, str)) else str(r['image_id']))
+        else:
+            tally['per_image'][image_id] += 1
+            if kind == 'segm':
+                tally['rles'].add(image_id, r['segmentation'])
+        if r['category_id'] not in categories or isinstance(r['category_id'], bool):
+            tally['bad_cats'][r['category_id'] if isinstance(r['category_id'], (int, str)) else
+                              str(r['category_id'])] += 1
+        if not _finite([r['score']]):
+            tally['bad_scores'] += 1
+        if kind == 'bbox' and not (isinstance(r['bbox'], list) and len(r['bbox']) == 4 and _finite(r['bbox'])):
+            tally['bad_boxes'] += 1
+    tally['rles'].flush()
+    tally['kind'] = tally['kind'] or 'bbox'
+    return tally
