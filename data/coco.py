@@ -50,13 +50,27 @@ __all__ = ['COCODetection', 'COCOEvalImages', 'SampleError', 'check_batches', 'c
            'detection_collate', 'eval_collate', 'image_file', 'load_coco', 'read_image']
 
 
-def read_image(path):
-    """[H, W, 3] BGR uint8. Raises MissingFileError / UnreadableFileError (both OSError) naming ``path``."""
+def read_image(path, size=None):
+    """[H, W, 3] BGR uint8, turned upright by its EXIF orientation (as the reference's cv2.imread).
+
+    size: the (height, width) the info file gives, when the pixels must match
+    its annotations. A photo whose EXIF orientation turns it sideways but whose
+    stored pixels have that size was annotated as stored: the stored pixels are
+    returned. Raises MissingFileError / UnreadableFileError (both OSError)
+    naming ``path``; with ``size``, UnreadableFileError when neither
+    orientation has it.
+    """
     if not os.path.isfile(path):
         raise MissingFileError(f'image file not found: {path}')
     img = cv2.imread(path, cv2.IMREAD_COLOR)
     if img is None:
         raise UnreadableFileError(f'cannot decode image file (corrupt or not an image): {path}')
+    if size is not None and img.shape[:2] != tuple(size):
+        stored = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if stored is not None and stored.shape[:2] == tuple(size):
+            return stored
+        raise UnreadableFileError(f'{path} is {img.shape[1]}x{img.shape[0]} but its info file says '
+                                  f'{size[1]}x{size[0]}; its annotations would not fit')
     return img
 
 
@@ -279,15 +293,10 @@ class COCODetection(Dataset):
         return [a for a in anns if not a.get('iscrowd', 0)] + crowd, len(crowd)
 
     def _load(self, img_id):
-        path = image_file(self.root, self.coco.imgs[img_id]['file_name'])
-        img = read_image(path)
-        height, width, _ = img.shape
-        anns, num_crowds = self._annotations(img_id)
-
         info = self.coco.imgs[img_id]
-        if anns and (info.get('height'), info.get('width')) != (height, width):
-            raise ValueError(f'{path} is {width}x{height} but its info file says '
-                             f"{info.get('width')}x{info.get('height')}; its masks would not fit")
+        anns, num_crowds = self._annotations(img_id)
+        img = read_image(image_file(self.root, info['file_name']), (info['height'], info['width']) if anns else None)
+        height, width, _ = img.shape
         masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns \
             else np.zeros((0, height, width), dtype=np.uint8)
         xywh = np.array([a['bbox'] for a in anns], dtype=np.float32).reshape(-1, 4)
@@ -381,7 +390,8 @@ class COCOEvalImages(Dataset):
         info = self.coco.imgs[img_id]
         path = image_file(self.root, info['file_name'])
         try:
-            img = read_image(path)
+            # Detections are scored (and RLE-encoded for the server) at the info file's size.
+            img = read_image(path, (info['height'], info['width']))
         except OSError as err:
             logger.warning('skipping image %s: %s', img_id, err)
             side = self.transform.max_size

@@ -5,23 +5,25 @@ import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import textwrap
 
+import cv2
 import numpy as np
 import paddle
 import pytest
 from pycocotools import mask as mask_utils
 
 from data import validation as V
-from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches, detection_collate
+from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches, detection_collate, read_image
 from data.config import get_config
 from layers.modules.multibox_loss import MultiBoxLoss
 from tests.conftest import ROOT
 from tools.make_shapes_dataset import make_shapes_dataset
 from utils.augmentations import BaseTransform
-from utils.errors import DatasetError, MissingFileError
+from utils.errors import DatasetError, MissingFileError, UnreadableFileError
 
 SIDE = 64
 # A subprocess that hangs is killed after this many seconds; a clean run takes
@@ -212,6 +214,49 @@ def test_bad_image_entries(dataset, tmp_path):
     assert report.counts == {V.BAD_IMAGE: 3} and set(report.examples[V.BAD_IMAGE]) == dropped
     # Their annotations go with them without being counted again.
     assert all(a['image_id'] not in dropped for a in report.data['annotations'])
+
+
+def _with_exif_orientation(path, orientation):
+    """Insert an EXIF block with ``orientation`` (6: shown turned 90 degrees clockwise) into a JPEG file."""
+    with open(path, 'rb') as f:
+        data = f.read()
+    ifd = struct.pack('<H', 1) + struct.pack('<HHII', 0x0112, 3, 1, orientation) + struct.pack('<I', 0)
+    exif = b'Exif\x00\x00' + b'II*\x00' + struct.pack('<I', 8) + ifd
+    with open(path, 'wb') as f:
+        f.write(data[:2] + b'\xff\xe1' + struct.pack('>H', len(exif) + 2) + exif + data[2:])
+
+
+def test_a_sideways_photo_annotated_as_stored_is_read_as_stored(dataset, tmp_path, caplog):
+    """EXIF orientation is applied (the reference's cv2.imread) unless the annotations fit only the stored pixels."""
+    image_dir, info = dataset
+    image = info['images'][0]
+    image['width'], image['height'] = 60, 40
+    path = os.path.join(image_dir, image['file_name'])
+    stored = np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    cv2.imwrite(path, stored)
+    _with_exif_orientation(path, 6)
+    assert read_image(path).shape == (60, 40, 3)                   # shown upright
+    np.testing.assert_array_equal(read_image(path, (40, 60)), cv2.imread(path, cv2.IMREAD_COLOR
+                                                                          | cv2.IMREAD_IGNORE_ORIENTATION))
+    with pytest.raises(UnreadableFileError, match=re.escape(f'{path} is 40x60 but its info file says 50x50')):
+        read_image(path, (50, 50))
+    for ann in info['annotations']:
+        if ann['image_id'] == image['id']:
+            ann['segmentation'] = [[5, 5, 30, 5, 30, 20, 5, 20]]
+            ann['bbox'] = [5, 5, 25, 15]
+    info_file = write_json(info, tmp_path / 'a.json')
+    train = COCODetection(image_dir, info_file)
+    img, target, masks, height, width, _ = train.pull_item(train.ids.index(image['id']))
+    assert img.shape == (3, 40, 60) and masks.shape[1:] == (40, 60) and (height, width) == (40, 60)
+    # Evaluation: the image is scored at the info file's size; one that fits neither way is skipped, named.
+    transform = BaseTransform(32, get_config('yolact_base').backbone.transform)
+    evaluation = COCOEvalImages(image_dir, info_file, transform)
+    assert evaluation[evaluation.ids.index(image['id'])][2:] == (40, 60, True)
+    image['width'] = 61
+    evaluation = COCOEvalImages(image_dir, write_json(info, tmp_path / 'b.json'), transform)
+    with caplog.at_level(logging.WARNING):
+        assert evaluation[evaluation.ids.index(image['id'])][4] is False
+    assert f'{path} is 40x60 but its info file says 61x40' in caplog.text
 
 
 def test_rle_string_decoder_agrees_with_pycocotools():
