@@ -17,10 +17,12 @@ killed because the data reader raises an exception". So neither
 becomes a :class:`SampleError` record (image id, path, message, traceback),
 the collate passes it on as the batch, and :func:`check_batches`, wrapped
 around the loader in the main process, raises it as a DatasetError naming the
-image. Training stops at such an error (skipping would change the seeded
-schedule of the run, and validation already dropped missing files, so the
-image changed on disk or the transform failed); evaluation keeps skipping
-unreadable images (``ok=False``) and stops at any other error.
+image. An image file that cannot be read (gone since validation, which
+checks only that files exist, corrupt, or of another size than its info
+entry says) is skipped with a warning naming it: training takes the next
+image in its place (deterministically, so a resumed run sees the same
+stream), evaluation yields ``ok=False`` and does not score it. Any other
+error (e.g. a failing transform: perhaps a bug) stops the run.
 
 Ground-truth conventions (what the loss expects):
   * boxes are point form (x1, y1, x2, y2) relative to the image side;
@@ -273,17 +275,26 @@ class COCODetection(Dataset):
     def pull_item(self, index):
         """(img, target [n, 5], masks, height, width, num_crowds) of image ``index``.
 
-        height/width are the original image's. With ground truth, if the
-        augmentation leaves no non-crowd object (e.g. every box became too small),
-        the following images are tried in turn (the reference draws a random one).
+        height/width are the original image's. If the image file cannot be read
+        (logged as a warning), or with ground truth the augmentation leaves no
+        non-crowd object (e.g. every box became too small), the following
+        images are tried in turn (the reference draws a random one).
         """
+        unreadable = 0
         for offset in range(len(self.ids)):
-            sample = self._load(self.ids[(index + offset) % len(self.ids)])
+            img_id = self.ids[(index + offset) % len(self.ids)]
+            try:
+                sample = self._load(img_id)
+            except OSError as err:     # MissingFileError, UnreadableFileError: the file named
+                logger.warning('skipping image %s: %s', img_id, err)
+                unreadable += 1
+                continue
             target, num_crowds = sample[1], sample[5]
             if not self.has_gt or len(target) > num_crowds:
                 return sample
-            logger.debug('augmentation left image %d without objects; using the next image',
-                         self.ids[(index + offset) % len(self.ids)])
+            logger.debug('augmentation left image %d without objects; using the next image', img_id)
+        if unreadable == len(self.ids):
+            raise UnreadableFileError(f'none of the {len(self.ids)} images in {self.root} can be read')
         raise RuntimeError('the augmentation removed every object of every image')
 
     def _annotations(self, img_id):

@@ -288,22 +288,22 @@ LOADER_SCRIPT = textwrap.dedent('''
     from utils.errors import run_cli
 
     class FailOn:
-        """A BaseTransform that raises on images of one height."""
+        """A transform (BaseTransform or SSDAugmentation) that raises on images of one height (0: never)."""
         def __init__(self, transform, height):
-            self.transform, self.height, self.max_size = transform, height, transform.max_size
-        def __call__(self, img):
+            self.transform, self.height, self.max_size = transform, height, getattr(transform, 'max_size', 0)
+        def __call__(self, img, *rest):
             if img.shape[0] == self.height:
                 raise ValueError('transform failed')
-            return self.transform(img)
+            return self.transform(img, *rest)
 
     def main(argv):
-        kind, image_dir, info_file, workers = argv
+        kind, image_dir, info_file, workers, fail_height = argv
         cfg = get_config('yolact_base', max_size=32)
         if kind == 'train':
-            ds = COCODetection(image_dir, info_file, SSDAugmentation.from_config(cfg))
+            ds = COCODetection(image_dir, info_file, FailOn(SSDAugmentation.from_config(cfg), int(fail_height)))
             collate = detection_collate
         else:
-            ds = COCOEvalImages(image_dir, info_file, FailOn(BaseTransform.from_config(cfg), {side}))
+            ds = COCOEvalImages(image_dir, info_file, FailOn(BaseTransform.from_config(cfg), int(fail_height)))
             collate = eval_collate
         {delete}
         loader = paddle.io.DataLoader(ds, batch_size=1, num_workers=int(workers), collate_fn=collate)
@@ -320,32 +320,55 @@ LOADER_SCRIPT = textwrap.dedent('''
 
 @pytest.mark.parametrize('kind,workers', [('train', 0), ('train', 2), ('eval', 0)])
 def test_loading_error_in_data_loader_ends_the_program_naming_the_image(kind, workers, dataset, tmp_path):
-    """A file deleted after validation (training) or a failing transform (evaluation) stops the run, no hang."""
+    """A failing transform (perhaps a bug) stops training and evaluation with one line naming the image, no hang."""
     image_dir, info = dataset
     info_file = write_json(info, tmp_path / 'ok.json')
-    victim = info['images'][3]
-    path = os.path.join(image_dir, victim['file_name'])
-    delete = f'import os; os.remove({path!r})' if kind == 'train' else ''
     script = tmp_path / 'run.py'
-    script.write_text(LOADER_SCRIPT.format(root=ROOT, side=SIDE, delete=delete))
-    done = subprocess.run([sys.executable, str(script), kind, image_dir, info_file, str(workers)],
+    script.write_text(LOADER_SCRIPT.format(root=ROOT, delete=''))
+    done = subprocess.run([sys.executable, str(script), kind, image_dir, info_file, str(workers), str(SIDE)],
                           capture_output=True, text=True, timeout=HANG_TIMEOUT)
     assert done.returncode == 1, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    if kind == 'train':
-        assert last == f'error: cannot load image {victim["id"]} ({path}): image file not found: {path}', last
-    else:
-        # Every shapes image has the failing height: the first one evaluated is named.
-        assert re.match(rf'error: cannot load image \d+ \({re.escape(image_dir)}/\S+\): ValueError: transform failed',
-                        last), last
-        assert 'Traceback' in done.stderr  # a transform failure may be a bug: its traceback is logged
+    # Every shapes image has the failing height: the first one loaded is named.
+    assert re.match(rf'error: cannot load image \d+ \({re.escape(image_dir)}/\S+\): ValueError: transform failed',
+                    last), last
+    assert 'Traceback' in done.stderr  # a transform failure may be a bug: its traceback is logged
     assert 'no error' not in done.stdout and 'Blocking queue' not in done.stderr
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_unreadable_training_images_are_skipped_with_a_warning_naming_them(workers, dataset, tmp_path):
+    """A file deleted after validation and a corrupt one: training goes on with the next images."""
+    image_dir, info = dataset
+    info_file = write_json(info, tmp_path / 'ok.json')
+    deleted, corrupt = (os.path.join(image_dir, info['images'][i]['file_name']) for i in (3, 5))
+    with open(corrupt, 'wb') as f:
+        f.write(b'not a jpeg')
+    script = tmp_path / 'run.py'
+    script.write_text(LOADER_SCRIPT.format(root=ROOT, delete=f'import os; os.remove({deleted!r})'))
+    done = subprocess.run([sys.executable, str(script), 'train', image_dir, info_file, str(workers), '0'],
+                          capture_output=True, text=True, timeout=HANG_TIMEOUT)
+    assert done.returncode == 0 and 'no error' in done.stdout, done.stderr[-3000:]
+    # Two epochs: each file is named once per epoch.
+    assert done.stderr.count(f'skipping image {info["images"][3]["id"]}: image file not found: {deleted}') == 2
+    assert done.stderr.count(f'skipping image {info["images"][5]["id"]}: cannot decode image file (corrupt or '
+                             f'not an image): {corrupt}') == 2, done.stderr[-3000:]
 
 
 def test_sample_error_survives_the_loader_as_the_batch(dataset, tmp_path):
     image_dir, info = dataset
     ds = COCODetection(image_dir, write_json(info, tmp_path / 'ok.json'))
-    os.remove(os.path.join(image_dir, ds.coco.imgs[ds.ids[1]]['file_name']))
+    # Image ids[1] gets a height its transform fails on.
+    victim = ds.coco.imgs[ds.ids[1]]
+    cv2.imwrite(os.path.join(image_dir, victim['file_name']), np.zeros((SIDE + 3, SIDE, 3), np.uint8))
+    victim['height'] = SIDE + 3
+
+    def transform(img, *rest):
+        if img.shape[0] == SIDE + 3:
+            raise ValueError('transform failed')
+        return (np.ascontiguousarray(img.transpose(2, 0, 1)),) + rest
+
+    ds.transform = transform
     batches = list(paddle.io.DataLoader(ds, batch_size=2, num_workers=0, collate_fn=detection_collate))
     assert isinstance(batches[0][0], SampleError) and batches[0][0].image_id == ds.ids[1]
     assert isinstance(batches[1][0], paddle.Tensor)
