@@ -1,5 +1,6 @@
 """Data pipeline: preprocessing parity, augmentation consistency, COCO datasets, shapes generator."""
 import json
+import logging
 import os
 import re
 import shutil
@@ -407,7 +408,7 @@ def test_dataloader_with_workers_and_collate(shapes):
     assert seen == len(ds)
 
 
-def test_corrupt_or_missing_image_named_in_error_and_counted_in_eval(shapes, tmp_path):
+def test_corrupt_or_missing_image_named_in_error_and_counted_in_eval(shapes, tmp_path, caplog):
     image_dir, info, info_file = copy_dataset(shapes, tmp_path)
     write_json(info, info_file)
     corrupt = os.path.join(image_dir, info['images'][1]['file_name'])
@@ -415,20 +416,31 @@ def test_corrupt_or_missing_image_named_in_error_and_counted_in_eval(shapes, tmp
     with open(corrupt, 'wb') as f:
         f.write(b'this is not a jpeg')
     os.remove(missing)
+    bad_ids = {info['images'][1]['id'], info['images'][2]['id']}
 
-    # Validation drops the missing file up front; a file that disappears or is
-    # corrupt later raises from pull_item and becomes a SampleError in __getitem__.
+    # Validation drops the missing file up front; a file that is corrupt (or
+    # disappears) later is skipped by pull_item, named in a warning, and the
+    # next readable image takes its place.
     assert info['images'][2]['id'] not in COCODetection(image_dir, info_file).ids
     ds = COCODetection(image_dir, info_file, check_files=False)
-    with pytest.raises(OSError, match=re.escape(corrupt)):
-        ds.pull_item(ds.ids.index(info['images'][1]['id']))
-    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
-        ds.pull_item(ds.ids.index(info['images'][2]['id']))
-    error = ds[ds.ids.index(info['images'][2]['id'])]
-    assert isinstance(error, SampleError) and error.image_id == info['images'][2]['id'] and error.path == missing
-    with pytest.raises(DatasetError, match=re.escape(missing)):
-        list(check_batches([detection_collate([ds[0], error])]))
-    assert len(list(check_batches([detection_collate([ds[0], ds[3]])]))) == 1
+    for bad in bad_ids:
+        index = ds.ids.index(bad)
+        following = next(i % len(ds.ids) for i in range(index, index + len(ds.ids)) if ds.ids[i % len(ds.ids)]
+                         not in bad_ids)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger='data.coco'):
+            sample = ds.pull_item(index)
+        np.testing.assert_array_equal(sample[0], ds.pull_item(following)[0])
+        named = corrupt if bad == info['images'][1]['id'] else missing
+        assert f'skipping image {bad}: ' in caplog.text and named in caplog.text
+    # With no readable image at all, the sample is an error naming the folder, raised by check_batches.
+    empty = str(tmp_path / 'empty')
+    os.makedirs(empty)
+    nothing = COCODetection(empty, info_file, check_files=False)
+    error = nothing[0]
+    assert isinstance(error, SampleError) and error.image_id == nothing.ids[0]
+    with pytest.raises(DatasetError, match=f'none of the {len(nothing.ids)} images in {re.escape(empty)} can be read'):
+        list(check_batches([detection_collate([error])]))
 
     transform = BaseTransform(64, get_config('yolact_base').backbone.transform)
     eval_ds = COCOEvalImages(image_dir, info_file, transform)
