@@ -189,6 +189,8 @@ def upsample_masks(masks, h, w, threshold=0.5):
         if window is None:
             continue                        # all zero: no pixel above a threshold >= 0
         top, bottom, left, right = window
+        if top >= bottom or left >= right:
+            continue                        # shrinking (an image under S px): no output pixel taps it
         if (bottom - top) * (right - left) <= _EXACT_WINDOW_PIXELS:
             values = _exact_window(masks[i], taps_y, taps_x, window)
             np.greater(values, threshold, out=out[i, top:bottom, left:right])

@@ -412,6 +412,19 @@ def test_upsample_masks_of_cropped_masks_equals_torch(monkeypatch, exact_window_
     np.testing.assert_array_equal(upsample_masks(soft, 480, 640, threshold=-0.1), expected > -0.1)
 
 
+def test_upsample_masks_to_a_smaller_image_skips_untapped_pixels():
+    """Masks shrink for images under the prototype side: a pixel no output samples counts for nothing."""
+    torch = pytest.importorskip('torch')
+    soft = np.zeros((3, 9, 9), np.float32)
+    soft[0, 4, 4] = 1          # 9 -> 3: output i samples source 3i + 1, so row/column 4 is tapped
+    soft[1, 3, 3] = 1          # ... and 3 is not
+    soft[2, 2:8, 1:6] = 0.9
+    expected = torch.nn.functional.interpolate(torch.from_numpy(soft)[None], size=(3, 3), mode='bilinear',
+                                               align_corners=False)[0].numpy() > 0.5
+    assert expected[0].any() and not expected[1].any() and expected[2].any()
+    np.testing.assert_array_equal(upsample_masks(soft, 3, 3), expected)
+
+
 def test_upsample_masks_of_no_masks():
     assert upsample_masks(np.zeros((0, 138, 138), np.float32), 48, 64).shape == (0, 48, 64)
 
