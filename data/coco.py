@@ -195,7 +195,10 @@ def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
         model_classes: the class names of the model being evaluated. When
             every category of the file is one of them, categories map to the
             model's classes by name (a model evaluated on its own val split,
-            or a COCO model on a subset of COCO's classes).
+            or a COCO model on a subset of COCO's classes). When every one of
+            them is a category of the file, they are the classes, matched by
+            name, and the other categories are ignored (a model fine-tuned
+            with --class_names, evaluated on the full val file).
         **paths: train_images, train_info, valid_images, valid_info.
     Without either, every category is a class, in increasing id order.
     ``has_gt`` is whether ``info_file`` has annotations (a test-dev image-info file has none).
@@ -206,6 +209,8 @@ def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
     if class_names is None and categories and all(c.get('name') in model_classes for c in categories):
         names = model_classes
         label_map = tuple(sorted((c['id'], model_classes.index(c['name']) + 1) for c in categories))
+    elif class_names is None and model_classes and set(model_classes) <= {c.get('name') for c in categories}:
+        names, label_map = classes_from_categories(categories, model_classes, info_file)
     else:
         names, label_map = classes_from_categories(categories, class_names, info_file)
     return DatasetConfig(name=os.path.basename(info_file), class_names=names, label_map=label_map,

@@ -13,7 +13,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tests.conftest import needs_reference, reference_npz
-from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches, detection_collate
+from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches, custom_dataset, detection_collate
 from data.config import MEANS, STD, get_config
 from tools.make_shapes_dataset import SHAPE_CLASSES, main as make_shapes_main, make_shapes_dataset
 from utils.augmentations import (Annotations, BaseTransform, Expand, FastBaseTransform, RandomMirror,
@@ -497,3 +497,18 @@ def test_shapes_config_anchors_cover_every_shapes_object(tmp_path):
     positives = (iou >= cfg.positive_iou_threshold).sum(axis=1)
     assert positives.min() >= 1, boxes[positives.argmin()] * cfg.max_size
     assert positives.mean() >= 8, positives.mean()
+
+
+def test_custom_dataset_classes_follow_the_model_by_name(shapes):
+    """eval.py without --class_names: the evaluated file's categories meet the model's classes by name."""
+    ids = {c['name']: c['id'] for c in COCO(shapes.valid_info).loadCats(COCO(shapes.valid_info).getCatIds())}
+    # A model fine-tuned on two of the file's categories: those are the classes, the others ignored.
+    ds = custom_dataset(shapes.valid_info, model_classes=('star', 'circle'))
+    assert ds.class_names == ('star', 'circle') and ds.label_map_dict() == {ids['star']: 1, ids['circle']: 2}
+    # A model with more classes than the file has categories: the file's map to the model's.
+    model = ('hexagon',) + tuple(reversed(SHAPE_CLASSES))
+    ds = custom_dataset(shapes.valid_info, model_classes=model)
+    assert ds.class_names == model and ds.label_map_dict() == {ids[n]: model.index(n) + 1 for n in SHAPE_CLASSES}
+    # Neither way round: every category is a class (eval.py then names the mismatch).
+    assert custom_dataset(shapes.valid_info, model_classes=('star', 'hexagon')).class_names == SHAPE_CLASSES
+

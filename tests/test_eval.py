@@ -5,7 +5,9 @@ synthetic COCO-format dataset written by tools/make_shapes_dataset.py; the
 model is not the point there. One test exports yolact_base with the
 reference's seed-0 weights and checks it against dygraph on the fixture input.
 """
+import dataclasses
 import json
+import logging
 import os
 import shutil
 
@@ -77,13 +79,15 @@ def _single_log(log_dir):
         return json.load(f)
 
 
-def _cocoeval(gt_file, results_file, iou_type, image_ids=None):
+def _cocoeval(gt_file, results_file, iou_type, image_ids=None, category_ids=None):
     """COCOeval.stats[:6] computed independently of utils.coco_eval."""
     gt = COCO(gt_file)
     dt = gt.loadRes(results_file)
     e = COCOeval(gt, dt, iou_type)
     if image_ids is not None:
         e.params.imgIds = sorted(image_ids)
+    if category_ids is not None:
+        e.params.catIds = sorted(category_ids)
     e.evaluate()
     e.accumulate()
     e.summarize()
@@ -245,6 +249,32 @@ def test_evaluate_map_equals_cocoeval_on_the_written_files(shapes, tmp_path):
         assert [logged['results'][iou_type][m] for m in coco_eval.METRICS] == expected
         # A real score, neither perfect nor zero.
         assert 0.1 < expected[0] < 0.9
+
+
+def test_a_model_of_some_categories_is_scored_on_those(shapes, tmp_path, caplog):
+    """A model fine-tuned with --class_names star,circle, evaluated on the full val file."""
+    coco = COCO(shapes.valid_info)
+    ids = {c['name']: c['id'] for c in coco.loadCats(coco.getCatIds())}
+    subset = dataclasses.replace(shapes, class_names=('star', 'circle'),
+                                 label_map=((ids['star'], 1), (ids['circle'], 2)))
+    cfg = get_config('yolact_shapes', dataset=subset, num_classes=3)
+    label_of = subset.label_map_dict()
+    scripted = {}
+    for image_id in coco.getImgIds():           # perfect on the two classes, nothing of the others
+        det = _gt_detections(coco, image_id, {cat: label_of.get(cat, 0) for cat in ids.values()})
+        keep = det['classes'] >= 0
+        scripted[image_id] = {k: v[keep] for k, v in det.items()}
+    with caplog.at_level(logging.INFO, logger='utils.evaluation'):
+        summary = evaluate(_ScriptedPredictor(cfg, scripted), _IdImages(coco), str(tmp_path / 'r'),
+                           num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
+    assert '2 categories; 2 other categories of the file not scored' in caplog.text
+    for iou_type in ('bbox', 'segm'):
+        expected = _cocoeval(shapes.valid_info, summary.files[iou_type], iou_type,
+                             category_ids=[ids['star'], ids['circle']])
+        assert [summary.results[iou_type][m] for m in coco_eval.METRICS] == expected
+        assert expected[0] == pytest.approx(1.0)
+        # Over every category of the file the two missing ones would halve it.
+        assert _cocoeval(shapes.valid_info, summary.files[iou_type], iou_type)[0] == pytest.approx(0.5)
 
 
 def test_background_writer_gives_the_sequential_files_byte_for_byte(shapes, tmp_path):

@@ -294,7 +294,7 @@ def load_results(coco_gt, results):
     return empty
 
 
-def evaluate_coco(coco_gt, result_files, image_ids=None):
+def evaluate_coco(coco_gt, result_files, image_ids=None, category_ids=None):
     """COCO mAP of results files against ground truth.
 
     Args:
@@ -302,6 +302,9 @@ def evaluate_coco(coco_gt, result_files, image_ids=None):
         result_files: {'bbox': path, 'segm': path}; either may be absent.
         image_ids: evaluate on these images only (e.g. when ``--max_images`` was
             used); ``None`` means every image of the ground truth.
+        category_ids: average over these categories only (a model of some of
+            the file's categories: the others would count as missed, AP 0);
+            ``None`` means every category of the ground truth.
 
     Returns:
         {iou_type: {metric: value}} with the metrics of :data:`METRICS` as
@@ -318,6 +321,8 @@ def evaluate_coco(coco_gt, result_files, image_ids=None):
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        if category_ids is not None:
+            evaluator.params.catIds = sorted(int(i) for i in category_ids)
         with _quiet():
             evaluator.evaluate()
             evaluator.accumulate()

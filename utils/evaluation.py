@@ -176,13 +176,18 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
 
     results = log_path = None
     if compute_map:
-        results = coco_eval.evaluate_coco(dataset.coco, files, image_ids=scored)
+        # The model's classes only: with a subset of the file's categories the
+        # others have no detections and would each count as AP 0.
+        categories = sorted(class_to_cat.values())
+        results = coco_eval.evaluate_coco(dataset.coco, files, image_ids=scored, category_ids=categories)
         table = coco_eval.format_table(results)
-        logger.info('mAP (COCOeval, %d images) of %s:\n%s', len(scored), cfg.name, table)
+        others = len(set(dataset.coco.getCatIds()) - set(categories))
+        logger.info('mAP (COCOeval, %d images, %d categories%s) of %s:\n%s', len(scored), len(categories),
+                    f'; {others} other categories of the file not scored' if others else '', cfg.name, table)
         log_path = coco_eval.write_eval_log(
             results, log_dir, cfg.name, config=cfg.name, dataset=cfg.dataset.name,
             annotations=cfg.dataset.valid_info, num_images=len(scored), skipped=skipped,
-            image_ids=scored, result_files=files)
+            image_ids=scored, category_ids=categories, result_files=files)
         logger.info('saved %s', log_path)
     return EvalSummary(results, scored, skipped, files, log_path, seconds)
 
