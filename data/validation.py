@@ -329,7 +329,7 @@ def check_coco(data, source='', image_dir=None, label_map=None, check_files=Fals
             if _is_int(ann.get('image_id')) and ann['image_id'] in dropped_images:
                 continue  # counted with its image
             category = ann.get('category_id')
-            if label_map is not None and category in categories and category not in label_map:
+            if label_map is not None and _is_int(category) and category in categories and category not in label_map:
                 # Not a class being trained or scored: dropped unchecked.
                 report.unselected[category] = report.unselected.get(category, 0) + 1
                 continue

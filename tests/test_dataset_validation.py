@@ -151,6 +151,11 @@ def test_label_map_limits_the_categories_without_calling_the_others_bad(dataset,
     assert f'{sum(others.values())} annotations of {len(others)} categories outside the classes ignored' \
         in caplog.text
     assert {a['category_id'] for a in report.data['annotations']} == {1, 2}
+    # A category id that is not even a number is still a bad entry, named.
+    info['annotations'][1]['category_id'] = [1]
+    report = V.validate_coco(write_json(info, tmp_path / 'b.json'), label_map={1: 1, 2: 2})
+    assert report.counts == {V.UNKNOWN_CATEGORY: 1} and report.examples[V.UNKNOWN_CATEGORY] == [
+        info['annotations'][1]['id']]
     ds = COCODetection(image_dir, info_file, label_map={1: 1, 2: 2})
     assert all(set(ds[i][1][0][:, 4].tolist()) <= {0, 1} for i in range(len(ds)))
 
