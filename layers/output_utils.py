@@ -6,7 +6,7 @@ import paddle.nn.functional as F
 
 from data.config import MEANS, STD
 from layers.box_utils import BACKENDS, crop, sanitize_coordinates, use_device_path
-from utils.augmentations import linear_taps
+from utils.augmentations import linear_taps, sample_taps
 
 
 # cv2.resize places its bilinear samples within 1e-4 px of the exact (PyTorch /
@@ -251,12 +251,9 @@ def _tap_range(used, taps):
 def _exact_window(mask, taps_y, taps_x, window):
     """One [S, S] mask's upsampled values in an output window, bit for bit the doubtful-pixel formula."""
     top, bottom, left, right = window
-    x0, x1, wx0, wx1 = (a[left:right] for a in taps_x)
     y0, y1, wy0, wy1 = (a[top:bottom] for a in taps_y)
-    first, last = y0[0], y1[-1] + 1
-    band = mask[first:last]
-    rows = band[:, x0] * wx0 + band[:, x1] * wx1                         # [last - first, right - left]
-    return rows[y0 - first] * wy0[:, None] + rows[y1 - first] * wy1[:, None]
+    first, last = y0[0], y1[-1] + 1          # only the source rows the window samples
+    return sample_taps(mask[first:last], (y0 - first, y1 - first, wy0, wy1), tuple(a[left:right] for a in taps_x))
 
 
 # Output pixels per chunk of the device upsampling: its float32 temporaries

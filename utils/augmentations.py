@@ -104,10 +104,21 @@ def resize_bilinear(img, height, width):
     gives in Paddle and PyTorch (no antialiasing when downscaling), computed
     separably: along the width first, then the height.
     """
-    x0, x1, wx0, wx1 = linear_taps(img.shape[1], width)
-    y0, y1, wy0, wy1 = linear_taps(img.shape[0], height)
-    rows = img[:, x0] * wx0[None, :, None] + img[:, x1] * wx1[None, :, None]
-    return rows[y0] * wy0[:, None, None] + rows[y1] * wy1[:, None, None]
+    return sample_taps(img, linear_taps(img.shape[0], height), linear_taps(img.shape[1], width))
+
+
+def sample_taps(img, taps_y, taps_x):
+    """[H, W, ...] -> [len(taps_y), len(taps_x), ...]: the linear samples ``linear_taps`` describes.
+
+    taps_y, taps_x: (i0, i1, w0, w1) as linear_taps returns them, or slices
+    of them (a window of the output), with i0 and i1 indexing ``img``. Along
+    the width first, then the height, as PyTorch computes it.
+    """
+    x0, x1, wx0, wx1 = taps_x
+    y0, y1, wy0, wy1 = taps_y
+    tail = (1,) * (img.ndim - 2)
+    rows = img[:, x0] * wx0.reshape((-1,) + tail) + img[:, x1] * wx1.reshape((-1,) + tail)
+    return rows[y0] * wy0.reshape((-1, 1) + tail) + rows[y1] * wy1.reshape((-1, 1) + tail)
 
 
 class BaseTransform:
