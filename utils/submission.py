@@ -302,101 +302,106 @@ def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS
                        f'contains {members}' + ('' if members == [stem + '.json'] else f', expected [{stem}.json]'))
             if not members:
                 return report
-            tally = _tally_records(_records(lambda: io.TextIOWrapper(zf.open(members[0]), encoding='utf-8'),
-                                            members[0]), images, categories)
+            t = _Tally(images, categories)
+            objects = t.count(_records(lambda: io.TextIOWrapper(zf.open(members[0]), encoding='utf-8'),
+                                           members[0]))
     except zipfile.BadZipFile as e:
         report.add('json', False, f'not a zip file ({e})')
         return report
     except (DatasetError, UnicodeDecodeError) as e:
         report.add('json', False, f'not valid JSON ({e})')
         return report
-    if tally is None:
+    if not objects:
         report.add('json', False, 'not a JSON array of objects')
         return report
-    kind, count, incomplete, mixed = tally['kind'], tally['records'], tally['incomplete'], tally['mixed']
-    report.kind = kind
-    report.add('json', not incomplete and not mixed and count,
-               f'{count} {kind} records' + (f', {incomplete} missing one of {sorted(_required(kind))}'
-                                            if incomplete else '')
-               + (', bbox and segm records mixed' if mixed else '') + ('' if count else ', empty'))
-    per_image, foreign_ids, foreign = tally['per_image'], tally['foreign_ids'], tally['foreign']
-    bad_cats, bad_scores, bad_boxes = tally['bad_cats'], tally['bad_scores'], tally['bad_boxes']
-
-    report.add('foreign ids', not foreign,
-               f'{foreign} detections on {len(foreign_ids)} image ids not in the info file '
-               f'(e.g. {sorted(foreign_ids, key=str)[:3]})' if foreign else 'every image id is in the info file')
-    empty = len(images) - len(per_image)
-    report.add('coverage', True, f'{len(per_image)} of {len(images)} images have detections, {empty} empty')
-    over = {i: n for i, n in per_image.items() if n > max_detections}
+    report.kind = t.kind
+    report.add('json', not t.incomplete and not t.mixed and t.records,
+               f'{t.records} {t.kind} records' + (f', {t.incomplete} missing one of {sorted(t.required)}'
+                                                  if t.incomplete else '')
+               + (', bbox and segm records mixed' if t.mixed else '') + ('' if t.records else ', empty'))
+    report.add('foreign ids', not t.foreign,
+               f'{t.foreign} detections on {len(t.foreign_ids)} image ids not in the info file '
+               f'(e.g. {sorted(t.foreign_ids, key=str)[:3]})' if t.foreign else 'every image id is in the info file')
+    empty = len(images) - len(t.per_image)
+    report.add('coverage', True, f'{len(t.per_image)} of {len(images)} images have detections, {empty} empty')
+    over = {i: n for i, n in t.per_image.items() if n > max_detections}
     report.add('per-image limit', not over,
                f'{len(over)} images over {max_detections} detections (e.g. '
                + ', '.join(f'image {i}: {n}' for i, n in sorted(over.items())[:3]) + ')'
-               if over else f'at most {max(per_image.values(), default=0)} per image')
-    report.add('category ids', not bad_cats,
-               f'{sum(bad_cats.values())} detections with category ids not in the info file: '
-               f'{sorted(bad_cats, key=str)[:5]}' if bad_cats
+               if over else f'at most {max(t.per_image.values(), default=0)} per image')
+    report.add('category ids', not t.bad_cats,
+               f'{sum(t.bad_cats.values())} detections with category ids not in the info file: '
+               f'{sorted(t.bad_cats, key=str)[:5]}' if t.bad_cats
                else f'all within the {len(categories)} categories of the info file')
-    report.add('scores', not bad_scores,
-               f'{bad_scores} detections with a score that is not a finite number' if bad_scores
+    report.add('scores', not t.bad_scores,
+               f'{t.bad_scores} detections with a score that is not a finite number' if t.bad_scores
                else 'all finite')
-    if kind == 'bbox':
-        report.add('bbox', not bad_boxes,
-                   f'{bad_boxes} boxes are not 4 finite numbers' if bad_boxes else 'all 4 finite numbers')
+    if t.kind == 'bbox':
+        report.add('bbox', not t.bad_boxes,
+                   f'{t.bad_boxes} boxes are not 4 finite numbers' if t.bad_boxes else 'all 4 finite numbers')
     else:
-        rles = tally['rles']
-        report.add('segmentation', not rles.bad,
-                   f'{rles.bad} masks do not decode to their image size ({"; ".join(rles.examples)})' if rles.bad
-                   else 'every RLE decodes to its image size')
+        report.add('segmentation', not t.rles.bad,
+                   f'{t.rles.bad} masks do not decode to their image size ({"; ".join(t.rles.examples)})'
+                   if t.rles.bad else 'every RLE decodes to its image size')
     return report
 
 
-def _required(kind):
-    return {'image_id', 'category_id', 'score', 'segmentation' if kind == 'segm' else 'bbox'}
+class _Tally:
+    """Counts over a results array's records, one record at a time (memory stays flat).
 
-
-def _tally_records(records, images, categories):
-    """One pass over a results array's records, keeping counts only (memory stays flat).
-
-    The kind (segm or bbox) is the first record's. Returns None when an
-    element is not a JSON object, else a dict: 'kind', 'records',
-    'incomplete' (records missing a required key; not checked further),
-    'mixed' (records of the other kind), 'per_image' {image_id: count},
-    'foreign' / 'foreign_ids' (records on, and ids of, images not in the info
-    file), 'bad_cats' {category_id: count}, 'bad_scores', 'bad_boxes', and
-    'rles' (a flushed _RleCheck; segm only).
+    kind: the first record's, 'segm' or 'bbox' ('bbox' for no record);
+    records: all records; incomplete: those missing a required key (not
+    checked further); mixed: those of the other kind; per_image {image_id:
+    count}; foreign / foreign_ids: records on, and the ids of, images not in
+    the info file; bad_cats {category_id: count}; bad_scores; bad_boxes;
+    rles: the _RleCheck of the segm masks.
     """
-    tally = dict(kind=None, records=0, incomplete=0, mixed=0, per_image=defaultdict(int), foreign=0,
-                 foreign_ids=set(), bad_cats=defaultdict(int), bad_scores=0, bad_boxes=0, rles=_RleCheck(images))
-    for r in records:
-        if not isinstance(r, dict):
-            return None
-        if tally['kind'] is None:
-            tally['kind'] = 'segm' if 'segmentation' in r else 'bbox'
-            required = _required(tally['kind'])
-        kind = tally['kind']
-        tally['records'] += 1
-        tally['mixed'] += ('segmentation' in r) != (kind == 'segm')
-        if not required <= r.keys():
-            tally['incomplete'] += 1
-            continue
+
+    def __init__(self, images, categories):
+        self.images, self.categories = images, categories
+        self.kind, self.required = None, None
+        self.records = self.incomplete = self.mixed = self.foreign = self.bad_scores = self.bad_boxes = 0
+        self.per_image, self.bad_cats, self.foreign_ids = defaultdict(int), defaultdict(int), set()
+        self.rles = _RleCheck(images)
+
+    def count(self, records):
+        """Count every record; False (and stop) at an element that is not a JSON object."""
+        for r in records:
+            if not isinstance(r, dict):
+                return False
+            self._add(r)
+        self.rles.flush()
+        self.kind = self.kind or 'bbox'
+        return True
+
+    def _add(self, r):
+        if self.kind is None:
+            self.kind = 'segm' if 'segmentation' in r else 'bbox'
+            self.required = {'image_id', 'category_id', 'score', 'segmentation' if self.kind == 'segm' else 'bbox'}
+        self.records += 1
+        self.mixed += ('segmentation' in r) != (self.kind == 'segm')
+        if not self.required <= r.keys():
+            self.incomplete += 1
+            return
         try:
             image_id = int(r['image_id'])
         except (TypeError, ValueError):
             image_id = None
-        if image_id not in images:
-            tally['foreign'] += 1
-            tally['foreign_ids'].add(r['image_id'] if isinstance(r['image_id'], (int, str)) else str(r['image_id']))
+        if image_id not in self.images:
+            self.foreign += 1
+            self.foreign_ids.add(_hashable(r['image_id']))
         else:
-            tally['per_image'][image_id] += 1
-            if kind == 'segm':
-                tally['rles'].add(image_id, r['segmentation'])
-        if r['category_id'] not in categories or isinstance(r['category_id'], bool):
-            tally['bad_cats'][r['category_id'] if isinstance(r['category_id'], (int, str)) else
-                              str(r['category_id'])] += 1
+            self.per_image[image_id] += 1
+            if self.kind == 'segm':
+                self.rles.add(image_id, r['segmentation'])
+        if r['category_id'] not in self.categories or isinstance(r['category_id'], bool):
+            self.bad_cats[_hashable(r['category_id'])] += 1
         if not _finite([r['score']]):
-            tally['bad_scores'] += 1
-        if kind == 'bbox' and not (isinstance(r['bbox'], list) and len(r['bbox']) == 4 and _finite(r['bbox'])):
-            tally['bad_boxes'] += 1
-    tally['rles'].flush()
-    tally['kind'] = tally['kind'] or 'bbox'
-    return tally
+            self.bad_scores += 1
+        if self.kind == 'bbox' and not (isinstance(r['bbox'], list) and len(r['bbox']) == 4 and _finite(r['bbox'])):
+            self.bad_boxes += 1
+
+
+def _hashable(value):
+    """A JSON id as a set or dict key (a list or dict given as an id becomes its text)."""
+    return value if isinstance(value, (int, str)) else str(value)
