@@ -29,8 +29,7 @@ import zipfile
 from collections import defaultdict
 from typing import List
 
-
-from data.validation import rle_strings_valid
+from data.validation import load_annotations, rle_strings_valid
 from utils.coco_eval import BBOX_FILE, MASK_FILE
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError
 
@@ -53,17 +52,17 @@ def submission_name(alg_name, test_set=TEST_SET):
 
 
 def load_image_info(info_file):
-    """(images {id: (height, width)}, category ids set) of a COCO image-info or annotation file."""
-    if not os.path.isfile(info_file):
-        raise MissingFileError(f'image info file not found: {info_file}')
+    """(images {id: (height, width)}, category ids set) of a COCO image-info or annotation file.
+
+    Read by data.validation.load_annotations (its errors for a missing or
+    malformed file); an image entry without int id, height and width is a DatasetError.
+    """
+    info = load_annotations(info_file)
     try:
-        with open(info_file) as f:
-            info = json.load(f)
         images = {int(im['id']): (int(im['height']), int(im['width'])) for im in info['images']}
-        categories = {int(c['id']) for c in info['categories']}
     except (ValueError, KeyError, TypeError) as e:
         raise DatasetError(f'{info_file}: not a COCO image-info file ({type(e).__name__}: {e})') from e
-    return images, categories
+    return images, {c['id'] for c in info['categories']}
 
 
 def iter_records(path):
