@@ -149,17 +149,17 @@ class Detect:
             # A pair's rank in its class is the number of its class's pairs before it.
             by_class = np.argsort(classes, kind='stable')
             starts = np.searchsorted(classes[by_class], np.arange(num_classes + 1))
+            per_class = np.diff(starts)
             rank = np.empty(count, np.int64)
-            rank[by_class] = np.arange(count) - np.repeat(starts[:-1], np.diff(starts))
+            rank[by_class] = np.arange(count) - np.repeat(starts[:-1], per_class)
             survives = rank < k
-            for c in np.flatnonzero(np.diff(starts)):
+            for c in np.flatnonzero(per_class):
                 pairs = by_class[starts[c]:starts[c + 1]][:k]           # class c's best, in rank order
                 worst = _max_iou_with_better(boxes[candidates[pairs]][None])[0]
                 survives[pairs] &= worst <= self.nms_thresh
             survivors = np.flatnonzero(survives)
-            examined = np.minimum(np.diff(starts), k).sum()
             if (survivors.size >= self.max_num_detections or count == num_classes * num_candidates
-                    or examined == num_classes * k):
+                    or np.minimum(per_class, k).sum() == num_classes * k):
                 break
             count *= 4
         survivors = survivors[:self.max_num_detections]
@@ -277,6 +277,7 @@ class Detect:
         # Data-dependent size: one synchronisation (fewer survivors than steps).
         kept = paddle.gather(picks, paddle.nonzero(picks < num_pairs).flatten())
         return paddle.gather(idx, kept), paddle.gather(classes, kept), paddle.gather(pair_scores, kept)
+
 
 def _best_pairs(scores, best_of_candidate, count):
     """The ``count`` best (class, candidate) pairs of ``scores`` [C, M] numpy, best first.
