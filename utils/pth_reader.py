@@ -12,9 +12,9 @@ Two on-disk formats exist and both are read:
   ids ``('storage', storage_type, key, location, numel)``, and
   ``<archive>/data/<key>`` the raw bytes of each storage.
 
-Unpickling is restricted to an allow-list of globals (tensor rebuild functions,
-``OrderedDict``, storage types), so a ``.pth`` can never run code here; any
-other object in the file is reported as unsupported. Storages are read with
+Unpickling is restricted (utils.safe_pickle) to an allow-list of globals
+(tensor rebuild functions, ``OrderedDict``, storage types), so a ``.pth`` can
+never run code here; any other object in the file is reported as unsupported. Storages are read with
 one ``readinto`` each into numpy buffers (no per-element Python), and tensors
 are rebuilt from (storage, offset, size, stride), so views saved with
 torch.save (transposed, sliced, sharing a storage) come back correctly.
@@ -23,7 +23,6 @@ import collections
 import io
 import logging
 import os
-import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from typing import Tuple
 
 import numpy as np
 
-from utils.errors import WeightsError
+from utils.safe_pickle import PickleFileError, RestrictedUnpickler, unpickle
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +53,8 @@ _STORAGE_DTYPES = {
 _WRAPPER_KEYS = ('state_dict', 'model_state_dict', 'model')
 
 
-class PthError(WeightsError):
+class PthError(PickleFileError):
     """A file that cannot be read as a torch.save state dict; says which file and why."""
-
-    def __init__(self, path, what):
-        self.path = path
-        super().__init__(f'{os.path.basename(path)}: {what}')
 
 
 @dataclass(frozen=True)
@@ -107,22 +102,22 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+class _Unpickler(RestrictedUnpickler):
     """Unpickler that resolves only the allow-listed globals and records the
     storages the persistent ids declare: ``storages[key] = (_StorageType, numel)``."""
+    allowed = _ALLOWED_GLOBALS
+    error = PthError
+    refusal = 'only state dicts (dicts of tensors) can be read without torch'
 
     def __init__(self, file, path, legacy):
-        super().__init__(file)
-        self.path, self.legacy = path, legacy
+        super().__init__(file, path)
+        self.legacy = legacy
         self.storages = {}
 
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[(module, name)]
         if module in ('torch', 'torch.storage') and name in _STORAGE_DTYPES:
             return _StorageType(name, np.dtype(_STORAGE_DTYPES[name]))
-        raise PthError(self.path, f'unsupported object {module}.{name} in the pickle: only '
-                                  'state dicts (dicts of tensors) can be read without torch')
+        return super().find_class(module, name)
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or not pid or pid[0] not in ('storage', b'storage'):
@@ -182,39 +177,23 @@ def load_pth(path):
     return out
 
 
-def _unpickle(unpickler, path, what):
-    """Run an unpickler, turning any failure into a PthError naming the file."""
-    try:
-        return unpickler.load()
-    except PthError:
-        raise
-    except (EOFError, pickle.UnpicklingError) as exc:
-        # The C unpickler reports a stream that stops early as EOFError or as
-        # UnpicklingError('pickle data was truncated'), depending on where it stops.
-        if isinstance(exc, EOFError) or 'truncated' in str(exc):
-            raise PthError(path, f'truncated: the file ends inside the {what}') from None
-        raise PthError(path, f'corrupt {what}: {exc}') from None
-    except Exception as exc:  # a damaged pickle can raise almost any exception type
-        raise PthError(path, f'corrupt {what}: {type(exc).__name__}: {exc}') from None
-
-
 def _read_legacy(f, path):
     """(object, {key: 1-D storage array}, 'legacy') from a pre-1.6 file."""
     try:
-        magic = _unpickle(_Unpickler(f, path, legacy=True), path, 'header')
+        magic = unpickle(_Unpickler(f, path, legacy=True), 'header')
     except PthError:
         magic = None  # e.g. a pickle of numpy arrays, whose globals are not allowed
     if not isinstance(magic, int) or isinstance(magic, bool) or magic != _LEGACY_MAGIC:
         raise PthError(path, 'not a torch.save file (a pickle without the torch magic number; '
                              'a Paddle .pdparams or a plain pickle?)')
-    protocol = _unpickle(_Unpickler(f, path, legacy=True), path, 'header')
+    protocol = unpickle(_Unpickler(f, path, legacy=True), 'header')
     if protocol != _LEGACY_PROTOCOL:
         raise PthError(path, f'unsupported legacy protocol version {protocol!r}')
-    sys_info = _unpickle(_Unpickler(f, path, legacy=True), path, 'header')
+    sys_info = unpickle(_Unpickler(f, path, legacy=True), 'header')
     little = not isinstance(sys_info, dict) or sys_info.get('little_endian', True)
     unpickler = _Unpickler(f, path, legacy=True)
-    obj = _unpickle(unpickler, path, 'object pickle')
-    keys = _unpickle(_Unpickler(f, path, legacy=True), path, 'storage key list')
+    obj = unpickle(unpickler, 'object pickle')
+    keys = unpickle(_Unpickler(f, path, legacy=True), 'storage key list')
     if not isinstance(keys, list) or set(map(str, keys)) != set(unpickler.storages):
         raise PthError(path, 'corrupt: the storage key list does not match the storages the tensors use')
 
@@ -255,7 +234,7 @@ def _read_zip(f, path):
         if byteorder not in (b'little', b'big'):
             raise PthError(path, f'unknown byte order record {byteorder!r}')
         unpickler = _Unpickler(io.BytesIO(archive.read(pickles[0])), path, legacy=False)
-        obj = _unpickle(unpickler, path, 'object pickle')
+        obj = unpickle(unpickler, 'object pickle')
 
         file_size = os.fstat(f.fileno()).st_size
         storages = {}
