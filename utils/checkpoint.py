@@ -27,6 +27,7 @@ import paddle
 
 from utils.convert import DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES, convert_state_dict
 from utils.errors import MissingFileError, WeightsError
+from utils.paddle_reader import load_paddle_file
 
 logger = logging.getLogger(__name__)
 
@@ -121,39 +122,65 @@ def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
     Returns:
         (state dict from the JSON or None when absent, whether optimizer state was loaded).
     Raises:
-        ValueError naming the keys that do not match.
+        WeightsError naming the keys that do not match, or the file that cannot be read.
     """
     load_weights(net, weights_path)
     opt_path, state_path = sidecar_paths(weights_path)
     loaded_opt = False
     if optimizer is not None and os.path.isfile(opt_path):
-        opt_state = paddle.load(opt_path)
-        load_optimizer_state_by_name(optimizer, net, opt_state['accumulators'])
+        opt_state = load_paddle_file(opt_path)
+        if not isinstance(opt_state, dict) or not isinstance(opt_state.get('accumulators'), dict):
+            raise WeightsError(f'{opt_path}: not an optimizer state written by train.py '
+                               f'(a {type(opt_state).__name__} without an accumulators dict)')
+        try:
+            load_optimizer_state_by_name(optimizer, net, opt_state['accumulators'])
+        except (AssertionError, KeyError, TypeError, ValueError) as err:
+            # Paddle asserts that every accumulator is present; a state of another model fails here.
+            raise WeightsError(f'{opt_path}: does not fit the model and optimizer: {err}') from None
         if scaler is not None and opt_state.get('grad_scaler'):
             scaler.load_state_dict(opt_state['grad_scaler'])
         loaded_opt = True
-    state = None
-    if os.path.isfile(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
-    return state, loaded_opt
+    return read_record(state_path), loaded_opt
 
 
 def read_state_dict(path, return_numpy=False):
     """The {key: tensor} state dict of a ``.pdparams`` file.
 
-    Raises MissingFileError when it does not exist, WeightsError when it
-    cannot be read or holds something other than a state dict.
+    Read by utils.paddle_reader, which runs no code from the file. Raises
+    MissingFileError when it does not exist, WeightsError when it cannot be
+    read or holds something other than a state dict.
     """
     if not os.path.isfile(path):
         raise MissingFileError(f'weights file not found: {path}')
-    try:
-        state = paddle.load(path, return_numpy=return_numpy)
-    except Exception as err:  # Paddle raises a variety of types for a file it cannot unpickle.
-        raise WeightsError(f'{path}: not a Paddle weights file ({type(err).__name__}: {err})') from err
+    state = load_paddle_file(path, return_numpy=return_numpy)
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise WeightsError(f'{path}: holds a {type(state).__name__}, not a state dict of named tensors')
     return state
+
+
+def read_record(state_path):
+    """The JSON record of a checkpoint (``<stem>.json``, see save_checkpoint), or None when absent.
+
+    Raises WeightsError naming the record when it is not valid JSON, not a
+    JSON object, or has a ``config`` / ``class_names`` entry of the wrong type.
+    """
+    if not os.path.isfile(state_path):
+        return None
+    try:
+        with open(state_path, encoding='utf-8') as f:
+            record = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise WeightsError(f'{state_path}: the checkpoint record is not valid JSON ({err}); '
+                           'restore it or delete it') from None
+    if not isinstance(record, dict):
+        raise WeightsError(f'{state_path}: the checkpoint record holds a {type(record).__name__}, '
+                           'not a JSON object; restore it or delete it')
+    if not isinstance(record.get('config', ''), str):
+        raise WeightsError(f'{state_path}: "config" is a {type(record["config"]).__name__}, not a config name')
+    names = record.get('class_names', [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WeightsError(f'{state_path}: "class_names" is not a list of names')
+    return record
 
 
 def load_weights(net, source, skip=lambda key: False):

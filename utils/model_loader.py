@@ -15,14 +15,13 @@ preset's, so a model fine-tuned on 4 classes loads as a 4-class model under
 its preset's name. Reference ``.pth`` files are converted on the fly, strictly.
 """
 import dataclasses
-import json
 import logging
 import os
 
 import paddle
 
 from data.config import config_name_from_weights, get_config
-from utils.checkpoint import load_weights, read_state_dict, sidecar_paths
+from utils.checkpoint import load_weights, read_record, read_state_dict, sidecar_paths
 from utils.convert import convert_checkpoint
 from utils.errors import ConfigError, MissingFileError
 from utils.inference import StaticYolact, read_export_meta
@@ -32,18 +31,13 @@ logger = logging.getLogger(__name__)
 
 
 def weights_record(weights_path):
-    """The JSON record train.py writes beside a ``.pdparams`` checkpoint, or None."""
+    """The JSON record train.py writes beside a ``.pdparams`` checkpoint, or None.
+
+    Raises WeightsError naming the record when it is malformed (utils.checkpoint.read_record).
+    """
     if not weights_path.endswith('.pdparams'):
         return None
-    state_path = sidecar_paths(weights_path)[1]
-    if not os.path.isfile(state_path):
-        return None
-    try:
-        with open(state_path) as f:
-            return json.load(f)
-    except ValueError:
-        logger.warning('ignoring %s: not valid JSON', state_path)
-        return None
+    return read_record(sidecar_paths(weights_path)[1])
 
 
 def with_classes(cfg, class_names):
@@ -55,25 +49,32 @@ def with_classes(cfg, class_names):
     return dataclasses.replace(cfg, dataset=dataset, num_classes=len(class_names) + 1)
 
 
-def resolve_config(config_name=None, weights_path=None, record=None):
+def resolve_config(config_name=None, weights_path=None, record=None, record_source=None):
     """The config of a model: explicit name, else the record's, else the weights' file name.
 
     ``record``: a checkpoint record or export metadata ({'config', 'class_names'}),
-    read from ``weights_path`` when None. Its class names apply whatever the name's source.
+    read from ``weights_path`` when None; ``record_source`` names where it was
+    read (for the error of an unknown config it names). Its class names apply
+    whatever the name's source.
     """
     if record is None and weights_path is not None:
         record = weights_record(weights_path)
+        record_source = sidecar_paths(weights_path)[1]
     record = record or {}
     if config_name is not None:
-        name = config_name
+        cfg = get_config(config_name)
     elif record.get('config'):
-        name = record['config']
+        try:
+            cfg = get_config(record['config'])
+        except ConfigError as err:
+            raise ConfigError(f'{record_source or "the model record"}: {err}; '
+                              'give the config with --config') from None
     elif weights_path is not None:
         name = config_name_from_weights(weights_path)
         logger.info('config %s (from the file name; --config overrides)', name)
+        cfg = get_config(name)
     else:
         raise ConfigError('no config: name one with --config')
-    cfg = get_config(name)
     if record.get('class_names'):
         cfg = with_classes(cfg, record['class_names'])
     return cfg
@@ -104,7 +105,7 @@ def model_config(weights_path, config_name=None, state=None):
     if not os.path.isfile(weights_path):
         raise MissingFileError(f'weights file not found: {weights_path}')
     record = weights_record(weights_path)
-    cfg = resolve_config(config_name, weights_path, record)
+    cfg = resolve_config(config_name, weights_path, record, sidecar_paths(weights_path)[1])
     if weights_path.endswith('.pdparams') and not (record or {}).get('class_names'):
         cfg = _with_class_count_of(cfg, state if state is not None else read_state_dict(weights_path))
     return cfg
@@ -155,7 +156,7 @@ def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=Fals
     Returns (cfg, utils.inference.StaticYolact), called like the dygraph network.
     """
     meta = read_export_meta(path_prefix)
-    cfg = resolve_config(config_name, record=meta)
+    cfg = resolve_config(config_name, record=meta, record_source=f'the export metadata of {path_prefix}')
     exported, configured = (meta['max_size'], meta['num_classes']), (cfg.max_size, cfg.num_classes)
     if exported != configured:
         raise ConfigError(f'{path_prefix} was exported for {exported[0]}x{exported[0]} inputs and {exported[1] - 1} '
