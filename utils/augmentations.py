@@ -363,15 +363,22 @@ class RandomMirror:
         return image[:, ::-1], Annotations(boxes, ann.masks[:, :, ::-1], ann.labels, ann.is_crowd)
 
 
+# The most channels every supported OpenCV accepts in one image: 4.x takes 512
+# (CV_CN_MAX), 5.x 128.
+_CV_MAX_CHANNELS = 128
+
+
 def _resize_masks(masks, size):
     """[n, H, W] uint8 -> [n, size, size] uint8, bilinear then rounded (threshold 0.5).
 
-    cv2 resizes the instances as channels of one image, at most 512 at a time
-    (its channel limit); it drops a single channel's axis, hence the reshape.
+    cv2 resizes the instances as channels of one image, at most
+    _CV_MAX_CHANNELS at a time; it drops a single channel's axis, hence the
+    reshape. Each channel is resized on its own, so the chunking does not
+    change a value.
     """
-    chunks = [cv2.resize(np.ascontiguousarray(masks[i:i + 512].transpose(1, 2, 0)), (size, size))
+    chunks = [cv2.resize(np.ascontiguousarray(masks[i:i + _CV_MAX_CHANNELS].transpose(1, 2, 0)), (size, size))
               .reshape(size, size, -1).transpose(2, 0, 1)
-              for i in range(0, len(masks), 512)]
+              for i in range(0, len(masks), _CV_MAX_CHANNELS)]
     return np.concatenate(chunks) if chunks else np.zeros((0, size, size), dtype=masks.dtype)
 
 
