@@ -83,7 +83,9 @@ def test_write_submission_filters_to_test_dev_and_top_100(tmp_path, info_file, c
     per_image[CROWDED] = 150
     boxes, _ = _write_results(tmp_path / 'results', per_image)
     with caplog.at_level(logging.INFO, logger='utils.submission'):
-        paths = write_submission(str(tmp_path / 'results'), 'myalg', info_file, str(tmp_path / 'out'))
+        reports = write_submission(str(tmp_path / 'results'), 'myalg', info_file, str(tmp_path / 'out'))
+    assert all(r.ok for r in reports.values())
+    paths = {kind: r.zip_path for kind, r in reports.items()}
     assert paths == {'bbox': str(tmp_path / 'out' / 'bbox' / (NAME + '.zip')),
                      'segm': str(tmp_path / 'out' / 'segm' / (NAME + '.zip'))}
     assert sorted(os.listdir(tmp_path / 'out' / 'bbox')) == [NAME + '.zip']   # no temporary left
@@ -157,7 +159,8 @@ def test_check_submission_names_each_bad_detection(tmp_path, info_file, kind, ho
 def test_check_submission_streams_the_zip(tmp_path, info_file, monkeypatch):
     """A server zip as make_submission writes it is checked record by record, RLEs in small batches."""
     _write_results(tmp_path / 'results', {i: 3 for i in ALL_IDS})
-    zips = write_submission(str(tmp_path / 'results'), 'myalg', info_file, str(tmp_path / 'out'))
+    zips = {kind: r.zip_path for kind, r in
+            write_submission(str(tmp_path / 'results'), 'myalg', info_file, str(tmp_path / 'out')).items()}
     monkeypatch.setattr('utils.submission._RleCheck.BATCH', 4)
     load = json.load
     monkeypatch.setattr('json.load', lambda f, **k: load(f, **k) if getattr(f, 'name', None) == info_file
@@ -228,3 +231,31 @@ def test_cli_exit_status(tmp_path, info_file, capsys):
     assert '[FAIL] category ids' in out and 'FAILED: category ids' in out
     assert run_cli(check.main, [str(tmp_path / 'missing.zip'), '--info', info_file]) == 1
     assert 'missing.zip' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('how', ['other images', 'bad category'])
+def test_a_submission_that_fails_its_check_is_not_left_under_its_upload_name(tmp_path, info_file, capsys, how):
+    """Was: make_submission wrote the zips under their upload names, then reported FAILED (exit 1) and left
+    them there, empty (results of another image set) or with detections the server refuses."""
+    out = tmp_path / 'out'
+    if how == 'other images':
+        _write_results(tmp_path / 'results', {i: 2 for i in ALL_IDS if i not in TEST_DEV})
+    else:
+        boxes, masks = _write_results(tmp_path / 'results', {i: 2 for i in TEST_DEV})
+        boxes[0]['category_id'] = 0
+        with open(tmp_path / 'results' / 'bbox_detections.json', 'w') as f:
+            json.dump(boxes, f)
+    earlier = out / 'segm' / (NAME + '.zip')
+    make = _tool('make_submission')
+    status = run_cli(make.main, ['--results_dir', str(tmp_path / 'results'), '--alg', 'myalg',
+                                 '--info', info_file, '--out_dir', str(out)])
+    assert status == 1
+    printed = capsys.readouterr().out
+    assert 'FAILED' in printed and '(not written)' in printed
+    if how == 'other images':
+        assert os.listdir(out / 'bbox') == [] and os.listdir(out / 'segm') == []   # no temporary left either
+        assert not earlier.exists()
+    else:
+        # The segm zip passed and is written; the bbox one failed: nothing under its name.
+        assert os.listdir(out / 'bbox') == [] and os.listdir(out / 'segm') == [NAME + '.zip']
+        assert check_submission(str(earlier), info_file).ok

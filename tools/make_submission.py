@@ -10,7 +10,8 @@ detections per image (highest scores across classes), and writes
     <out_dir>/segm/detections_test-dev2017_<alg>_results.zip
 
 each holding the .json of the same name; upload them separately (bbox, segm).
-Each zip is then checked as tools/check_submission.py does.
+Each zip is checked as tools/check_submission.py does before it gets its
+upload name: a zip that fails is not written (exit status 1).
 """
 import argparse
 import logging
@@ -20,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.errors import run_cli  # noqa: E402
-from utils.submission import check_submission, write_submission  # noqa: E402
+from utils.submission import write_submission  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,13 +36,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    paths = write_submission(args.results_dir, args.alg, args.info, args.out_dir)
-    status = 0
-    for kind, path in paths.items():
-        report = check_submission(path, args.info)
-        print(report.format())
-        status = status or (0 if report.ok else 1)
-    return status
+    reports = write_submission(args.results_dir, args.alg, args.info, args.out_dir)
+    for report in reports.values():
+        print(report.format() + ('' if report.ok else ' (not written)'))
+    return 0 if all(r.ok for r in reports.values()) else 1
 
 
 if __name__ == '__main__':

@@ -132,11 +132,14 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
         max_detections: per image, the highest-scoring ones across classes are kept.
 
     Returns:
-        {'bbox': path, 'segm': path} of the written zips (a kind whose results
-        file is absent is left out; neither present raises MissingFileError),
-        and logs per kind how many records were kept, dropped as foreign image
-        ids and dropped over the per-image limit. Each zip is written under a
-        temporary name and renamed when complete.
+        {'bbox': SubmissionReport, 'segm': SubmissionReport} (a kind whose
+        results file is absent is left out; neither present raises
+        MissingFileError); each report's ``zip_path`` is the zip's upload path.
+        Logs per kind how many records were kept, dropped as foreign image ids
+        and dropped over the per-image limit. Each zip is written under a
+        temporary name and checked (:func:`check_submission`, as its upload
+        name); only a zip that passes every check is renamed to its upload
+        name, one that fails is deleted.
     """
     name = submission_name(alg_name)
     images, _ = load_image_info(test_dev_info_file)
@@ -144,7 +147,7 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
                if os.path.isfile(os.path.join(results_dir, f))}
     if not present:
         raise MissingFileError(f'no {BBOX_FILE} or {MASK_FILE} in {results_dir}')
-    paths = {}
+    reports = {}
     for kind, src in present.items():
         scored, foreign = defaultdict(list), 0
         for i, rec in enumerate(iter_records(src)):
@@ -173,7 +176,9 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
                         member.write((b',\n' if written else b'\n') + json.dumps(rec).encode())
                         written += 1
                 member.write(b'\n]\n')
-            os.replace(tmp, final)
+            report = check_submission(tmp, test_dev_info_file, max_detections, upload_path=final)
+            if report.ok:
+                os.replace(tmp, final)
         except OSError as e:
             raise OutputError(f'cannot write {final} (nothing kept): {e.strerror}') from e
         finally:
@@ -182,8 +187,11 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
         logger.info('%s: %d detections on %d of %d test-dev images; dropped %d of other images '
                     'and %d over %d per image', final, written, len(scored), len(images), foreign,
                     total - written, max_detections)
-        paths[kind] = final
-    return paths
+        if not report.ok:
+            logger.warning('%s not written: it fails the check (%s)%s', final, ', '.join(report.failed()),
+                           '; the file of that name is from an earlier run' if os.path.exists(final) else '')
+        reports[kind] = report
+    return reports
 
 
 # ------------------------------------------------------------------ checking --
@@ -273,8 +281,11 @@ def _finite(values):
         return False
 
 
-def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS):
+def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS, upload_path=None):
     """Verify a server zip against the test-dev image-info file; returns a :class:`SubmissionReport`.
+
+    upload_path: the path the zip will have (write_submission checks its
+    temporary file as the upload name); default ``zip_path``.
 
     Checks, each reported by name: ``zip name`` (``detections_test-dev2017_<alg>_results.zip``),
     ``json name`` (one member, the same name with ``.json``), ``json`` (an array of
@@ -284,11 +295,11 @@ def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS
     info file's categories), ``scores`` (finite numbers), ``bbox`` (4 finite numbers,
     bbox kind) and ``segmentation`` (RLE decodable to the image's height x width, segm kind).
     """
-    report = SubmissionReport(zip_path)
+    report = SubmissionReport(upload_path or zip_path)
     if not os.path.isfile(zip_path):
         raise MissingFileError(f'submission zip not found: {zip_path}')
     images, categories = load_image_info(test_dev_info_file)
-    base = os.path.basename(zip_path)
+    base = os.path.basename(upload_path or zip_path)
     stem = base[:-len('.zip')] if base.endswith('.zip') else base
     m = re.match(r'^detections_test-dev2017_([A-Za-z0-9-]+)_results$', stem)
     report.add('zip name', base.endswith('.zip') and m,
