@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from data.coco import read_image
 from utils.drawing import draw_detections
-from utils.errors import MissingFileError, OutputError, UnreadableFileError, YolactError
+from utils.errors import ConfigError, MissingFileError, OutputError, UnreadableFileError, YolactError
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +88,35 @@ def eval_image(detector, in_path, out_path=None):
         logger.info('%s -> %s', in_path, out_path)
 
 
+def output_names(names):
+    """{input file name: drawing file name}: ``<stem>.png``, or ``<name>.png`` for inputs sharing a stem.
+
+    ``x.jpg`` and ``x.png`` would both draw to ``x.png``; they become
+    ``x.jpg.png`` and ``x.png.png`` instead. Stems are compared
+    case-insensitively (``X.jpg``, ``x.png`` collide on Windows and macOS).
+    Raises ConfigError if two drawings would still share a name.
+    """
+    by_stem = {}
+    for name in names:
+        by_stem.setdefault(os.path.splitext(name)[0].lower(), []).append(name)
+    out = {}
+    for group in by_stem.values():
+        for name in group:
+            out[name] = (os.path.splitext(name)[0] if len(group) == 1 else name) + '.png'
+    seen = {}
+    for name, drawn in out.items():
+        other = seen.setdefault(drawn.lower(), name)
+        if other != name:
+            raise ConfigError(f'--images: {other} and {name} would both be drawn to {drawn}; rename one')
+    return out
+
+
 def eval_images(detector, in_dir, out_dir, progress=True):
     """Detect in every file of ``in_dir`` (sorted); drawings go to ``out_dir/<stem>.png``.
 
-    Unreadable files are skipped with a warning naming them. Returns
-    (written paths, skipped input paths).
+    Inputs sharing a stem are drawn to ``<name>.png`` (:func:`output_names`);
+    a drawing never replaces one of the inputs (ConfigError). Unreadable files
+    are skipped with a warning naming them. Returns (written paths, skipped input paths).
     """
     if not os.path.isdir(in_dir):
         raise MissingFileError(f'--images: {in_dir!r} is not a folder')
@@ -101,6 +125,15 @@ def eval_images(detector, in_dir, out_dir, progress=True):
     except OSError as e:
         raise OutputError(f'cannot create output folder {out_dir!r}: {e.strerror}') from e
     names = sorted(n for n in os.listdir(in_dir) if os.path.isfile(os.path.join(in_dir, n)))
+    drawn_names = output_names(names)
+    renamed = [f'{n} -> {d}' for n, d in drawn_names.items() if d != os.path.splitext(n)[0] + '.png']
+    if renamed:
+        logger.info('inputs sharing a name are drawn under their full names: %s', ', '.join(renamed))
+    if os.path.samefile(in_dir, out_dir):
+        for name, drawn in drawn_names.items():
+            if drawn in drawn_names:
+                raise ConfigError(f'--images: the drawing of {name} would replace the input '
+                                  f'{os.path.join(in_dir, drawn)}; give another output folder')
     written, skipped = [], []
     for name in tqdm(names, unit='img', desc='Images', disable=not progress):
         in_path = os.path.join(in_dir, name)
@@ -110,7 +143,7 @@ def eval_images(detector, in_dir, out_dir, progress=True):
             logger.warning('skipping %s', e)
             skipped.append(in_path)
             continue
-        out_path = os.path.join(out_dir, os.path.splitext(name)[0] + '.png')
+        out_path = os.path.join(out_dir, drawn_names[name])
         _write_image(out_path, detector(image))
         written.append(out_path)
     logger.info('%d drawn images in %s%s', len(written), out_dir,
