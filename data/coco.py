@@ -184,6 +184,25 @@ def classes_from_categories(categories, class_names=None, source=''):
     return names, tuple((id_of[n], i + 1) for i, n in enumerate(names))
 
 
+def check_category_names(categories, source):
+    """Raise DatasetError naming the ids unless every category has its own name.
+
+    Classes are matched to categories by name (training file -> model ->
+    evaluated file), so two categories of one name would silently merge or
+    swap classes and write detections under the wrong category id.
+    """
+    ids_of = {}
+    for cat in categories:
+        name = cat.get('name')
+        if not isinstance(name, str):
+            raise DatasetError(f'{source}: category {cat["id"]} has no name')
+        ids_of.setdefault(name, []).append(cat['id'])
+    shared = {name: ids for name, ids in ids_of.items() if len(ids) > 1}
+    if shared:
+        listed = '; '.join(f'{name!r}: ids {", ".join(map(str, ids))}' for name, ids in sorted(shared.items()))
+        raise DatasetError(f'{source}: categories share a name ({listed}); give each category its own name')
+
+
 def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
     """A DatasetConfig for COCO-format files whose classes come from ``info_file``'s categories.
 
@@ -205,6 +224,7 @@ def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
     """
     info = load_annotations(info_file)
     categories = info.get('categories') or []
+    check_category_names(categories, info_file)
     model_classes = tuple(model_classes or ())
     if class_names is None and categories and all(c.get('name') in model_classes for c in categories):
         names = model_classes

@@ -360,7 +360,13 @@ def validate_coco(info_file, image_dir=None, label_map=None, check_files=False, 
     MissingFileError / DatasetError for a missing or malformed file (see
     :func:`load_annotations`). Other arguments as :func:`check_coco`.
     """
-    report = check_coco(load_annotations(info_file), info_file, image_dir, label_map, check_files)
+    data = load_annotations(info_file)
+    report = check_coco(data, info_file, image_dir, label_map, check_files)
+    listed = [img for img in data['images'] if isinstance(img, dict) and isinstance(img.get('file_name'), str)]
+    if check_files and listed and report.counts.get(MISSING_FILE, 0) == len(listed):
+        raise MissingFileError(f'none of the {len(listed)} images of {info_file} is in {image_dir} (e.g. '
+                               f'{image_file(image_dir, listed[0]["file_name"])} does not exist): '
+                               'is it the right image folder?')
     if report.unselected:
         ids = sorted(report.unselected)
         logger.info('%s: %d annotations of %d categories outside the classes ignored (category ids %s)',
