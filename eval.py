@@ -40,7 +40,8 @@ quiet_paddle_import()  # before the first import of paddle, here and in the Data
 from data.coco import COCOEvalImages, custom_dataset  # noqa: E402
 from data.config import DATASETS, coco_root_dataset  # noqa: E402
 from utils.augmentations import BaseTransform  # noqa: E402
-from utils.cli import add_coco_root_flag, add_data_loading_flags  # noqa: E402
+from utils.cli import (add_coco_root_flag, add_data_loading_flags, count_or_all, fraction,  # noqa: E402
+                       non_negative_int, positive_int)
 from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.evaluation import benchmark, evaluate  # noqa: E402
 from utils.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
@@ -94,7 +95,7 @@ def parse_args(argv=None):
                       help='custom dataset: comma-separated class names in the order the model was trained '
                            'with, matched to the category names of --valid_info (default: every category '
                            'in increasing id order, as train.py does)')
-    data.add_argument('--max_images', default=-1, type=int,
+    data.add_argument('--max_images', default=-1, type=count_or_all,
                       help='evaluate at most this many images (-1: all), chosen by the reference\'s '
                            'deterministic image-id hash, so the subset matches the reference\'s')
     data.add_argument('--output_coco_json', action='store_true',
@@ -104,7 +105,7 @@ def parse_args(argv=None):
                       help='folder of bbox_detections.json and mask_detections.json (always written by a '
                            'dataset evaluation, so that mAP can be recomputed from them)')
     data.add_argument('--log_dir', default='logs', help='folder of the saved mAP tables (eval_*.json)')
-    data.add_argument('--num_workers', default=2, type=int,
+    data.add_argument('--num_workers', default=2, type=non_negative_int,
                       help='DataLoader processes decoding and preprocessing images (0: in this process)')
     add_data_loading_flags(data)
     data.add_argument('--benchmark', action='store_true',
@@ -112,9 +113,9 @@ def parse_args(argv=None):
                            'writing results or computing mAP')
 
     detection = p.add_argument_group('detection')
-    detection.add_argument('--score_threshold', default=0.0, type=float,
+    detection.add_argument('--score_threshold', default=0.0, type=fraction,
                            help='drop detections whose score is not above this (mAP, results files and drawing)')
-    detection.add_argument('--top_k', default=5, type=int,
+    detection.add_argument('--top_k', default=5, type=positive_int,
                            help='draw at most this many detections per image or frame (drawing only; '
                                 'mAP uses every detection, as the reference does)')
     detection.add_argument('--fast_nms', default=True, type=str2bool,

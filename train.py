@@ -37,7 +37,8 @@ import paddle.distributed as dist  # noqa: E402
 
 from data.coco import custom_dataset  # noqa: E402
 from data.config import DATASETS, coco_root_dataset, get_config  # noqa: E402
-from utils.cli import add_coco_root_flag, add_data_loading_flags  # noqa: E402
+from utils.cli import (add_coco_root_flag, add_data_loading_flags, non_negative_int,  # noqa: E402
+                       positive_int)
 from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
@@ -53,7 +54,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description='YOLACT training', epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', default='yolact_base', help='config name, e.g. yolact_base, yolact_plus_resnet50')
-    p.add_argument('--batch_size', default=8, type=int,
+    p.add_argument('--batch_size', default=8, type=positive_int,
                    help='total batch size over all devices (the reference default, 8)')
     p.add_argument('--resume', default=None, type=str,
                    help="checkpoint to resume from (.pdparams, or a reference .pth: weights only); "
@@ -61,7 +62,7 @@ def parse_args(argv=None):
                         "--save_folder, 'latest' for the newest checkpoint of the config there")
     p.add_argument('--start_iter', default=-1, type=int,
                    help='iteration to resume at; -1 reads it from the checkpoint')
-    p.add_argument('--num_workers', default=4, type=int, help='DataLoader worker processes')
+    p.add_argument('--num_workers', default=4, type=non_negative_int, help='DataLoader worker processes')
     add_data_loading_flags(p)
     p.add_argument('--lr', '--learning_rate', default=None, type=float,
                    help='initial learning rate (default: the config, scaled with the batch size)')

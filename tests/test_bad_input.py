@@ -181,3 +181,112 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
     assert 'Traceback' not in result.stderr
     assert [line for line in result.stderr.splitlines() if line.startswith('error: ')] == [
         f"error: weights file not found: {tmp_path / 'yolact_base_54_800000.pth'}"]
+
+
+@pytest.mark.parametrize('program, argv, message', [
+    (train, ['--batch_size', '0'], 'argument --batch_size: 0 is not a positive integer'),
+    (train, ['--batch_size', '-1'], 'argument --batch_size: -1 is not a positive integer'),
+    (train, ['--num_workers', '-2'], 'argument --num_workers: -2 is not a non-negative integer'),
+    (eval_script, ['--trained_model', 'w.pdparams', '--top_k', '-1'], 'argument --top_k: -1 is not a positive integer'),
+    (eval_script, ['--trained_model', 'w.pdparams', '--top_k', '0'], 'argument --top_k: 0 is not a positive integer'),
+    (eval_script, ['--trained_model', 'w.pdparams', '--score_threshold', '1.5'],
+     'argument --score_threshold: 1.5 is not in [0, 1]'),
+    (eval_script, ['--trained_model', 'w.pdparams', '--max_images', '0'],
+     'argument --max_images: 0 is not a positive integer or -1 (all)'),
+])
+def test_numeric_flags_out_of_range_are_usage_errors(capsys, program, argv, message):
+    """Was: --batch_size 0 a ZeroDivisionError traceback, -1 an AssertionError; --top_k -1 drew nothing, silently."""
+    with pytest.raises(SystemExit) as info:
+        program.parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].endswith(f'error: {message}') and 'Traceback' not in err, err
+
+
+def test_every_training_image_missing_is_one_line(capsys, shapes, tmp_path):
+    empty = tmp_path / 'no_images'
+    empty.mkdir()
+    argv = train_argv(shapes, tmp_path, '--backbone_weights', 'none', '--max_iter', '1')
+    argv[argv.index('--train_images') + 1] = str(empty)
+    line = one_line_error(capsys, train.main, argv)
+    assert f'none of the 4 images of {shapes.train_info} is in {empty}' in line
+
+
+def test_fewer_images_than_one_batch_is_one_line(capsys, shapes, tmp_path):
+    argv = train_argv(shapes, tmp_path)
+    argv[argv.index('--batch_size') + 1] = '8'
+    line = one_line_error(capsys, train.main, argv + ['--backbone_weights', 'none'])
+    assert f'{shapes.train_info}: 4 usable training images are fewer than one batch of 8' in line
+
+
+def _copy_weights(weights, folder, name='mymodel'):
+    folder.mkdir(exist_ok=True)
+    path = folder / f'{name}.pdparams'
+    path.write_bytes(open(weights, 'rb').read())
+    return str(path), checkpoint.sidecar_paths(str(path))[1]
+
+
+@pytest.mark.parametrize('record, message', [
+    ('[1, 2]', 'the checkpoint record holds a list, not a JSON object'),
+    ('{"config": "yolact_shapes", "class_names": ["a"', 'the checkpoint record is not valid JSON'),
+    ('{"config": ["yolact_shapes"]}', '"config" is a list, not a config name'),
+    ('{"config": "yolact_nonexistent"}', "unknown config 'yolact_nonexistent'"),
+])
+def test_a_bad_sidecar_record_is_one_line_naming_it(capsys, weights, tmp_path, record, message):
+    """Was: a list -> AttributeError traceback; invalid JSON ignored with a warning (the config then guessed from
+    the file name); an unknown config reported without saying that the record named it."""
+    path, sidecar = _copy_weights(weights, tmp_path / 'w', name='yolact_shapes_1_10')
+    with open(sidecar, 'w') as f:
+        f.write(record)
+    line = one_line_error(capsys, eval_script.main, ['--trained_model', path, '--dygraph',
+                                                     '--image', f'{path}:{tmp_path}/out.png'])
+    assert line.startswith(f'error: {sidecar}: ') and message in line, line
+
+
+def test_images_sharing_a_stem_are_all_drawn(shapes, weights, tmp_path, caplog):
+    """Was: x.jpg and x.png both drawn to x.png (the second replaced the first) while the log said 2 were drawn."""
+    import cv2
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    image = cv2.imread(os.path.join(shapes.valid_images, '000001.jpg'))
+    cv2.imwrite(str(folder / 'x.jpg'), image)
+    cv2.imwrite(str(folder / 'x.png'), np.ascontiguousarray(image[::-1]))
+    cv2.imwrite(str(folder / 'y.png'), image)
+    out = tmp_path / 'out'
+    assert run_cli(eval_script.main, ['--trained_model', weights, '--dygraph', '--display_masks', 'false',
+                                      '--display_bboxes', 'false', '--display_text', 'false',
+                                      '--images', f'{folder}:{out}']) == 0
+    assert sorted(os.listdir(out)) == ['x.jpg.png', 'x.png.png', 'y.png']
+    # Nothing drawn (all overlays off): each drawing is its own input.
+    np.testing.assert_array_equal(cv2.imread(str(out / 'x.png.png')), cv2.imread(str(folder / 'x.png')))
+    np.testing.assert_array_equal(cv2.imread(str(out / 'x.jpg.png')), cv2.imread(str(folder / 'x.jpg')))
+
+
+def test_images_drawn_into_their_own_folder_never_replace_an_input(capsys, weights, tmp_path):
+    import cv2
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    cv2.imwrite(str(folder / 'a.png'), np.zeros((32, 32, 3), np.uint8))
+    before = (folder / 'a.png').read_bytes()
+    line = one_line_error(capsys, eval_script.main, ['--trained_model', weights, '--dygraph',
+                                                     '--images', f'{folder}:{folder}'])
+    assert 'would replace the input' in line and 'a.png' in line
+    assert (folder / 'a.png').read_bytes() == before
+
+
+def test_duplicate_category_names_are_refused_naming_the_ids(capsys, shapes, weights, tmp_path):
+    """Was: training accepted them; evaluation then mapped both categories to one class (wrong ids, dropped
+    detections)."""
+    with open(shapes.train_info) as f:
+        info = json.load(f)
+    info['categories'][2]['name'] = info['categories'][0]['name']
+    dup = tmp_path / 'dup.json'
+    dup.write_text(json.dumps(info))
+    name, first, third = info['categories'][0]['name'], info['categories'][0]['id'], info['categories'][2]['id']
+    argv = train_argv(shapes, tmp_path, '--backbone_weights', 'none', '--max_iter', '1')
+    argv[argv.index('--train_info') + 1] = str(dup)
+    line = one_line_error(capsys, train.main, argv)
+    assert f"{dup}: categories share a name ('{name}': ids {first}, {third})" in line
+    line = one_line_error(capsys, eval_script.main, ['--trained_model', weights, '--dygraph', '--valid_images',
+                                                     shapes.train_images, '--valid_info', str(dup)])
+    assert f"{dup}: categories share a name ('{name}': ids {first}, {third})" in line

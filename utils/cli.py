@@ -1,4 +1,7 @@
-"""Flags that train.py and eval.py share, defined once so that their meaning and help stay the same."""
+"""Flags that train.py and eval.py share, defined once so that their meaning and help stay the same,
+and the argparse types that check numeric flags (a bad value is argparse's one-line usage error)."""
+import argparse
+
 
 def add_data_loading_flags(parser):
     """--shared_memory and --strict on ``parser`` (an ArgumentParser or one of its groups)."""
@@ -16,3 +19,32 @@ def add_coco_root_flag(parser):
                         help='a COCO 2017 tree in the standard layout (train2017/, val2017/, test2017/, '
                              'annotations/...) used for coco2017_dataset / coco2017_testdev_dataset instead of '
                              'data/coco')
+
+
+def _int_flag(test, wanted):
+    """An argparse ``type``: an int passing ``test``, else argparse's one-line usage error saying ``wanted``."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f'{value} is not {wanted}')
+        return value
+    return parse
+
+
+positive_int = _int_flag(lambda v: v > 0, 'a positive integer')
+non_negative_int = _int_flag(lambda v: v >= 0, 'a non-negative integer')
+count_or_all = _int_flag(lambda v: v > 0 or v == -1, 'a positive integer or -1 (all)')
+
+
+def fraction(text):
+    """An argparse ``type``: a float in [0, 1] (a score threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f'{value} is not in [0, 1]')
+    return value

@@ -18,7 +18,7 @@ from data.samplers import ResumableBatchSampler, SeededSamples
 from layers.modules.multibox_loss import MultiBoxLoss
 from utils import checkpoint
 from utils.augmentations import BaseTransform, SSDAugmentation
-from utils.errors import ConfigError, MissingFileError, OutputError, YolactError
+from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, YolactError
 from utils.evaluation import evaluate
 from utils.logger import TrainingLogger
 from utils.lr_schedule import WarmupStepSchedule
@@ -186,7 +186,8 @@ class Trainer:
         self.train_set = SeededSamples(train_set, self.rng, opts.seed)
         self.epoch_size = len(train_set) // opts.batch_size
         if self.epoch_size == 0:
-            raise ValueError(f'{len(train_set)} training images are fewer than one batch of {opts.batch_size}')
+            raise DatasetError(f'{cfg.dataset.train_info}: {len(train_set)} usable training images are fewer '
+                               f'than one batch of {opts.batch_size} (--batch_size)')
         self.sampler = ResumableBatchSampler(self.train_set, opts.batch_size // world_size)
         batch_bytes = training_batch_bytes(cfg.max_size, opts.batch_size // world_size)
         self.loader = paddle.io.DataLoader(
