@@ -178,8 +178,11 @@ class _Rebuilder:
         if min(shape, default=0) < 0 or len(data) != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
             raise PaddleFileError(self.path, f'corrupt array: shape {shape} of {dtype} in {len(data)} bytes')
         array = np.frombuffer(data, dtype).reshape(shape, order='F' if fortran else 'C')
-        # A writable array of its own, in native byte order, as numpy's unpickling gives.
-        return array.astype(dtype.newbyteorder('='), order='C', copy=True)
+        if array.dtype.isnative and array.flags.c_contiguous:
+            # A read-only view of the file's bytes: a tensor copies it anyway, and
+            # _as_paddle_load_result copies the arrays it returns as arrays.
+            return array
+        return array.astype(dtype.newbyteorder('='), order='C')
 
 
 def _checked_dtype(spec):
@@ -207,7 +210,13 @@ def _as_bytes(data):
 
 
 def _as_paddle_load_result(obj, path, return_numpy):
-    """paddle.load's conversion of an unpickled object (paddle.framework.io.load, Paddle 2.6-3.3)."""
+    """paddle.load's conversion of an unpickled object (paddle.framework.io.load, Paddle 2.6-3.3);
+    every array returned is writable and owns its memory, as numpy's unpickling gives."""
+    obj = _converted(obj, path, return_numpy)
+    return _convert(obj, lambda v: isinstance(v, np.ndarray) and not v.flags.writeable, np.copy)
+
+
+def _converted(obj, path, return_numpy):
     if isinstance(obj, dict) and _BIG_PARAM_TABLE in obj:
         obj = _join_big_params(obj, path)
     if isinstance(obj, dict) and _NAME_TABLE in obj:
