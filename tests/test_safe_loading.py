@@ -288,3 +288,16 @@ def test_empty_and_truncated_files(tmp_path, good_weights):
     cut.write_bytes(open(good_weights, 'rb').read()[:5000])
     with pytest.raises(PaddleFileError, match=r'^cut\.pdparams: truncated'):
         load_paddle_file(str(cut))
+
+
+@pytest.mark.parametrize('module, name', [('numpy', 'dtype'), ('collections', 'OrderedDict'), ('numpy', 'ndarray')])
+def test_a_pickle_cannot_modify_an_allowed_global(tmp_path, module, name):
+    """BUILD on a global (``setattr(numpy.dtype stand-in, '__init__', ...)``) would outlive the load."""
+    slot_state = b'N}X\x08\x00\x00\x00__init__K\x01s\x86'  # (None, {'__init__': 1})
+    path = tmp_path / 'build.pdparams'
+    path.write_bytes(b'\x80\x02c' + f'{module}\n{name}\n'.encode() + slot_state + b'b.')
+    with pytest.raises(PaddleFileError, match=r'^build\.pdparams: corrupt pickle: TypeError: .* cannot be given a state'):
+        load_paddle_file(str(path))
+    good = str(tmp_path / 'good.pdparams')
+    paddle.save({'w': paddle.ones([2])}, good)
+    np.testing.assert_array_equal(load_paddle_file(good, return_numpy=True)['w'], np.ones(2, np.float32))

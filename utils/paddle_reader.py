@@ -31,7 +31,7 @@ import collections
 import numpy as np
 import paddle
 
-from utils.safe_pickle import PickleFileError, RestrictedUnpickler, unpickle
+from utils.safe_pickle import PickleFileError, RestrictedUnpickler, StandIn, unpickle
 
 _NAME_TABLE = 'StructuredToParameterName@@'
 _BIG_PARAM_TABLE = 'UnpackBigParamInfor@@'  # paddle's spelling
@@ -66,6 +66,10 @@ class _ArraySpec:
 
 class _NdarrayMarker:
     """Stands for the ``numpy.ndarray`` class, which only ``_reconstruct`` may take."""
+    __slots__ = ()
+
+    def __setstate__(self, state):
+        raise TypeError('numpy.ndarray cannot be given a state')
 
 
 _NDARRAY = _NdarrayMarker()
@@ -94,16 +98,16 @@ def _encode(text, encoding):
 
 
 _ALLOWED_GLOBALS = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('builtins', 'tuple'): tuple,
-    ('__builtin__', 'tuple'): tuple,
-    ('_codecs', 'encode'): _encode,
+    ('collections', 'OrderedDict'): StandIn(collections.OrderedDict),
+    ('builtins', 'tuple'): StandIn(tuple),
+    ('__builtin__', 'tuple'): StandIn(tuple),
+    ('_codecs', 'encode'): StandIn(_encode),
     ('numpy', 'ndarray'): _NDARRAY,
-    ('numpy', 'dtype'): _DtypeSpec,
+    ('numpy', 'dtype'): StandIn(_DtypeSpec),
 }
 for _core in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-    _ALLOWED_GLOBALS[(_core, '_reconstruct')] = _reconstruct
-    _ALLOWED_GLOBALS[(_core, 'scalar')] = _scalar
+    _ALLOWED_GLOBALS[(_core, '_reconstruct')] = StandIn(_reconstruct)
+    _ALLOWED_GLOBALS[(_core, 'scalar')] = StandIn(_scalar)
 
 
 class _Unpickler(RestrictedUnpickler):

@@ -30,7 +30,7 @@ from typing import Tuple
 
 import numpy as np
 
-from utils.safe_pickle import PickleFileError, RestrictedUnpickler, unpickle
+from utils.safe_pickle import PickleFileError, RestrictedUnpickler, StandIn, unpickle
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +95,10 @@ def _rebuild_parameter(data, _requires_grad, _backward_hooks):
 
 
 _ALLOWED_GLOBALS = {
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('torch._utils', '_rebuild_tensor'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
+    ('collections', 'OrderedDict'): StandIn(collections.OrderedDict),
+    ('torch._utils', '_rebuild_tensor'): StandIn(_rebuild_tensor),
+    ('torch._utils', '_rebuild_tensor_v2'): StandIn(_rebuild_tensor),
+    ('torch._utils', '_rebuild_parameter'): StandIn(_rebuild_parameter),
 }
 
 

@@ -23,10 +23,35 @@ class PickleFileError(WeightsError):
         super().__init__(f'{os.path.basename(path)}: {what}')
 
 
+class StandIn:
+    """An allow-listed global as a pickle gets it: callable, and immune to BUILD.
+
+    The BUILD opcode sets attributes on any object the pickle holds; on a
+    function or class of ours (or ``collections.OrderedDict``) that change would
+    outlive the load. A StandIn has no attributes to set and refuses a state.
+    """
+    __slots__ = ('_target',)
+
+    def __init__(self, target):
+        object.__setattr__(self, '_target', target)
+
+    def __call__(self, *args):
+        return self._target(*args)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f'{self!r} is read-only')
+
+    def __setstate__(self, state):
+        raise TypeError(f'{self!r} cannot be given a state')
+
+    def __repr__(self):
+        return f'StandIn({getattr(self._target, "__name__", self._target)!r})'
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only ``allowed`` globals.
 
-    Subclasses set ``allowed`` ({(module, name): stand-in}), ``error`` (a
+    Subclasses set ``allowed`` ({(module, name): StandIn or BUILD-proof marker}), ``error`` (a
     PickleFileError subclass, called with (path, message)) and ``refusal``
     (what the format may hold, said when refusing). Persistent ids are
     refused unless a subclass handles them.
