@@ -73,7 +73,7 @@ def _run_eval(argv):
 
 
 def _single_log(log_dir):
-    logs = [os.path.join(log_dir, n) for n in os.listdir(log_dir) if n.startswith('eval_')]
+    logs = [os.path.join(log_dir, n) for n in os.listdir(log_dir) if n.startswith('eval_') and n.endswith('.json')]
     assert len(logs) == 1, logs
     with open(logs[0]) as f:
         return json.load(f)
@@ -114,7 +114,7 @@ def test_ground_truth_as_detections_scores_ap_one(shapes, tmp_path):
             writer.add(image_id, det['classes'], det['boxes'], det['scores'], det['masks'])
     assert writer.num_images == NUM_VAL
     assert writer.num_detections == len(coco.getAnnIds())
-    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path})
+    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path}).metrics
     for iou_type in ('bbox', 'segm'):
         assert results[iou_type]['AP'] == pytest.approx(1.0)
         assert results[iou_type]['AP50'] == pytest.approx(1.0)
@@ -174,7 +174,7 @@ def test_empty_results_score_zero(shapes, tmp_path):
         pass
     with open(writer.bbox_path) as f:
         assert json.load(f) == []
-    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path})
+    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path}).metrics
     assert results['bbox']['AP'] == 0.0 and results['segm']['AP'] == 0.0
 
 
@@ -249,6 +249,66 @@ def test_evaluate_map_equals_cocoeval_on_the_written_files(shapes, tmp_path):
         assert [logged['results'][iou_type][m] for m in coco_eval.METRICS] == expected
         # A real score, neither perfect nor zero.
         assert 0.1 < expected[0] < 0.9
+
+
+def test_per_class_ap_equals_cocoeval_of_each_category_alone(shapes, tmp_path):
+    """Per-class AP (table, log JSON, PNG) against pycocotools run with params.catIds = [c] for each class."""
+    coco = COCO(shapes.valid_info)
+    cfg = get_config('yolact_shapes', dataset=shapes)
+    scripted = _imperfect_detections(coco, cfg.dataset.label_map_dict(), seed=1)
+    # One class's detections all dropped: its AP is 0, not left out.
+    dropped = cfg.dataset.label_map_dict()[coco.getCatIds()[-1]] - 1
+    for det in scripted.values():
+        keep = det['classes'] != dropped
+        for key in det:
+            det[key] = det[key][keep]
+    log_dir = str(tmp_path / 'logs')
+    summary = evaluate(_ScriptedPredictor(cfg, scripted), _IdImages(coco), str(tmp_path / 'results'),
+                       num_workers=0, log_dir=log_dir, progress=False)
+    logged = _single_log(log_dir)
+    assert logged['per_class'] == summary.per_class
+    assert [row['category_id'] for row in summary.per_class] == sorted(coco.getCatIds())
+    names = {c['id']: c['name'] for c in coco.loadCats(coco.getCatIds())}
+    values = []
+    for row in summary.per_class:
+        assert row['name'] == names[row['category_id']]
+        for iou_type in ('bbox', 'segm'):
+            alone = _cocoeval(shapes.valid_info, summary.files[iou_type], iou_type,
+                              category_ids=[row['category_id']])[0]
+            assert row[iou_type] == pytest.approx(alone, abs=1e-12), (row, iou_type)
+            values.append(alone)
+    assert min(values) == 0.0 and 0.1 < max(values)   # real, different numbers
+    # Their mean over classes is the overall AP, as COCOeval averages it.
+    for iou_type in ('bbox', 'segm'):
+        assert np.mean([row[iou_type] for row in summary.per_class]) == pytest.approx(
+            summary.results[iou_type]['AP'], abs=1e-12)
+    table = '\n'.join(logged['per_class_table'])
+    for row in summary.per_class:
+        assert f"{100 * row['segm']:7.2f}" in table.splitlines()[2 + summary.per_class.index(row)]
+    plot = cv2.imread(logged['per_class_plot'])
+    assert summary.plot_path == logged['per_class_plot'] and plot is not None and plot.std() > 10
+
+
+def test_per_class_ap_of_a_category_without_ground_truth_is_not_available(tmp_path):
+    """A category with no object in the images scored: -1 (n/a), as pycocotools' summarize gives it."""
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:10, 2:10] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    rle['counts'] = rle['counts'].decode()
+    gt = {'images': [{'id': 1, 'width': 20, 'height': 20, 'file_name': 'a.png'}],
+          'categories': [{'id': 1, 'name': 'a'}, {'id': 2, 'name': 'b'}],
+          'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [2, 2, 8, 8], 'area': 64,
+                           'iscrowd': 0, 'segmentation': rle}]}
+    gt_file = str(tmp_path / 'gt.json')
+    with open(gt_file, 'w') as f:
+        json.dump(gt, f)
+    results_file = str(tmp_path / 'dt.json')
+    with open(results_file, 'w') as f:
+        json.dump([{'image_id': 1, 'category_id': c, 'bbox': [2, 2, 8, 8], 'score': 0.9} for c in (1, 2)], f)
+    scores = coco_eval.evaluate_coco(gt_file, {'bbox': results_file})
+    assert [(r['name'], r['bbox']) for r in scores.per_class] == [('a', pytest.approx(1.0)), ('b', -1.0)]
+    assert _cocoeval(gt_file, results_file, 'bbox', category_ids=[2])[0] == -1.0
+    assert 'n/a' in coco_eval.format_per_class_table(scores.per_class).splitlines()[3]
 
 
 def test_a_model_of_some_categories_is_scored_on_those(shapes, tmp_path, caplog):

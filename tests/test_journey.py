@@ -85,7 +85,7 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     with open(os.path.join(results_dir, coco_eval.BBOX_FILE)) as f:
         dygraph_records = json.load(f)
     assert dygraph_records and {r['category_id'] for r in dygraph_records} <= {10, 20, 30, 40}
-    [log_name] = [n for n in os.listdir(log_dir) if n.startswith('eval_')]
+    [log_name] = [n for n in os.listdir(log_dir) if n.startswith('eval_') and n.endswith('.json')]
     with open(os.path.join(log_dir, log_name)) as f:
         logged = json.load(f)['results']
     gt = COCO(shapes.valid_info)

@@ -418,7 +418,7 @@ def test_fine_tuning_lowers_the_loss(tiny_config, shapes, coco_weights, tmp_path
     assert sorted(logged) == list(range(iters))
     assert logged[iters - 1] == pytest.approx(totals[-1], rel=1e-6)
     assert [x.id for x in reader.get_data('scalar', 'val/mask_AP')] == [20, iters]
-    assert len([f for f in os.listdir(tmp_path / 'logs') if f.startswith('eval_')]) == 2
+    assert len([f for f in os.listdir(tmp_path / 'logs') if f.startswith('eval_') and f.endswith('.json')]) == 2
 
 
 @needs_reference
