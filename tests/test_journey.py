@@ -117,7 +117,8 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     assert run_cli(eval_script.main, ['--trained_model', checkpoint, '--images', shapes.valid_images,
                                       '--output_coco_json', '--results_dir', saved, '--output_labelme', labelme_dir,
                                       '--dygraph']) == 0
-    # Its COCO results (ids from their image-info file, categories by name) are the dataset evaluation's, image for image.
+    # Its COCO results (ids from their image-info file, categories by name) are the dataset
+    # evaluation's, image for image.
     with open(os.path.join(saved, 'image_info.json')) as f:
         saved_info = json.load(f)
     file_of = {img['id']: img['file_name'] for img in saved_info['images']}

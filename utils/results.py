@@ -39,8 +39,8 @@ def class_indices(names, class_names):
     wanted = [n.strip() for n in names.split(',') if n.strip()]
     unknown = [n for n in wanted if n not in class_names]
     if unknown or not wanted:
-        raise ConfigError(f"--class_filter: {'unknown class ' + ', '.join(map(repr, unknown)) if unknown else 'no class'}"
-                          f"; the model's classes are {', '.join(class_names)}")
+        problem = 'unknown class ' + ', '.join(map(repr, unknown)) if unknown else 'no class named'
+        raise ConfigError(f"--class_filter: {problem}; the model's classes are {', '.join(class_names)}")
     return sorted({class_names.index(n) for n in wanted})
 
 
