@@ -72,7 +72,8 @@ def parse_args(argv=None):
                    help='learning-rate factor at each step (default: the config)')
     p.add_argument('--max_iter', default=None, type=int,
                    help="number of iterations (default: the config, scaled with the batch size); without "
-                        "--lr_steps the config's lr steps and warm-up are scaled to this length (logged)")
+                        "--lr_steps the config's lr steps are scaled to this length and the warm-up ends by the "
+                        "first of them (logged)")
     p.add_argument('--lr_steps', default=None, type=_iterations,
                    help='comma-separated iterations at which the lr is multiplied by --gamma, e.g. 1200,1600 '
                         '(default: the config\'s, scaled to --max_iter); used as given, not batch-scaled')
@@ -171,15 +172,19 @@ def build_config(args, world_size):
 
 
 def scale_schedule(cfg, max_iter):
-    """cfg with its lr steps and warm-up scaled by ``max_iter / cfg.max_iter`` (a short fine-tune decays too).
+    """cfg with its lr steps scaled by ``max_iter / cfg.max_iter`` and its warm-up fitted in before them.
 
     The reference keeps a config's steps (e.g. 280k..750k) whatever --max_iter
     says, so a 2,000-iteration fine-tune never decays; here they keep their
-    place in the schedule. A warm-up keeps at least one iteration.
+    place in the schedule. The warm-up keeps its length in iterations (it is
+    about the network's stability in its first updates, not a fraction of the
+    run: shortened 4x, the quickstart's from-scratch run went NaN at iteration
+    41), but ends by the first step at the latest: a step inside the warm-up
+    would be overwritten by it (the reference's order) and never apply.
     """
     factor = max_iter / cfg.max_iter
     steps = tuple(int(s * factor) for s in cfg.lr_steps)
-    warmup = max(1, int(cfg.lr_warmup_until * factor)) if cfg.lr_warmup_until > 0 else 0
+    warmup = min(cfg.lr_warmup_until, min(steps) if steps else max_iter)
     logger.info('--max_iter %d is %.4g x the config\'s %d: lr steps %s -> %s, warm-up %d -> %d iterations '
                 '(give --lr_steps to choose the steps)', max_iter, factor, cfg.max_iter, list(cfg.lr_steps),
                 list(steps), cfg.lr_warmup_until, warmup)

@@ -147,7 +147,7 @@ def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
         assert len(shown_png(cell)) == 1
     # Short schedule (scaled steps, logged), the best checkpoint kept and used for the saved predictions.
     # (batch 2: the steps are first scaled x4 to 1120000.., then to the 2 iterations)
-    assert 'lr steps [1120000, 2400000, 2800000, 3000000] -> [0, 1, 1, 1], warm-up 500 -> 1' in _cell_text(train_cell)
+    assert 'lr steps [1120000, 2400000, 2800000, 3000000] -> [0, 1, 1, 1], warm-up 500 -> 0' in _cell_text(train_cell)
     assert (work / 'checkpoints' / 'yolact_resnet50_best.pdparams').is_file()
     predictions = work / 'predictions'
     assert sorted(os.listdir(predictions)) == ['bbox_detections.json', 'image_info.json', 'mask_detections.json']

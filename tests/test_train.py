@@ -142,13 +142,13 @@ def test_batch_size_scaling_and_frozen_bn(shapes):
 
 
 def test_short_schedules_scale_or_take_their_lr_steps(caplog):
-    """--max_iter alone scales the config's steps and warm-up to the new length (logged); --lr_steps wins."""
+    """--max_iter alone scales the config's steps (logged), the warm-up ending by the first; --lr_steps wins."""
     caplog.set_level(logging.INFO)
     base = get_config('yolact_base')     # 800k iterations, steps 280k..750k, warm-up 500
     cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--max_iter', '20000']), world_size=1)
     assert cfg.max_iter == 20000
-    assert cfg.lr_steps == (7000, 15000, 17500, 18750) and cfg.lr_warmup_until == 12
-    assert any('lr steps [280000, 600000, 700000, 750000] -> [7000, 15000, 17500, 18750], warm-up 500 -> 12'
+    assert cfg.lr_steps == (7000, 15000, 17500, 18750) and cfg.lr_warmup_until == 500
+    assert any('lr steps [280000, 600000, 700000, 750000] -> [7000, 15000, 17500, 18750], warm-up 500 -> 500'
                in r.getMessage() for r in caplog.records)
     schedule = WarmupStepSchedule.from_config(cfg)
     assert schedule.lr_at(6999) == base.lr and schedule.lr_at(19999) == pytest.approx(base.lr * 1e-4)
@@ -156,7 +156,16 @@ def test_short_schedules_scale_or_take_their_lr_steps(caplog):
     # Batch scaling first (max_iter 3.2M at batch 2), then the steps follow --max_iter.
     cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--batch_size', '2',
                                                '--max_iter', '2000']), world_size=1)
-    assert cfg.lr_steps == (700, 1500, 1750, 1875) and cfg.lr_warmup_until == 1
+    assert cfg.lr_steps == (700, 1500, 1750, 1875) and cfg.lr_warmup_until == 500
+
+    # A warm-up reaching past the first step ends there, so that the step applies
+    # (the reference lets the warm-up overwrite steps inside it).
+    cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--max_iter', '1000']), world_size=1)
+    assert cfg.lr_steps == (350, 750, 875, 937) and cfg.lr_warmup_until == 350
+    schedule = WarmupStepSchedule.from_config(cfg)
+    assert schedule.lr_at(349) < base.lr and schedule.lr_at(351) == pytest.approx(base.lr * 0.1)
+    unfitted = dataclasses.replace(schedule, warmup_until=500)
+    assert unfitted.lr_at(351) > 5 * base.lr * 0.1     # keeping the warm-up: the step is overwritten
 
     cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--max_iter', '2000',
                                                '--lr_steps', '1600,1200']), world_size=1)
