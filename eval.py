@@ -18,6 +18,11 @@ Images, a folder, a video (a camera: --video 0), drawn:
     python eval.py ... --images in_folder:out_folder
     python eval.py ... --video in.mp4:out.mp4
 
+... or saved as data: COCO results with the folder's image-info file in --results_dir, one labelme
+JSON per image (polygons, to correct in labelme and train on), only some classes (OUT optional):
+    python eval.py ... --images in_folder --output_coco_json --output_labelme labelme_folder \\
+        --class_filter person,dog --score_threshold 0.3
+
 On a CPU the network runs through Paddle Inference (oneDNN) by default: the weights are exported on
 first use into a cache keyed by their content ($YOLACT_CACHE, default ~/.cache/yolact/exported);
 --dygraph opts out. An export made with tools/export_model.py runs with --inference_model PREFIX.
@@ -27,7 +32,8 @@ while the network runs, and each image's detections are RLE-encoded and
 appended to the results files right after post-processing, so memory does
 not grow with the dataset. Unreadable images are skipped, named in the log
 and counted in the summary. mAP is pycocotools' COCOeval on the files
-written; the table is printed and saved under --log_dir.
+written; the tables (overall and per class) are printed and saved under --log_dir
+with a PNG of per-class AP and precision-recall curves.
 """
 import argparse
 import dataclasses
@@ -46,6 +52,7 @@ from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.evaluation import benchmark, evaluate  # noqa: E402
 from utils.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
+from utils.results import InferenceResults, class_indices  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 logger = logging.getLogger('eval')
@@ -99,8 +106,9 @@ def parse_args(argv=None):
                       help='evaluate at most this many images (-1: all), chosen by the reference\'s '
                            'deterministic image-id hash, so the subset matches the reference\'s')
     data.add_argument('--output_coco_json', action='store_true',
-                      help='only write bbox_detections.json and mask_detections.json to --results_dir, '
-                           'without computing mAP (for the COCO evaluation server)')
+                      help='dataset: only write bbox_detections.json and mask_detections.json to --results_dir, '
+                           'without computing mAP (for the COCO evaluation server); --image/--images/--video: '
+                           'write them with image_info.json, the COCO image-info file of the images or frames')
     data.add_argument('--results_dir', default='results',
                       help='folder of bbox_detections.json and mask_detections.json (always written by a '
                            'dataset evaluation, so that mAP can be recomputed from them)')
@@ -122,15 +130,23 @@ def parse_args(argv=None):
                            help='Fast NMS (true, the default) or traditional greedy NMS (false)')
     detection.add_argument('--cross_class_nms', default=False, type=str2bool,
                            help='suppress overlapping boxes across classes (Fast NMS only)')
+    detection.add_argument('--class_filter', default=None, metavar='NAMES',
+                           help="comma-separated class names to keep (the model's names); the others are "
+                                'neither drawn nor written nor scored')
 
     display = p.add_argument_group('images and videos')
     display.add_argument('--image', default=None, metavar='IN[:OUT]',
-                         help='detect in one image; write the drawing to OUT, or show it in a window')
-    display.add_argument('--images', default=None, metavar='IN_DIR:OUT_DIR',
-                         help='detect in every image of IN_DIR; drawings go to OUT_DIR/<name>.png')
+                         help='detect in one image; write the drawing to OUT, or show it in a window '
+                              '(not with --output_coco_json/--output_labelme)')
+    display.add_argument('--images', default=None, metavar='IN_DIR[:OUT_DIR]',
+                         help='detect in every image of IN_DIR; drawings go to OUT_DIR/<name>.png (OUT_DIR may '
+                              'be left out with --output_coco_json/--output_labelme)')
     display.add_argument('--video', default=None, metavar='IN[:OUT]',
                          help='detect in a video file or a camera (a number: its index); write OUT (mp4), '
-                              'or show it in a window (Esc stops)')
+                              'or show it in a window (Esc stops; not with --output_coco_json)')
+    display.add_argument('--output_labelme', default=None, metavar='DIR',
+                         help='--image/--images: write DIR/<image name>.json, the detections as labelme '
+                              'polygons (open DIR in labelme to correct them)')
     display.add_argument('--display_masks', default=True, type=str2bool, help='draw the masks')
     display.add_argument('--display_bboxes', default=True, type=str2bool, help='draw the boxes')
     display.add_argument('--display_text', default=True, type=str2bool, help='draw class names')
@@ -143,8 +159,10 @@ def parse_args(argv=None):
     if args.tensorrt and args.inference_model is None:
         p.error('--tensorrt needs --inference_model')
     modes = [m for m in ('image', 'images', 'video') if getattr(args, m) is not None]
-    if len(modes) > 1 or (modes and (args.benchmark or args.output_coco_json)):
+    if len(modes) > 1 or (modes and args.benchmark) or (args.benchmark and args.output_coco_json):
         p.error('choose one mode: --image, --images, --video, --benchmark or a dataset evaluation')
+    if args.output_labelme is not None and not (args.image or args.images):
+        p.error('--output_labelme needs image files: use it with --image or --images')
     if args.dataset is not None and (args.valid_images or args.valid_info):
         p.error('give either --dataset or --valid_images/--valid_info')
     if args.coco_root and (args.valid_images or args.valid_info):
@@ -191,25 +209,36 @@ def build_predictor(args):
     return predictor
 
 
+def run_media(args, predictor, class_filter):
+    """--image, --images or --video: drawings, and the detections as data when asked."""
+    draw = dict(top_k=args.top_k, draw_masks=args.display_masks, draw_boxes=args.display_bboxes,
+                draw_text=args.display_text, draw_scores=args.display_scores, class_filter=class_filter)
+    mode = 'image' if args.image is not None else 'images' if args.images is not None else 'video'
+    source, out = split_io_spec(getattr(args, mode), mode)
+    as_data = args.output_coco_json or args.output_labelme is not None
+    if mode == 'images' and out is None and not as_data:
+        raise ConfigError('--images needs IN_DIR:OUT_DIR (or --output_coco_json / --output_labelme)')
+    with InferenceResults(predictor.class_names, args.results_dir if args.output_coco_json else None,
+                          args.output_labelme, image_root=source if mode == 'images' else None) as results:
+        detect = dict(results=results if as_data else None, **draw)
+        if mode == 'image':
+            eval_image(ImageDetector(predictor, **detect), source, out, show=not as_data)
+        elif mode == 'images':
+            eval_images(ImageDetector(predictor, **detect), source, out)
+        else:
+            # Per-class colours keep an object's colour stable from frame to frame.
+            eval_video(ImageDetector(predictor, class_color=True, **detect), source, out, show=not as_data)
+    return 0
+
+
 def main(argv=None):
     """Run the mode the flags select; returns the process exit code."""
     args = parse_args(argv)
     predictor = build_predictor(args)
-    draw = dict(top_k=args.top_k, draw_masks=args.display_masks, draw_boxes=args.display_bboxes,
-                draw_text=args.display_text, draw_scores=args.display_scores)
-    if args.image is not None:
-        eval_image(ImageDetector(predictor, **draw), *split_io_spec(args.image, 'image'))
-        return 0
-    if args.images is not None:
-        in_dir, out_dir = split_io_spec(args.images, 'images')
-        if out_dir is None:
-            raise ConfigError('--images needs IN_DIR:OUT_DIR')
-        eval_images(ImageDetector(predictor, **draw), in_dir, out_dir)
-        return 0
-    if args.video is not None:
-        # Per-class colours keep an object's colour stable from frame to frame.
-        eval_video(ImageDetector(predictor, class_color=True, **draw), *split_io_spec(args.video, 'video'))
-        return 0
+    class_filter = (class_indices(args.class_filter, predictor.class_names)
+                    if args.class_filter is not None else None)
+    if args.image is not None or args.images is not None or args.video is not None:
+        return run_media(args, predictor, class_filter)
 
     cfg = predictor.cfg
     ds = cfg.dataset
@@ -222,7 +251,7 @@ def main(argv=None):
     if not ds.has_gt and not args.output_coco_json:
         logger.info('%s has no ground truth: writing the results files only', ds.name)
     evaluate(predictor, dataset, args.results_dir, args.max_images, args.num_workers, compute_map=compute_map,
-             log_dir=args.log_dir, shared_memory=args.shared_memory)
+             log_dir=args.log_dir, shared_memory=args.shared_memory, class_filter=class_filter)
     return 0
 
 

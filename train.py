@@ -72,7 +72,12 @@ def parse_args(argv=None):
     p.add_argument('--gamma', default=None, type=float,
                    help='learning-rate factor at each step (default: the config)')
     p.add_argument('--max_iter', default=None, type=int,
-                   help='number of iterations (default: the config, scaled with the batch size)')
+                   help="number of iterations (default: the config, scaled with the batch size); without "
+                        "--lr_steps the config's lr steps are scaled to this length and the warm-up ends by the "
+                        "first of them (logged)")
+    p.add_argument('--lr_steps', default=None, type=_iterations,
+                   help='comma-separated iterations at which the lr is multiplied by --gamma, e.g. 1200,1600 '
+                        '(default: the config\'s, scaled to --max_iter); used as given, not batch-scaled')
     p.add_argument('--no_autoscale', dest='autoscale', action='store_false',
                    help=f'do not scale lr, max_iter and lr_steps by batch_size / {REFERENCE_BATCH_SIZE}')
     p.add_argument('--save_folder', default='weights/', help='checkpoint folder')
@@ -81,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument('--keep_latest', action='store_true', help='keep only the newest checkpoint')
     p.add_argument('--keep_latest_interval', default=100000, type=int,
                    help='with --keep_latest, still keep the checkpoints at multiples of this (0: none)')
+    p.add_argument('--keep_best', action='store_true',
+                   help='after each validation, keep the weights of the best mask AP so far as '
+                        '<save_folder>/<config>_best.pdparams (with its iteration and mAP in <config>_best.json)')
     p.add_argument('--validation_size', default=5000, type=int, help='images used for validation mAP')
     p.add_argument('--validation_epoch', default=2, type=int,
                    help='compute validation mAP every this many epochs and at the end; -1: never')
@@ -95,6 +103,9 @@ def parse_args(argv=None):
     p.add_argument('--class_names',
                    help='custom dataset: comma-separated class names, matched to the category names of '
                         '--train_info (default: every category, in increasing id order)')
+    p.add_argument('--include_background_images', action='store_true',
+                   help='also train on the images of --train_info without annotations, as negatives (every '
+                        'anchor background); off by default, as in the reference, which skips them')
     p.add_argument('--backbone_weights', default=None,
                    help="ImageNet backbone .pdparams (default: <save_folder>/<config's backbone file>.pdparams); "
                         "'none' trains from random initialisation")
@@ -111,7 +122,20 @@ def parse_args(argv=None):
         p.error('--resume continues a run, --trained_model starts one: give only one')
     if args.coco_root and any(getattr(args, f) for f in ('train_images', 'train_info', 'valid_images', 'valid_info')):
         p.error('give either --coco_root or the custom dataset flags')
+    if args.keep_best and args.validation_epoch <= 0:
+        p.error('--keep_best needs validation (--validation_epoch > 0 and a validation set)')
     return args
+
+
+def _iterations(text):
+    """'1200,1600' -> (1200, 1600): the --lr_steps value."""
+    try:
+        steps = tuple(int(v) for v in text.split(',') if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected comma-separated iterations, got {text!r}') from None
+    if not steps or any(s <= 0 for s in steps):
+        raise argparse.ArgumentTypeError(f'expected positive iterations, got {text!r}')
+    return tuple(sorted(steps))
 
 
 def build_config(args, world_size):
@@ -135,13 +159,37 @@ def build_config(args, world_size):
         logger.info('scaling lr, max_iter and lr_steps by %.2f for a batch size of %d', factor, args.batch_size)
         cfg = dataclasses.replace(cfg, lr=cfg.lr * factor, max_iter=int(cfg.max_iter // factor),
                                   lr_steps=tuple(int(s // factor) for s in cfg.lr_steps))
-    overrides = {name: getattr(args, name) for name in ('lr', 'momentum', 'decay', 'gamma', 'max_iter')
+    if args.max_iter is not None and args.lr_steps is None and args.max_iter != cfg.max_iter:
+        cfg = scale_schedule(cfg, args.max_iter)
+    overrides = {name: getattr(args, name) for name in ('lr', 'momentum', 'decay', 'gamma', 'max_iter', 'lr_steps')
                  if getattr(args, name) is not None}
     cfg = dataclasses.replace(cfg, **overrides)
+    if any(step >= cfg.max_iter for step in cfg.lr_steps):
+        logger.warning('lr steps %s at or after max_iter %d never apply', list(cfg.lr_steps), cfg.max_iter)
 
     if args.batch_size % world_size:
         raise ConfigError(f'--batch_size {args.batch_size} does not split evenly over {world_size} devices')
     return dataclasses.replace(cfg, freeze_bn=batch_norm_frozen(cfg, train_options(args), world_size))
+
+
+def scale_schedule(cfg, max_iter):
+    """cfg with its lr steps scaled by ``max_iter / cfg.max_iter`` and its warm-up fitted in before them.
+
+    The reference keeps a config's steps (e.g. 280k..750k) whatever --max_iter
+    says, so a 2,000-iteration fine-tune never decays; here they keep their
+    place in the schedule. The warm-up keeps its length in iterations (it is
+    about the network's stability in its first updates, not a fraction of the
+    run: shortened 4x, the quickstart's from-scratch run went NaN at iteration
+    41), but ends by the first step at the latest: a step inside the warm-up
+    would be overwritten by it (the reference's order) and never apply.
+    """
+    factor = max_iter / cfg.max_iter
+    steps = tuple(int(s * factor) for s in cfg.lr_steps)
+    warmup = min(cfg.lr_warmup_until, min(steps) if steps else max_iter)
+    logger.info('--max_iter %d is %.4g x the config\'s %d: lr steps %s -> %s, warm-up %d -> %d iterations '
+                '(give --lr_steps to choose the steps)', max_iter, factor, cfg.max_iter, list(cfg.lr_steps),
+                list(steps), cfg.lr_warmup_until, warmup)
+    return dataclasses.replace(cfg, lr_steps=steps, lr_warmup_until=warmup)
 
 
 def train_options(args):

@@ -250,32 +250,36 @@ class COCODetection(Dataset):
     strict: a bad annotation-file entry raises DatasetError instead of being
         skipped with a warning (see data.validation).
     check_files: drop (or, with strict, refuse) images whose file is missing.
+    include_background: list every image of the file, also those without a
+        (non-crowd) annotation, as negatives: all their anchors are background.
 
     With ground truth, only images with at least one non-crowd annotation are
-    listed: an image of crowd regions alone gives the loss no positive example.
-    (The reference lists every annotated image.)
+    listed unless ``include_background``: an image of crowd regions alone
+    gives the loss no positive example. (The reference lists every annotated image.)
     """
 
     def __init__(self, image_path, info_file, transform=None, label_map=None, has_gt=True, strict=False,
-                 check_files=True):
+                 check_files=True, include_background=False):
         self.root = image_path
         self.validation = validate_coco(info_file, image_path, label_map, check_files=check_files, strict=strict)
         self.coco = load_coco(info_file, self.validation.data)
         self.transform = transform
         self.label_map = _sorted_label_map(self.coco) if label_map is None else dict(label_map)
         self.has_gt = has_gt
-        if has_gt:
+        self.include_background = include_background
+        if has_gt and not include_background:
             self.ids = [img_id for img_id, anns in self.coco.imgToAnns.items()
                         if any(not ann.get('iscrowd', 0) for ann in anns)]
         else:
             self.ids = list(self.coco.imgs.keys())
 
     @classmethod
-    def from_config(cls, cfg, transform=None, train=True, strict=False):
+    def from_config(cls, cfg, transform=None, train=True, strict=False, include_background=False):
         """The training (``train=True``) or validation split of ``cfg.dataset``."""
         ds = cfg.dataset
         if train:
-            return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict(), strict=strict)
+            return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict(), strict=strict,
+                       include_background=include_background)
         return cls(ds.valid_images, ds.valid_info, transform, ds.label_map_dict(), ds.has_gt, strict=strict)
 
     def __len__(self):
@@ -303,7 +307,8 @@ class COCODetection(Dataset):
         height/width are the original image's. If the image file cannot be read
         (logged as a warning), or with ground truth the augmentation leaves no
         non-crowd object (e.g. every box became too small), the following
-        images are tried in turn (the reference draws a random one).
+        images are tried in turn (the reference draws a random one); with
+        ``include_background`` such an image is kept, as a negative.
         """
         unreadable = 0
         for offset in range(len(self.ids)):
@@ -315,7 +320,7 @@ class COCODetection(Dataset):
                 unreadable += 1
                 continue
             target, num_crowds = sample[1], sample[5]
-            if not self.has_gt or len(target) > num_crowds:
+            if not self.has_gt or self.include_background or len(target) > num_crowds:
                 return sample
             logger.debug('augmentation left image %d without objects; using the next image', img_id)
         if unreadable == len(self.ids):

@@ -73,7 +73,7 @@ def _run_eval(argv):
 
 
 def _single_log(log_dir):
-    logs = [os.path.join(log_dir, n) for n in os.listdir(log_dir) if n.startswith('eval_')]
+    logs = [os.path.join(log_dir, n) for n in os.listdir(log_dir) if n.startswith('eval_') and n.endswith('.json')]
     assert len(logs) == 1, logs
     with open(logs[0]) as f:
         return json.load(f)
@@ -114,7 +114,7 @@ def test_ground_truth_as_detections_scores_ap_one(shapes, tmp_path):
             writer.add(image_id, det['classes'], det['boxes'], det['scores'], det['masks'])
     assert writer.num_images == NUM_VAL
     assert writer.num_detections == len(coco.getAnnIds())
-    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path})
+    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path}).metrics
     for iou_type in ('bbox', 'segm'):
         assert results[iou_type]['AP'] == pytest.approx(1.0)
         assert results[iou_type]['AP50'] == pytest.approx(1.0)
@@ -174,7 +174,7 @@ def test_empty_results_score_zero(shapes, tmp_path):
         pass
     with open(writer.bbox_path) as f:
         assert json.load(f) == []
-    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path})
+    results = coco_eval.evaluate_coco(shapes.valid_info, {'bbox': writer.bbox_path, 'segm': writer.mask_path}).metrics
     assert results['bbox']['AP'] == 0.0 and results['segm']['AP'] == 0.0
 
 
@@ -249,6 +249,66 @@ def test_evaluate_map_equals_cocoeval_on_the_written_files(shapes, tmp_path):
         assert [logged['results'][iou_type][m] for m in coco_eval.METRICS] == expected
         # A real score, neither perfect nor zero.
         assert 0.1 < expected[0] < 0.9
+
+
+def test_per_class_ap_equals_cocoeval_of_each_category_alone(shapes, tmp_path):
+    """Per-class AP (table, log JSON, PNG) against pycocotools run with params.catIds = [c] for each class."""
+    coco = COCO(shapes.valid_info)
+    cfg = get_config('yolact_shapes', dataset=shapes)
+    scripted = _imperfect_detections(coco, cfg.dataset.label_map_dict(), seed=1)
+    # One class's detections all dropped: its AP is 0, not left out.
+    dropped = cfg.dataset.label_map_dict()[coco.getCatIds()[-1]] - 1
+    for det in scripted.values():
+        keep = det['classes'] != dropped
+        for key in det:
+            det[key] = det[key][keep]
+    log_dir = str(tmp_path / 'logs')
+    summary = evaluate(_ScriptedPredictor(cfg, scripted), _IdImages(coco), str(tmp_path / 'results'),
+                       num_workers=0, log_dir=log_dir, progress=False)
+    logged = _single_log(log_dir)
+    assert logged['per_class'] == summary.per_class
+    assert [row['category_id'] for row in summary.per_class] == sorted(coco.getCatIds())
+    names = {c['id']: c['name'] for c in coco.loadCats(coco.getCatIds())}
+    values = []
+    for row in summary.per_class:
+        assert row['name'] == names[row['category_id']]
+        for iou_type in ('bbox', 'segm'):
+            alone = _cocoeval(shapes.valid_info, summary.files[iou_type], iou_type,
+                              category_ids=[row['category_id']])[0]
+            assert row[iou_type] == pytest.approx(alone, abs=1e-12), (row, iou_type)
+            values.append(alone)
+    assert min(values) == 0.0 and 0.1 < max(values)   # real, different numbers
+    # Their mean over classes is the overall AP, as COCOeval averages it.
+    for iou_type in ('bbox', 'segm'):
+        assert np.mean([row[iou_type] for row in summary.per_class]) == pytest.approx(
+            summary.results[iou_type]['AP'], abs=1e-12)
+    table = '\n'.join(logged['per_class_table'])
+    for row in summary.per_class:
+        assert f"{100 * row['segm']:7.2f}" in table.splitlines()[2 + summary.per_class.index(row)]
+    plot = cv2.imread(logged['per_class_plot'])
+    assert summary.plot_path == logged['per_class_plot'] and plot is not None and plot.std() > 10
+
+
+def test_per_class_ap_of_a_category_without_ground_truth_is_not_available(tmp_path):
+    """A category with no object in the images scored: -1 (n/a), as pycocotools' summarize gives it."""
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:10, 2:10] = 1
+    rle = mask_util.encode(np.asfortranarray(mask))
+    rle['counts'] = rle['counts'].decode()
+    gt = {'images': [{'id': 1, 'width': 20, 'height': 20, 'file_name': 'a.png'}],
+          'categories': [{'id': 1, 'name': 'a'}, {'id': 2, 'name': 'b'}],
+          'annotations': [{'id': 1, 'image_id': 1, 'category_id': 1, 'bbox': [2, 2, 8, 8], 'area': 64,
+                           'iscrowd': 0, 'segmentation': rle}]}
+    gt_file = str(tmp_path / 'gt.json')
+    with open(gt_file, 'w') as f:
+        json.dump(gt, f)
+    results_file = str(tmp_path / 'dt.json')
+    with open(results_file, 'w') as f:
+        json.dump([{'image_id': 1, 'category_id': c, 'bbox': [2, 2, 8, 8], 'score': 0.9} for c in (1, 2)], f)
+    scores = coco_eval.evaluate_coco(gt_file, {'bbox': results_file})
+    assert [(r['name'], r['bbox']) for r in scores.per_class] == [('a', pytest.approx(1.0)), ('b', -1.0)]
+    assert _cocoeval(gt_file, results_file, 'bbox', category_ids=[2])[0] == -1.0
+    assert 'n/a' in coco_eval.format_per_class_table(scores.per_class).splitlines()[3]
 
 
 def test_a_model_of_some_categories_is_scored_on_those(shapes, tmp_path, caplog):
@@ -452,6 +512,158 @@ def test_cli_video_file_to_file(shapes, weights, tmp_path):
     capture = cv2.VideoCapture(out)
     assert capture.isOpened() and round(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
     capture.release()
+
+
+def _rasterised(polygons, height, width):
+    canvas = np.zeros((height, width), np.uint8)
+    cv2.fillPoly(canvas, [np.round(np.asarray(p)).astype(np.int32) for p in polygons], 1)
+    return canvas.astype(bool)
+
+
+def test_cli_images_saved_as_coco_results_and_labelme(shapes, weights, tmp_path):
+    """--images DIR --output_coco_json --output_labelme: what Predictor detects, as files, no drawings."""
+    folder = str(tmp_path / 'in')
+    shutil.copytree(shapes.valid_images, folder)
+    with open(os.path.join(folder, 'broken.jpg'), 'w') as f:
+        f.write('text')
+    results_dir, labelme_dir = str(tmp_path / 'results'), str(tmp_path / 'labelme')
+    _run_eval(['--trained_model', weights, '--images', folder, '--output_coco_json', '--results_dir', results_dir,
+               '--output_labelme', labelme_dir, '--score_threshold', '0.3'])
+    names = sorted(n for n in os.listdir(folder) if n != 'broken.jpg')
+    assert sorted(os.listdir(results_dir)) == ['bbox_detections.json', 'image_info.json', 'mask_detections.json']
+
+    # The image-info file: the folder's images (the unreadable one skipped), the model's classes.
+    info = COCO(os.path.join(results_dir, 'image_info.json'))
+    assert sorted(img['file_name'] for img in info.dataset['images']) == names
+    assert [(c['id'], c['name']) for c in info.dataset['categories']] == list(enumerate(SHAPE_CLASSES, 1))
+    boxes = info.loadRes(os.path.join(results_dir, coco_eval.BBOX_FILE))
+    masks = info.loadRes(os.path.join(results_dir, coco_eval.MASK_FILE))
+
+    predictor = Predictor(weights, score_threshold=0.3)
+    total = traced_masks = 0
+    for img in info.dataset['images']:
+        image = cv2.imread(os.path.join(folder, img['file_name']))
+        assert (img['height'], img['width']) == image.shape[:2]
+        expected = predictor(image)
+        box_records = boxes.loadAnns(boxes.getAnnIds(imgIds=img['id']))
+        mask_records = masks.loadAnns(masks.getAnnIds(imgIds=img['id']))
+        keep = [i for i, b in enumerate(expected['boxes']) if b[2] > b[0] and b[3] > b[1]]
+        assert [r['category_id'] for r in box_records] == [int(expected['classes'][i]) + 1 for i in keep]
+        np.testing.assert_allclose([r['score'] for r in box_records], expected['scores'][keep], rtol=1e-6)
+        for record, i in zip(mask_records, keep):
+            np.testing.assert_array_equal(mask_util.decode(record['segmentation']).astype(bool),
+                                          expected['masks'][i])
+        total += len(keep)
+
+        # labelme: the same detections as polygons that trace their masks.
+        with open(os.path.join(labelme_dir, os.path.splitext(img['file_name'])[0] + '.json')) as f:
+            labelme = json.load(f)
+        assert {k for k in labelme} >= {'version', 'flags', 'shapes', 'imagePath', 'imageData', 'imageHeight',
+                                       'imageWidth'}
+        assert labelme['imageData'] is None and (labelme['imageHeight'], labelme['imageWidth']) == image.shape[:2]
+        assert os.path.samefile(os.path.join(labelme_dir, labelme['imagePath']),
+                                os.path.join(folder, img['file_name']))
+        assert {s['shape_type'] for s in labelme['shapes']} <= {'polygon'}
+        # Shapes come in detection order, one per connected part of each mask (of 3 points or more).
+        parts_of = [sum(len(c) >= 3 for c in cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL,
+                                                             cv2.CHAIN_APPROX_SIMPLE)[0])
+                    for m in expected['masks']]
+        shapes_left = iter(labelme['shapes'])
+        for i, (label, mask, n) in enumerate(zip(expected['labels'], expected['masks'], parts_of)):
+            parts = [next(shapes_left) for _ in range(n)]
+            assert {p['label'] for p in parts} <= {label}
+            assert {p['group_id'] for p in parts} <= ({None} if n == 1 else {i})
+            if mask.sum() > 100:
+                traced = _rasterised([p['points'] for p in parts], *mask.shape)
+                assert (traced & mask).sum() / (traced | mask).sum() > 0.8, label
+                traced_masks += 1
+        assert next(shapes_left, None) is None
+    assert total > 0 and traced_masks > 0
+    assert sorted(os.listdir(labelme_dir)) == [os.path.splitext(n)[0] + '.json' for n in names]
+
+
+def test_class_filter_keeps_the_named_classes(shapes, weights, tmp_path):
+    image = os.path.join(shapes.valid_images, '000003.jpg')
+    runs = {}
+    for name, extra in (('all', []), ('some', ['--class_filter', 'star,circle'])):
+        results_dir = str(tmp_path / name)
+        _run_eval(['--trained_model', weights, '--image', image, '--output_coco_json', '--results_dir',
+                   results_dir, *extra])
+        with open(os.path.join(results_dir, coco_eval.MASK_FILE)) as f:
+            runs[name] = json.load(f)
+    wanted = {SHAPE_CLASSES.index('star') + 1, SHAPE_CLASSES.index('circle') + 1}
+    assert {r['category_id'] for r in runs['all']} - wanted          # the filter has something to drop
+    assert runs['some'] == [r for r in runs['all'] if r['category_id'] in wanted] and runs['some']
+
+    # A dataset evaluation scores the kept classes only.
+    log_dir = str(tmp_path / 'logs')
+    _run_eval(['--trained_model', weights, *_dataset_flags(shapes), '--results_dir', str(tmp_path / 'r'),
+               '--log_dir', log_dir, '--num_workers', '0', '--class_filter', 'star,circle'])
+    logged = _single_log(log_dir)
+    ids = {c['name']: c['id'] for c in COCO(shapes.valid_info).dataset['categories']}
+    assert logged['category_ids'] == sorted([ids['star'], ids['circle']])
+    assert [r['name'] for r in logged['per_class']] == sorted(['star', 'circle'], key=ids.get)
+    with open(logged['result_files']['segm']) as f:
+        assert {r['category_id'] for r in json.load(f)} <= {ids['star'], ids['circle']}
+
+    # An unknown name: a one-line error naming it and the model's classes.
+    code = run_cli(eval_script.main, ['--trained_model', weights, '--image', image, '--output_coco_json',
+                                      '--results_dir', str(tmp_path / 'x'), '--class_filter', 'star,dog'])
+    assert code == 1 and not os.path.exists(tmp_path / 'x')
+
+
+def test_cli_video_frames_saved_as_coco_results(shapes, weights, tmp_path):
+    src = str(tmp_path / 'in.mp4')
+    writer = cv2.VideoWriter(src, cv2.VideoWriter_fourcc(*'mp4v'), 10, (SIDE, SIDE))
+    for name in sorted(os.listdir(shapes.valid_images))[:3]:
+        writer.write(cv2.imread(os.path.join(shapes.valid_images, name)))
+    writer.release()
+    results_dir = str(tmp_path / 'results')
+    _run_eval(['--trained_model', weights, '--video', src, '--output_coco_json', '--results_dir', results_dir])
+    info = COCO(os.path.join(results_dir, 'image_info.json'))
+    assert [(img['id'], img['frame'], img['file_name']) for img in info.dataset['images']] == \
+        [(1, 0, 'in.mp4'), (2, 1, 'in.mp4'), (3, 2, 'in.mp4')]
+    records = info.loadRes(os.path.join(results_dir, coco_eval.MASK_FILE)).dataset['annotations']
+    assert {r['image_id'] for r in records} == {1, 2, 3}
+
+
+def test_mask_polygons_and_labelme_groups_of_a_two_part_mask(tmp_path):
+    from utils.results import labelme_record, mask_polygons
+    mask = np.zeros((40, 60), bool)
+    mask[5:20, 5:25] = True
+    mask[25:35, 40:55] = True
+    mask[38, 2] = True                                    # a single pixel: no polygon
+    polygons = mask_polygons(mask)
+    assert len(polygons) == 2
+    assert (_rasterised(polygons, 40, 60) == (mask & ~np.eye(40, 60, k=-36, dtype=bool))).all()
+    one = np.zeros((40, 60), bool)
+    one[10:30, 10:30] = True
+    out = {'labels': ['a', 'b'], 'scores': np.array([0.9, 0.5]), 'masks': np.stack([mask, one])}
+    record = labelme_record(out, str(tmp_path / 'img' / 'x.png'), str(tmp_path / 'lm' / 'x.json'), 40, 60)
+    assert [(s['label'], s['group_id']) for s in record['shapes']] == [('a', 0), ('a', 0), ('b', None)]
+    assert record['imagePath'] == os.path.join('..', 'img', 'x.png')
+    assert record['shapes'][2]['description'] == 'score 0.500'
+
+
+def test_inference_results_are_all_or_nothing(tmp_path):
+    from utils.results import IMAGE_INFO_FILE, InferenceResults
+    out = {'classes': np.array([0]), 'scores': np.array([0.9]), 'boxes': np.array([[1, 1, 5, 5]]),
+           'masks': np.ones((1, 8, 8), bool), 'labels': ['a']}
+    with pytest.raises(RuntimeError):
+        with InferenceResults(['a'], str(tmp_path / 'r')) as results:
+            results.add(out, 8, 8, str(tmp_path / 'x.png'))
+            raise RuntimeError('stopped midway')
+    assert os.listdir(tmp_path / 'r') == []
+    with InferenceResults(['a'], str(tmp_path / 'r')) as results:
+        results.add(out, 8, 8, str(tmp_path / 'x.png'))
+    assert sorted(os.listdir(tmp_path / 'r')) == sorted([coco_eval.BBOX_FILE, coco_eval.MASK_FILE, IMAGE_INFO_FILE])
+
+
+def test_output_labelme_needs_image_files(weights):
+    with pytest.raises(SystemExit):
+        eval_script.parse_args(['--trained_model', weights, '--video', 'in.mp4', '--output_labelme', 'x'])
+    with pytest.raises(SystemExit):
+        eval_script.parse_args(['--trained_model', weights, '--output_labelme', 'x'])
 
 
 def test_drawing_assembles_only_the_top_k_masks_it_draws(shapes, weights):

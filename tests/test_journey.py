@@ -1,15 +1,18 @@
 """The user's journey end to end, through the programs' main functions, as a user runs them:
 
 published (stand-in) yolact_resnet50 .pth -> train.py fine-tunes it on a 4-class COCO-format set
--> eval.py scores its val split (no --class_names: the classes travel with the checkpoint)
--> eval.py --image draws shape names -> tools/export_model.py -> the exported model gives the
-dygraph model's detections and names (eval.py --inference_model, Predictor.from_exported).
+with a short schedule (--max_iter scales the steps), validating and keeping the best checkpoint
+-> eval.py scores its val split (no --class_names: the classes travel with the checkpoint), per class too
+-> eval.py --images saves the detections as COCO results and labelme files, which score like the
+dataset evaluation's -> eval.py --image draws shape names -> tools/export_model.py -> the exported
+model gives the dygraph model's detections and names (eval.py --inference_model, Predictor.from_exported).
 
 The set's category ids are 10, 20, 30, 40 (not 1..4), so the results files must map the
 model's classes back to the set's own ids. A 128-pixel yolact_resnet50 keeps it small.
 """
 import dataclasses
 import json
+import logging
 import os
 
 import cv2
@@ -57,7 +60,7 @@ def journey_config():
 
 
 @needs_reference
-def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeypatch):
+def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeypatch, caplog):
     pytest.importorskip('torch')
     shapes = make_shapes_dataset(str(tmp_path / 'shapes'), num_train=4, num_val=3, size=SIDE, seed=0)
     _shift_category_ids(shapes.train_info)
@@ -66,16 +69,24 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     published = str(tmp_path / 'yolact_resnet50_54_800000.pth')
     mw.save_pth(mw.make_state_dict(mw.load_manifest('yolact_resnet50'), 0), published, legacy=True)
 
-    # 1. Fine-tune the published weights on the 4 shapes.
+    # 1. Fine-tune the published weights on the 4 shapes: a short schedule, validated, the best kept.
     weights_dir = str(tmp_path / 'weights')
+    caplog.set_level(logging.INFO)
     assert run_cli(train.main, [
         '--config', CONFIG, '--trained_model', published, '--batch_size', '2', '--no_autoscale',
-        '--max_iter', '2', '--lr', '1e-4', '--num_workers', '0', '--validation_epoch', '-1',
+        '--max_iter', '4', '--lr', '1e-4', '--num_workers', '0', '--validation_epoch', '1', '--keep_best',
         '--train_images', shapes.train_images, '--train_info', shapes.train_info,
+        '--valid_images', shapes.valid_images, '--valid_info', shapes.valid_info,
         '--save_folder', weights_dir, '--log_folder', str(tmp_path / 'logs')]) == 0
+    assert any('lr steps [280000, 600000, 700000, 750000] -> [1, 3, 3, 3], warm-up 2 -> 1' in r.getMessage()
+               for r in caplog.records)
     checkpoint = latest_checkpoint(weights_dir, CONFIG)
     with open(sidecar_paths(checkpoint)[1]) as f:
         assert json.load(f)['class_names'] == list(SHAPE_CLASSES)
+    best = os.path.join(weights_dir, f'{CONFIG}_best.pdparams')
+    [validation_log] = [n for n in os.listdir(tmp_path / 'logs') if n.startswith('eval_') and n.endswith('.json')]
+    with open(sidecar_paths(best)[1]) as f, open(tmp_path / 'logs' / validation_log) as g:
+        assert json.load(f)['mask_AP'] == json.load(g)['results']['segm']['AP']
 
     # 2. Evaluate on the val split: classes from the checkpoint, category ids from the set.
     results_dir, log_dir = str(tmp_path / 'results'), str(tmp_path / 'eval_logs')
@@ -85,7 +96,7 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     with open(os.path.join(results_dir, coco_eval.BBOX_FILE)) as f:
         dygraph_records = json.load(f)
     assert dygraph_records and {r['category_id'] for r in dygraph_records} <= {10, 20, 30, 40}
-    [log_name] = [n for n in os.listdir(log_dir) if n.startswith('eval_')]
+    [log_name] = [n for n in os.listdir(log_dir) if n.startswith('eval_') and n.endswith('.json')]
     with open(os.path.join(log_dir, log_name)) as f:
         logged = json.load(f)['results']
     gt = COCO(shapes.valid_info)
@@ -95,6 +106,38 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
         e.accumulate()
         e.summarize()
         assert [logged[iou_type][m] for m in coco_eval.METRICS] == list(e.stats[:6])
+    with open(os.path.join(log_dir, log_name)) as f:
+        log = json.load(f)
+    assert [(r['category_id'], r['name']) for r in log['per_class']] == [(10, 'circle'), (20, 'square'),
+                                                                        (30, 'triangle'), (40, 'star')]
+    assert os.path.isfile(log['per_class_plot'])
+
+    # 2b. The checkpoint runs on the val folder as plain images, saved as data: COCO results and labelme files.
+    saved, labelme_dir = str(tmp_path / 'saved'), str(tmp_path / 'labelme')
+    assert run_cli(eval_script.main, ['--trained_model', checkpoint, '--images', shapes.valid_images,
+                                      '--output_coco_json', '--results_dir', saved, '--output_labelme', labelme_dir,
+                                      '--dygraph']) == 0
+    # Its COCO results (ids from their image-info file, categories by name) are the dataset
+    # evaluation's, image for image.
+    with open(os.path.join(saved, 'image_info.json')) as f:
+        saved_info = json.load(f)
+    file_of = {img['id']: img['file_name'] for img in saved_info['images']}
+    class_of = {c['id']: c['name'] for c in saved_info['categories']}
+    gt_id = {img['file_name']: img['id'] for img in gt.dataset['images']}
+    gt_category = {c['name']: c['id'] for c in gt.dataset['categories']}
+    for name in (coco_eval.BBOX_FILE, coco_eval.MASK_FILE):
+        with open(os.path.join(saved, name)) as f:
+            from_images = [dict(r, image_id=gt_id[file_of[r['image_id']]],
+                                category_id=gt_category[class_of[r['category_id']]]) for r in json.load(f)]
+        with open(os.path.join(results_dir, name)) as f:
+            from_dataset = json.load(f)
+        def key(r):
+            return r['image_id'], -r['score']
+        from_images, from_dataset = sorted(from_images, key=key), sorted(from_dataset, key=key)
+        assert [(r['image_id'], r['category_id']) for r in from_images] == \
+            [(r['image_id'], r['category_id']) for r in from_dataset]
+        np.testing.assert_allclose([r['score'] for r in from_images], [r['score'] for r in from_dataset], atol=1e-5)
+    assert sorted(os.listdir(labelme_dir)) == sorted(os.path.splitext(n)[0] + '.json' for n in gt_id)
 
     # 3. Draw one image: the labels drawn are the shapes' names.
     drawn_labels = []

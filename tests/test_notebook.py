@@ -137,4 +137,22 @@ def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     assert (work / 'checkpoints').is_dir() and os.listdir(work / 'checkpoints')
     assert any(o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})
                for c in code_cells for o in c.outputs)
+
+    # The per-class AP table and figure, shown inline after the evaluation and the fine-tune's validation.
+    def shown_png(cell):
+        return [o for o in cell.outputs if o.get('output_type') == 'display_data' and 'image/png' in o.get('data', {})]
+    train_cell = next(c for c in code_cells if "'train.py'" in c.source)
+    for cell in (eval_cell, train_cell):
+        assert re.search(r'^ class +\| +box AP \| mask AP \|$', _cell_text(cell), re.M), cell.source
+        assert len(shown_png(cell)) == 1
+    # Short schedule (scaled steps, logged), the best checkpoint kept and used for the saved predictions.
+    # (batch 2: the steps are first scaled x4 to 1120000.., then to the 2 iterations)
+    assert 'lr steps [1120000, 2400000, 2800000, 3000000] -> [0, 1, 1, 1], warm-up 500 -> 0' in _cell_text(train_cell)
+    assert (work / 'checkpoints' / 'yolact_resnet50_best.pdparams').is_file()
+    predictions = work / 'predictions'
+    assert sorted(os.listdir(predictions)) == ['bbox_detections.json', 'image_info.json', 'mask_detections.json']
+    with open(predictions / 'image_info.json') as f:
+        listed = sorted(img['file_name'] for img in json.load(f)['images'])
+    assert listed == sorted(os.listdir(work / 'samples'))
+    assert sorted(os.listdir(work / 'labelme')) == [os.path.splitext(n)[0] + '.json' for n in listed]
     assert os.path.isfile(work / 'exported' / 'yolact_resnet50.pdiparams')

@@ -141,6 +141,163 @@ def test_batch_size_scaling_and_frozen_bn(shapes):
     assert (cfg.lr, cfg.max_iter, cfg.lr_steps) == (base.lr, base.max_iter, base.lr_steps)
 
 
+def test_short_schedules_scale_or_take_their_lr_steps(caplog):
+    """--max_iter alone scales the config's steps (logged), the warm-up ending by the first; --lr_steps wins."""
+    caplog.set_level(logging.INFO)
+    base = get_config('yolact_base')     # 800k iterations, steps 280k..750k, warm-up 500
+    cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--max_iter', '20000']), world_size=1)
+    assert cfg.max_iter == 20000
+    assert cfg.lr_steps == (7000, 15000, 17500, 18750) and cfg.lr_warmup_until == 500
+    assert any('lr steps [280000, 600000, 700000, 750000] -> [7000, 15000, 17500, 18750], warm-up 500 -> 500'
+               in r.getMessage() for r in caplog.records)
+    schedule = WarmupStepSchedule.from_config(cfg)
+    assert schedule.lr_at(6999) == base.lr and schedule.lr_at(19999) == pytest.approx(base.lr * 1e-4)
+
+    # Batch scaling first (max_iter 3.2M at batch 2), then the steps follow --max_iter.
+    cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--batch_size', '2',
+                                               '--max_iter', '2000']), world_size=1)
+    assert cfg.lr_steps == (700, 1500, 1750, 1875) and cfg.lr_warmup_until == 500
+
+    # A warm-up reaching past the first step ends there, so that the step applies
+    # (the reference lets the warm-up overwrite steps inside it).
+    cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--max_iter', '1000']), world_size=1)
+    assert cfg.lr_steps == (350, 750, 875, 937) and cfg.lr_warmup_until == 350
+    schedule = WarmupStepSchedule.from_config(cfg)
+    assert schedule.lr_at(349) < base.lr and schedule.lr_at(351) == pytest.approx(base.lr * 0.1)
+    unfitted = dataclasses.replace(schedule, warmup_until=500)
+    assert unfitted.lr_at(351) > 5 * base.lr * 0.1     # keeping the warm-up: the step is overwritten
+
+    cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--max_iter', '2000',
+                                               '--lr_steps', '1600,1200']), world_size=1)
+    assert (cfg.max_iter, cfg.lr_steps, cfg.lr_warmup_until) == (2000, (1200, 1600), base.lr_warmup_until)
+    cfg = train.build_config(train.parse_args(['--config', 'yolact_base', '--lr_steps', '5']), world_size=1)
+    assert (cfg.max_iter, cfg.lr_steps) == (base.max_iter, (5,))
+    for bad in ('a,b', '0', ''):
+        with pytest.raises(SystemExit):
+            train.parse_args(['--lr_steps', bad])
+    with pytest.raises(SystemExit):
+        train.parse_args(['--keep_best', '--validation_epoch', '-1'])
+
+
+def _bare_trainer(tmp_path, **options):
+    """A Trainer with a small net and optimizer, for its checkpoint logic alone."""
+    trainer = Trainer.__new__(Trainer)
+    trainer.net, trainer.optimizer, step = small_net_and_optimizer()
+    step()
+    trainer.opts = dataclasses.replace(train.train_options(train.parse_args([])),
+                                       save_folder=str(tmp_path), **options)
+    trainer.cfg = get_config('yolact_shapes')
+    trainer.schedule = WarmupStepSchedule.from_config(trainer.cfg)
+    trainer.scaler = paddle.amp.GradScaler(enable=False)
+    trainer.rank, trainer.epoch, trainer.iteration = 0, 0, 0
+    trainer.last_checkpoint = trainer.saved_iteration = None
+    trainer.best_path = os.path.join(str(tmp_path), 'yolact_shapes_best.pdparams')
+    trainer.best_mask_ap = -1.0
+    return trainer
+
+
+@pytest.mark.parametrize('save_interval, keep_interval', [(10, 30), (10, 10), (15, 10), (20, 10), (25, 0)])
+def test_keep_latest_keeps_the_checkpoints_at_multiples_of_the_interval(tmp_path, save_interval, keep_interval):
+    """--keep_latest deletes a checkpoint unless its own iteration is a multiple of --keep_latest_interval.
+
+    (It used to test the new checkpoint's iteration % interval against save_interval: with
+    save_interval >= keep_latest_interval every checkpoint to keep was deleted.)
+    """
+    trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=save_interval,
+                            keep_latest_interval=keep_interval)
+    saved = []
+    for iteration in range(save_interval, 6 * save_interval + 1, save_interval):
+        trainer.iteration = iteration
+        saved.append(trainer.save())
+        present = {checkpoint.SavePath.from_path(p).iteration for p in checkpoint._checkpoints(str(tmp_path))}
+        kept = {s for s in range(save_interval, iteration, save_interval) if keep_interval and s % keep_interval == 0}
+        assert present == kept | {iteration}, (iteration, present)
+    assert all(checkpoint.is_complete(p) for p in saved if checkpoint.SavePath.from_path(p).iteration in present)
+
+
+def test_keep_latest_never_deletes_a_file_it_did_not_name(tmp_path):
+    """The weights a run resumed from under another name (a .pth, a renamed file) stay."""
+    trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=10, keep_latest_interval=0)
+    resumed = str(tmp_path / 'my_best_weights.pdparams')
+    checkpoint.save_checkpoint(resumed, trainer.net, trainer.optimizer, {'iteration': 5})
+    trainer.last_checkpoint, trainer.iteration = resumed, 10
+    trainer.save()
+    assert checkpoint.is_complete(resumed)
+
+
+def test_keep_best_keeps_the_weights_of_the_best_mask_ap(tmp_path):
+    trainer = _bare_trainer(tmp_path, keep_best=True)
+    weights = {}
+    for iteration, mask_ap in ((4, 0.20), (8, 0.10), (12, 0.30), (16, 0.30)):
+        trainer.iteration = iteration
+        for p in trainer.net.parameters():
+            p.set_value(p.numpy() + 1.0)
+        weights[iteration] = {k: v.numpy().copy() for k, v in trainer.net.state_dict().items()}
+        trainer._keep_if_best({'segm': {'AP': mask_ap}, 'bbox': {'AP': mask_ap / 2}})
+        with open(checkpoint.sidecar_paths(trainer.best_path)[1]) as f:
+            state = json.load(f)
+        best = {4: 4, 8: 4, 12: 12, 16: 12}[iteration]       # a tie keeps the earlier one
+        assert (state['iteration'], state['mask_AP']) == (best, {4: 0.2, 12: 0.3}[best])
+        stored = paddle.load(trainer.best_path, return_numpy=True)
+        for key, value in weights[best].items():
+            np.testing.assert_array_equal(stored[key], value)
+    assert state['config'] == 'yolact_shapes' and state['class_names'] == list(SHAPE_CLASSES)
+    # The best checkpoint is not a checkpoint of the run: --resume latest never picks it.
+    assert checkpoint.latest_checkpoint(str(tmp_path), 'yolact_shapes') is None
+    # A resumed run continues from the recorded best; a new run starts over.
+    trainer.opts = dataclasses.replace(trainer.opts, resume='latest')
+    assert trainer._recorded_best() == 0.3
+    trainer.opts = dataclasses.replace(trainer.opts, resume=None)
+    assert trainer._recorded_best() == -1.0
+
+
+def _with_background_images(tmp_path, count=2):
+    """A 2-image shapes set plus ``count`` images without annotations (noise, no shape) in its train file."""
+    import cv2
+    ds = make_shapes_dataset(str(tmp_path / 'shapes_bg'), num_train=2, num_val=0, size=SIDE, seed=3)
+    with open(ds.train_info) as f:
+        info = json.load(f)
+    rng = np.random.RandomState(0)
+    for i in range(count):
+        name = f'background_{i}.jpg'
+        cv2.imwrite(os.path.join(ds.train_images, name), rng.randint(0, 255, (SIDE, SIDE, 3), dtype=np.uint8))
+        info['images'].append({'id': 1000 + i, 'file_name': name, 'width': SIDE, 'height': SIDE})
+    with open(ds.train_info, 'w') as f:
+        json.dump(info, f)
+    return ds
+
+
+@needs_reference
+def test_include_background_images_trains_on_images_without_objects(tiny_config, coco_weights, tmp_path,
+                                                                       monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    ds = _with_background_images(tmp_path)
+    objects_per_batch = []
+    original = Trainer.train_step
+
+    def recording(self, images, targets, masks, num_crowds, lr):
+        objects_per_batch.append(sorted(len(t) for t in targets))
+        losses = original(self, images, targets, masks, num_crowds, lr)
+        objects_per_batch[-1] = (objects_per_batch[-1], losses)
+        return losses
+
+    monkeypatch.setattr(Trainer, 'train_step', recording)
+    argv = ['--config', CONFIG, '--batch_size', '2', '--no_autoscale', '--num_workers', '0',
+            '--train_images', ds.train_images, '--train_info', ds.train_info, '--validation_epoch', '-1',
+            '--trained_model', coco_weights, '--save_folder', str(tmp_path / 'w'), '--log_folder',
+            str(tmp_path / 'logs'), '--lr', '1e-4']
+    # Without the flag the reference's rule: the 2 background images are not listed (1 batch per epoch).
+    trainer = Trainer(train.build_config(train.parse_args(argv), 1), train.train_options(train.parse_args(argv)))
+    assert trainer.epoch_size == 1
+
+    assert train.main(argv + ['--include_background_images', '--max_iter', '2', '--seed', '1']) == 0
+    assert any('2 images without annotations as negatives' in r.getMessage() for r in caplog.records)
+    counts = [c for c, _ in objects_per_batch]
+    assert len(counts) == 2 and sum(c.count(0) for c in counts) == 2, counts
+    for _, losses in objects_per_batch:
+        assert all(np.isfinite(v) for v in losses.values()) and losses['loss_conf'] > 0, losses
+
+
 def test_batch_norm_is_never_frozen_without_pretrained_weights(tiny_config, shapes, tmp_path):
     """Frozen BatchNorm at random initialisation (mean 0, variance 1) normalises nothing: a from-scratch
     run at 2 images per device trains BatchNorm on batch statistics instead; a resumed run keeps its rule."""
@@ -381,7 +538,7 @@ def test_fine_tuning_lowers_the_loss(tiny_config, shapes, coco_weights, tmp_path
     caplog.set_level(logging.INFO)
     iters = 32
     argv = train_argv(shapes, tmp_path, '--trained_model', coco_weights, '--max_iter', str(iters),
-                      '--save_interval', '1000')
+                      '--save_interval', '1000', '--keep_best')
     argv[argv.index('--validation_epoch') + 1] = '4'
     assert train.main(argv) == 0
 
@@ -418,7 +575,20 @@ def test_fine_tuning_lowers_the_loss(tiny_config, shapes, coco_weights, tmp_path
     assert sorted(logged) == list(range(iters))
     assert logged[iters - 1] == pytest.approx(totals[-1], rel=1e-6)
     assert [x.id for x in reader.get_data('scalar', 'val/mask_AP')] == [20, iters]
-    assert len([f for f in os.listdir(tmp_path / 'logs') if f.startswith('eval_')]) == 2
+    eval_logs = sorted(f for f in os.listdir(tmp_path / 'logs') if f.startswith('eval_') and f.endswith('.json'))
+    assert len(eval_logs) == 2
+
+    # --keep_best: the weights of the validation with the best mask AP, with its numbers.
+    mask_aps = [x.value / 100 for x in reader.get_data('scalar', 'val/mask_AP')]
+    best = checkpoint.sidecar_paths(str(tmp_path / 'weights' / f'{CONFIG}_best.pdparams'))[1]
+    with open(best) as f:
+        best_state = json.load(f)
+    assert best_state['mask_AP'] == pytest.approx(max(mask_aps), abs=1e-6)
+    assert best_state['iteration'] == [20, iters][int(np.argmax(mask_aps))]
+    if best_state['iteration'] == iters:
+        best_weights = paddle.load(best[:-len('.json')] + '.pdparams', return_numpy=True)
+        for key in ('backbone.conv1.weight', 'prediction_layers.0.conf_layer.weight'):
+            np.testing.assert_array_equal(best_weights[key], trained[key])
 
 
 @needs_reference

@@ -13,9 +13,11 @@ than one image's full-size masks:
 Category ids are the dataset's own (label map inverted); YOLACT++ writes the
 box score with boxes and the mask-IoU rescored score with masks, as the
 reference does. :func:`evaluate_coco` runs pycocotools' COCOeval on those
-files and returns AP, AP50, AP75, APs, APm, APl for ``bbox`` and ``segm``.
+files and returns AP, AP50, AP75, APs, APm, APl for ``bbox`` and ``segm``, each
+category's AP and the precision-recall curves (:class:`CocoScores`).
 """
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -294,8 +296,53 @@ def load_results(coco_gt, results):
     return empty
 
 
+@dataclasses.dataclass
+class CocoScores:
+    """What COCOeval measured on a results file pair.
+
+    metrics: {iou_type: {metric: value}} with the metrics of :data:`METRICS` as
+        COCOeval reports them (fractions in [0, 1]; -1 where the ground truth
+        has no object of that size).
+    per_class: [{'category_id', 'name', 'bbox', 'segm'}], one row per scored
+        category in increasing id order: its AP (:func:`per_category_ap`), -1
+        for a category without ground truth.
+    precision: {iou_type: [T, R, K] array}: COCOeval's interpolated precision
+        at IoU threshold t, recall threshold r and category k (the order of
+        ``per_class``), all areas, 100 detections; -1 where undefined.
+    iou_thresholds: [T]; recall_thresholds: [R] (COCOeval's params).
+    """
+    metrics: dict
+    per_class: list
+    precision: dict
+    iou_thresholds: np.ndarray
+    recall_thresholds: np.ndarray
+
+
+def _all_areas_100_dets(evaluator):
+    """(area index, maxDets index) of COCOeval's 'all' area range and 100 detections."""
+    return evaluator.params.areaRngLbl.index('all'), evaluator.params.maxDets.index(100)
+
+
+def per_category_ap(evaluator):
+    """{category id: AP} of an accumulated COCOeval, as ``summarize`` averages AP for one category.
+
+    AP at IoU 0.5:0.95, all areas, 100 detections: the mean of the
+    precision array's entries for that category that are not -1 (-1 when
+    all are, i.e. the category has no ground truth in the images scored).
+    Equal to ``stats[0]`` of a COCOeval run with ``params.catIds = [id]``.
+    """
+    area, dets = _all_areas_100_dets(evaluator)
+    precision = evaluator.eval['precision']                      # [T, R, K, A, M]
+    out = {}
+    for k, category in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, area, dets]
+        defined = p[p > -1]
+        out[int(category)] = float(defined.mean()) if defined.size else -1.0
+    return out
+
+
 def evaluate_coco(coco_gt, result_files, image_ids=None, category_ids=None):
-    """COCO mAP of results files against ground truth.
+    """COCO mAP, overall and per category, of results files against ground truth.
 
     Args:
         coco_gt: a pycocotools COCO object or an annotation file path.
@@ -307,13 +354,12 @@ def evaluate_coco(coco_gt, result_files, image_ids=None, category_ids=None):
             ``None`` means every category of the ground truth.
 
     Returns:
-        {iou_type: {metric: value}} with the metrics of :data:`METRICS` as
-        COCOeval reports them (fractions in [0, 1]; -1 where the ground truth
-        has no object of that size).
+        a :class:`CocoScores`.
     """
     if isinstance(coco_gt, str):
         coco_gt = load_coco(coco_gt)
-    results = {}
+    metrics, per_category, precision = {}, {}, {}
+    params = None
     for iou_type in IOU_TYPES:
         if iou_type not in result_files:
             continue
@@ -327,35 +373,84 @@ def evaluate_coco(coco_gt, result_files, image_ids=None, category_ids=None):
             evaluator.evaluate()
             evaluator.accumulate()
             evaluator.summarize()
-        results[iou_type] = {name: float(v) for name, v in zip(METRICS, evaluator.stats[:len(METRICS)])}
-    return results
+        metrics[iou_type] = {name: float(v) for name, v in zip(METRICS, evaluator.stats[:len(METRICS)])}
+        per_category[iou_type] = per_category_ap(evaluator)
+        area, dets = _all_areas_100_dets(evaluator)
+        precision[iou_type] = np.array(evaluator.eval['precision'][:, :, :, area, dets])
+        params = evaluator.params
+    categories = sorted(params.catIds) if params is not None else []
+    per_class = [{'category_id': int(c), 'name': coco_gt.cats[c]['name'] if c in coco_gt.cats else str(c),
+                  **{t: per_category[t][c] for t in per_category}} for c in categories]
+    return CocoScores(metrics, per_class, precision,
+                      np.array(params.iouThrs) if params is not None else np.zeros(0),
+                      np.array(params.recThrs) if params is not None else np.zeros(0))
+
+
+def _percent(v):
+    return f'{100 * v:7.2f}' if v >= 0 else '    n/a'
 
 
 def format_table(results):
     """The mAP table, in percent, one row per IoU type (``n/a``: no ground truth of that size)."""
-    def cell(v):
-        return f'{100 * v:7.2f}' if v >= 0 else '    n/a'
-
     header = '      |' + '|'.join(f'{m:>7} ' for m in METRICS) + '|'
     sep = '-' * len(header)
-    rows = [f' {t:<4} |' + '|'.join(cell(results[t][m]) + ' ' for m in METRICS) + '|'
+    rows = [f' {t:<4} |' + '|'.join(_percent(results[t][m]) + ' ' for m in METRICS) + '|'
             for t in IOU_TYPES if t in results]
     return '\n'.join([header, sep] + rows + [sep])
 
 
-def write_eval_log(results, log_dir, run_name, **info):
-    """Save one evaluation's results as ``<log_dir>/eval_<run_name>_<time>.json``.
+def format_per_class_table(per_class):
+    """Per-class box and mask AP (0.5:0.95), in percent, one row per category (``n/a``: no ground truth)."""
+    width = max([len('class')] + [len(row['name']) for row in per_class])
+    kinds = [t for t in IOU_TYPES if any(t in row for row in per_class)]
+    names = {'bbox': 'box AP', 'segm': 'mask AP'}
+    header = f' {"class":<{width}} |' + '|'.join(f'{names[t]:>8} ' for t in kinds) + '|'
+    sep = '-' * len(header)
+    rows = [f' {row["name"]:<{width}} |' + '|'.join(' ' + _percent(row[t]) + ' ' for t in kinds) + '|'
+            for row in per_class]
+    return '\n'.join([header, sep] + rows + [sep])
+
+
+def write_json_atomic(path, obj, **dump_options):
+    """Write ``obj`` as JSON to ``path`` in one step: a temporary file beside it, then a rename.
+
+    A run that dies midway leaves ``path`` as it was (absent, or the previous complete file).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, 'w') as f:
+            json.dump(obj, f, **dump_options)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def eval_log_path(log_dir, run_name):
+    """A new ``<log_dir>/eval_<run_name>_<time>.json`` (two runs in the same second keep both logs)."""
+    os.makedirs(log_dir, exist_ok=True)
+    stem = os.path.join(log_dir, f"eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}")
+    path, n = stem + '.json', 1
+    while os.path.exists(path):
+        path, n = f'{stem}_{n}.json', n + 1
+    return path
+
+
+def write_eval_log(scores, path, **info):
+    """Save one evaluation's :class:`CocoScores` as the JSON ``path`` (see :func:`eval_log_path`).
 
     ``info`` (config, weights, dataset, image counts, ...) is stored next to the
     numbers so that a log alone says what was measured. Returns the path.
     """
-    os.makedirs(log_dir, exist_ok=True)
-    stem = os.path.join(log_dir, f"eval_{run_name}_{time.strftime('%Y%m%d-%H%M%S')}")
-    path, n = stem + '.json', 1
-    while os.path.exists(path):  # two runs in the same second keep both logs
-        path, n = f'{stem}_{n}.json', n + 1
-    with open(path, 'w') as f:
-        json.dump({'results': results, 'table': format_table(results).splitlines(), **info}, f, indent=2)
+    write_json_atomic(path, {'results': scores.metrics, 'table': format_table(scores.metrics).splitlines(),
+                             'per_class': scores.per_class,
+                             'per_class_table': format_per_class_table(scores.per_class).splitlines(),
+                             **info}, indent=2)
     return path
 
 

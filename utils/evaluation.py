@@ -16,7 +16,7 @@ import paddle
 from tqdm import tqdm
 
 from data.coco import check_batches, eval_collate
-from utils import coco_eval
+from utils import coco_eval, plots
 from utils.errors import DatasetError
 from utils.runtime import dataloader_shared_memory, eval_sample_bytes
 
@@ -31,15 +31,19 @@ class EvalSummary:
     """What a dataset evaluation did.
 
     results: {'bbox'|'segm': {metric: value}} (COCOeval fractions) or None when
-    mAP was not computed; image_ids: the images scored; skipped: ids of
-    unreadable images; files: {'bbox'|'segm': results file}; log_path: the
-    saved table; seconds: wall time of the image loop.
+    mAP was not computed; per_class: utils.coco_eval.CocoScores.per_class (or
+    None); image_ids: the images scored; skipped: ids of unreadable images;
+    files: {'bbox'|'segm': results file}; log_path: the saved table;
+    plot_path: the per-class AP and precision-recall PNG beside it;
+    seconds: wall time of the image loop.
     """
     results: dict
+    per_class: list
     image_ids: list
     skipped: list
     files: dict
     log_path: str
+    plot_path: str
     seconds: float
 
 
@@ -123,7 +127,7 @@ class BackgroundWriter:
 
 
 def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, compute_map=True, log_dir='logs',
-             progress=True, background=True, shared_memory='auto'):
+             progress=True, background=True, shared_memory='auto', class_filter=None):
     """Run a dataset and stream its detections into COCO results files; optionally score them.
 
     Args:
@@ -133,17 +137,22 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
         results_dir: where bbox_detections.json and mask_detections.json go.
         max_images: at most this many images (-1: all), see :func:`evaluation_order`.
         compute_map: run COCOeval on the files written (needs ground truth);
-            the table is printed, logged and saved under ``log_dir``.
+            the tables (overall and per class) are printed, logged and saved
+            under ``log_dir`` with a PNG of per-class AP and precision-recall curves.
         background: RLE-encode and write image i's detections in a thread
             while the network runs image i+1 (:class:`BackgroundWriter`);
             False does it in the loop (same files, byte for byte).
         shared_memory: the DataLoader's, see :func:`_loader`.
+        class_filter: 0-based classes to keep (None: all); the others are
+            neither written nor scored.
     Returns:
         an :class:`EvalSummary`.
     """
     cfg = predictor.cfg
     indices = evaluation_order(dataset.ids, max_images)
     class_to_cat = coco_eval.class_to_category(cfg.dataset.label_map_dict())
+    if class_filter is not None:
+        class_to_cat = {c: cat for c, cat in class_to_cat.items() if c in set(class_filter)}
     scored, skipped = [], []
     start = time.perf_counter()
     with coco_eval.CocoResultsWriter(results_dir, class_to_cat) as writer, \
@@ -174,22 +183,26 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
         logger.warning('%d unreadable image(s) skipped and not scored (ids %s)', len(skipped),
                        ', '.join(map(str, skipped[:20])) + (' ...' if len(skipped) > 20 else ''))
 
-    results = log_path = None
+    results = per_class = log_path = plot_path = None
     if compute_map:
         # The model's classes only: with a subset of the file's categories the
         # others have no detections and would each count as AP 0.
         categories = sorted(class_to_cat.values())
-        results = coco_eval.evaluate_coco(dataset.coco, files, image_ids=scored, category_ids=categories)
-        table = coco_eval.format_table(results)
+        scores = coco_eval.evaluate_coco(dataset.coco, files, image_ids=scored, category_ids=categories)
+        results, per_class = scores.metrics, scores.per_class
         others = len(set(dataset.coco.getCatIds()) - set(categories))
-        logger.info('mAP (COCOeval, %d images, %d categories%s) of %s:\n%s', len(scored), len(categories),
-                    f'; {others} other categories of the file not scored' if others else '', cfg.name, table)
-        log_path = coco_eval.write_eval_log(
-            results, log_dir, cfg.name, config=cfg.name, dataset=cfg.dataset.name,
+        logger.info('mAP (COCOeval, %d images, %d categories%s) of %s:\n%s\n%s', len(scored), len(categories),
+                    f'; {others} other categories of the file not scored' if others else '', cfg.name,
+                    coco_eval.format_table(results), coco_eval.format_per_class_table(per_class))
+        log_path = coco_eval.eval_log_path(log_dir, cfg.name)
+        plot_path = plots.plot_per_class(scores, log_path[:-len('.json')] + '_per_class.png',
+                                         title=f'{cfg.name} on {cfg.dataset.name}, {len(scored)} images')
+        coco_eval.write_eval_log(
+            scores, log_path, config=cfg.name, dataset=cfg.dataset.name,
             annotations=cfg.dataset.valid_info, num_images=len(scored), skipped=skipped,
-            image_ids=scored, category_ids=categories, result_files=files)
-        logger.info('saved %s', log_path)
-    return EvalSummary(results, scored, skipped, files, log_path, seconds)
+            image_ids=scored, category_ids=categories, result_files=files, per_class_plot=plot_path)
+        logger.info('saved %s and %s', log_path, plot_path)
+    return EvalSummary(results, per_class, scored, skipped, files, log_path, plot_path, seconds)
 
 
 def benchmark(predictor, dataset, max_images=-1, num_workers=2, progress=True, shared_memory='auto'):

@@ -1,8 +1,9 @@
 """Detections drawn on an image, a folder of images or a video (file or camera).
 
 ``ImageDetector`` turns a BGR image into a drawn BGR image with a
-``utils.predictor.Predictor``; ``eval_image``, ``eval_images`` and
-``eval_video`` feed it and write or show the result.
+``utils.predictor.Predictor``, and can hand every image's detections to a
+``utils.results.InferenceResults`` (COCO results, labelme files);
+``eval_image``, ``eval_images`` and ``eval_video`` feed it and write or show the result.
 """
 import logging
 import os
@@ -16,6 +17,7 @@ from tqdm import tqdm
 from data.coco import read_image
 from utils.drawing import draw_detections
 from utils.errors import ConfigError, MissingFileError, OutputError, UnreadableFileError, YolactError
+from utils.results import keep_classes
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +47,38 @@ class ImageDetector:
         top_k: draw at most ``top_k`` detections (only their masks are assembled), those above the
             predictor's score threshold.
         class_color: one colour per class (videos: stable from frame to frame) instead of per detection.
+        results: a utils.results.InferenceResults receiving every detection of each image (not only
+            the top_k drawn), or None.
+        class_filter: 0-based classes to keep (None: all); the others are neither drawn nor recorded.
         **draw_options: utils.drawing.draw_detections's draw_masks, draw_boxes, draw_text, draw_scores.
     """
 
-    def __init__(self, predictor, top_k=5, class_color=False, **draw_options):
+    def __init__(self, predictor, top_k=5, class_color=False, results=None, class_filter=None, **draw_options):
         self.predictor = predictor
         self.top_k = top_k
         self.class_color = class_color
+        self.results = results
+        self.class_filter = class_filter
         self.draw_options = draw_options
 
     @paddle.no_grad()
-    def __call__(self, image):
-        out = self.predictor(image, max_detections=self.top_k)
+    def detect(self, image, source=None, frame=None):
+        """The detections of one image (Predictor.__call__'s dict), recorded in ``results``.
+
+        source: the image's path, or the video's (with ``frame``, the frame index), for ``results``.
+        """
+        # Only what is drawn needs assembling, unless every detection is recorded or some are filtered out.
+        every = self.results is not None or self.class_filter is not None
+        out = self.predictor(image, max_detections=None if every else self.top_k)
+        if self.class_filter is not None:
+            out = keep_classes(out, self.class_filter)
+        if self.results is not None:
+            self.results.add(out, image.shape[0], image.shape[1], source, frame)
+        return out
+
+    def __call__(self, image, source=None, frame=None):
+        """The drawn image (see :meth:`detect` for the arguments)."""
+        out = self.detect(image, source, frame)
         return draw_detections(image, out['classes'], out['scores'], out['boxes'], out['masks'], out['labels'],
                                top_k=self.top_k, class_color=self.class_color, **self.draw_options)
 
@@ -78,9 +100,12 @@ def _show(title, image, wait_ms):
         raise YolactError('cannot open a window here (no display?); give an output path, IN:OUT') from e
 
 
-def eval_image(detector, in_path, out_path=None):
-    """Detect in one image; write the drawing to ``out_path`` or show it."""
-    drawn = detector(read_image(in_path))
+def eval_image(detector, in_path, out_path=None, show=True):
+    """Detect in one image; write the drawing to ``out_path`` or show it (unless not ``show``)."""
+    if out_path is None and not show:
+        detector.detect(read_image(in_path), in_path)
+        return
+    drawn = detector(read_image(in_path), in_path)
     if out_path is None:
         _show(in_path, drawn, 0)
     else:
@@ -112,7 +137,7 @@ def output_names(names):
 
 
 def eval_images(detector, in_dir, out_dir, progress=True):
-    """Detect in every file of ``in_dir`` (sorted); drawings go to ``out_dir/<stem>.png``.
+    """Detect in every file of ``in_dir`` (sorted); drawings go to ``out_dir/<stem>.png`` (None: no drawings).
 
     Inputs sharing a stem are drawn to ``<name>.png`` (:func:`output_names`);
     a drawing never replaces one of the inputs (ConfigError). Unreadable files
@@ -121,7 +146,8 @@ def eval_images(detector, in_dir, out_dir, progress=True):
     if not os.path.isdir(in_dir):
         raise MissingFileError(f'--images: {in_dir!r} is not a folder')
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        if out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise OutputError(f'cannot create output folder {out_dir!r}: {e.strerror}') from e
     names = sorted(n for n in os.listdir(in_dir) if os.path.isfile(os.path.join(in_dir, n)))
@@ -129,7 +155,7 @@ def eval_images(detector, in_dir, out_dir, progress=True):
     renamed = [f'{n} -> {d}' for n, d in drawn_names.items() if d != os.path.splitext(n)[0] + '.png']
     if renamed:
         logger.info('inputs sharing a name are drawn under their full names: %s', ', '.join(renamed))
-    if os.path.samefile(in_dir, out_dir):
+    if out_dir is not None and os.path.samefile(in_dir, out_dir):
         for name, drawn in drawn_names.items():
             if drawn in drawn_names:
                 raise ConfigError(f'--images: the drawing of {name} would replace the input '
@@ -143,11 +169,14 @@ def eval_images(detector, in_dir, out_dir, progress=True):
             logger.warning('skipping %s', e)
             skipped.append(in_path)
             continue
+        if out_dir is None:
+            detector.detect(image, in_path)
+            continue
         out_path = os.path.join(out_dir, drawn_names[name])
-        _write_image(out_path, detector(image))
+        _write_image(out_path, detector(image, in_path))
         written.append(out_path)
-    logger.info('%d drawn images in %s%s', len(written), out_dir,
-                f'; {len(skipped)} unreadable file(s) skipped' if skipped else '')
+    logger.info('%d images, %d drawn%s%s', len(names) - len(skipped), len(written),
+                f' in {out_dir}' if out_dir else '', f'; {len(skipped)} unreadable file(s) skipped' if skipped else '')
     return written, skipped
 
 
@@ -160,8 +189,9 @@ def _read_frames(capture, frames, stop):
             return
 
 
-def eval_video(detector, source, out_path=None, progress=True):
-    """Detect in a video file or camera; write an mp4 to ``out_path`` or show the frames (Esc stops).
+def eval_video(detector, source, out_path=None, progress=True, show=True):
+    """Detect in a video file or camera; write an mp4 to ``out_path`` or show the frames (Esc stops;
+    without ``show``, the frames are only detected, for the detector's results).
 
     Frames are decoded in a background thread while the network runs.
     Returns the number of frames processed.
@@ -194,11 +224,14 @@ def eval_video(detector, source, out_path=None, progress=True):
                 frame = frames.get()
                 if frame is None:
                     break
-                drawn = detector(frame)
-                if writer is not None:
-                    writer.write(drawn)
-                elif _show(str(source), drawn, 1) == ESCAPE_KEY:
-                    break
+                if writer is None and not show:
+                    detector.detect(frame, source, count)
+                else:
+                    drawn = detector(frame, source, count)
+                    if writer is not None:
+                        writer.write(drawn)
+                    elif _show(str(source), drawn, 1) == ESCAPE_KEY:
+                        break
                 count += 1
                 bar.update()
     except KeyboardInterrupt:
@@ -214,7 +247,7 @@ def eval_video(detector, source, out_path=None, progress=True):
         capture.release()
         if writer is not None:
             writer.release()
-        else:
+        elif show:
             cv2.destroyAllWindows()
     logger.info('%d frames%s', count, f' written to {out_path}' if out_path else '')
     return count

@@ -4,6 +4,7 @@
 ``run()`` trains to ``cfg.max_iter``, resumable at any iteration.
 """
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -44,7 +45,9 @@ class TrainOptions:
     fine-tune; backbone_weights: ImageNet weights ('none': random
     initialisation; None: <save_folder>/<the config's backbone file>). strict: stop at a bad
     annotation instead of skipping it (data.validation). shared_memory: 'auto', 'on' or 'off'
-    (utils.runtime.dataloader_shared_memory).
+    (utils.runtime.dataloader_shared_memory). keep_best: keep the weights of the best
+    validation mask AP as <save_folder>/<config>_best.pdparams. include_background_images:
+    train on the images without annotations too (data.coco.COCODetection include_background).
     """
     batch_size: int = 8
     num_workers: int = 4
@@ -64,6 +67,8 @@ class TrainOptions:
     seed: int = 0
     strict: bool = False
     shared_memory: str = 'auto'
+    keep_best: bool = False
+    include_background_images: bool = False
 
 
 class NonFiniteLossError(YolactError):
@@ -182,7 +187,11 @@ class Trainer:
 
         self.rng = np.random.RandomState()
         train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng), train=True,
-                                              strict=opts.strict)
+                                              strict=opts.strict, include_background=opts.include_background_images)
+        if opts.include_background_images:
+            negatives = sum(1 for i in train_set.ids if not train_set.coco.imgToAnns.get(i))
+            logger.info('training on %d images without annotations as negatives (--include_background_images)',
+                        negatives)
         self.train_set = SeededSamples(train_set, self.rng, opts.seed)
         self.epoch_size = len(train_set) // opts.batch_size
         if self.epoch_size == 0:
@@ -199,6 +208,8 @@ class Trainer:
         if self.validation and rank == 0:
             self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict)
             self.predictor = Predictor.from_network(cfg, self.net)
+        self.best_path = os.path.join(opts.save_folder, f'{cfg.name}_best{checkpoint.WEIGHTS_EXT}')
+        self.best_mask_ap = self._recorded_best() if opts.keep_best else None
         self.log = (TrainingLogger(opts.log_folder, cfg.max_iter, start_iter=self.iteration,
                                    log_interval=opts.log_interval) if rank == 0 else None)
 
@@ -325,6 +336,15 @@ class Trainer:
         return values
 
     # ------------------------------------------------------ checkpoints, eval --
+    def _state(self):
+        """The JSON record of a checkpoint of the current iteration."""
+        cfg, opts = self.cfg, self.opts
+        return {'config': cfg.name, 'iteration': self.iteration, 'epoch': self.epoch,
+                'lr': self.schedule.lr_at(self.iteration), 'schedule': dataclasses.asdict(self.schedule),
+                'batch_size': opts.batch_size, 'seed': opts.seed, 'num_classes': cfg.num_classes,
+                'class_names': list(cfg.dataset.class_names), 'dataset': cfg.dataset.name,
+                'freeze_bn': cfg.freeze_bn}
+
     def save(self, interrupt=False):
         """Write the checkpoint of the current iteration (rank 0); returns its path."""
         if self.rank != 0:
@@ -333,11 +353,7 @@ class Trainer:
         path = checkpoint.SavePath(cfg.name, self.epoch, self.iteration, interrupt).path(opts.save_folder)
         if self.saved_iteration == self.iteration and not interrupt:
             return path
-        state = {'config': cfg.name, 'iteration': self.iteration, 'epoch': self.epoch,
-                 'lr': self.schedule.lr_at(self.iteration), 'schedule': dataclasses.asdict(self.schedule),
-                 'batch_size': opts.batch_size, 'seed': opts.seed, 'num_classes': cfg.num_classes,
-                 'class_names': list(cfg.dataset.class_names), 'dataset': cfg.dataset.name,
-                 'freeze_bn': cfg.freeze_bn}
+        state = self._state()
         logger.info('saving %s', path)
         try:
             checkpoint.save_checkpoint(path, self.net, self.optimizer, state, self.scaler)
@@ -346,14 +362,26 @@ class Trainer:
                               f'{self.last_checkpoint or "no earlier checkpoint of this run"}') from err
         self.saved_iteration = self.iteration
         previous, self.last_checkpoint = self.last_checkpoint, path
-        # The reference's --keep_latest: drop the previous save unless it sits
-        # at a multiple of --keep_latest_interval. Only after the new one is complete.
-        if (opts.keep_latest and not interrupt and previous is not None and os.path.abspath(previous) != os.path.abspath(path)
-                and (opts.keep_latest_interval <= 0
-                     or self.iteration % opts.keep_latest_interval != opts.save_interval)):
+        if opts.keep_latest and not interrupt and previous is not None \
+                and os.path.abspath(previous) != os.path.abspath(path) and not self._kept_by_interval(previous):
             logger.info('deleting the previous checkpoint %s (--keep_latest)', previous)
             checkpoint.remove_checkpoint(previous)
         return path
+
+    def _kept_by_interval(self, previous):
+        """Whether --keep_latest keeps ``previous`` (the reference's rule): it sits at a multiple of
+        --keep_latest_interval, by its own iteration. A file not named like our checkpoints
+        (a .pth or a renamed file resumed from) is not ours to delete.
+
+        (The reference tests the new checkpoint's iteration against ``save_interval``, which
+        only works while save_interval < keep_latest_interval: otherwise every checkpoint is deleted.)
+        """
+        try:
+            saved = checkpoint.SavePath.from_path(previous)
+        except ValueError:
+            return True
+        interval = self.opts.keep_latest_interval
+        return not saved.interrupt and interval > 0 and saved.iteration % interval == 0
 
     def validate(self):
         """COCO box and mask mAP on up to --validation_size validation images (rank 0; others wait).
@@ -376,5 +404,32 @@ class Trainer:
                 f'{prefix}_{metric}': 100 * value
                 for iou_type, prefix in (('bbox', 'box'), ('segm', 'mask'))
                 for metric, value in summary.results[iou_type].items()})
+            if self.opts.keep_best:
+                self._keep_if_best(summary.results)
         if self.world_size > 1:
             dist.barrier()
+
+    def _recorded_best(self):
+        """The mask AP of the best checkpoint a resumed run kept (-1 for a new run: any AP beats it)."""
+        state_path = checkpoint.sidecar_paths(self.best_path)[1]
+        if self.opts.resume is None or not checkpoint.is_complete(self.best_path):
+            return -1.0
+        with open(state_path) as f:
+            return float(json.load(f).get('mask_AP', -1.0))
+
+    def _keep_if_best(self, results):
+        """Save the weights as the best checkpoint when this validation's mask AP beats the best so far."""
+        mask_ap = results['segm']['AP']
+        if mask_ap <= self.best_mask_ap:
+            logger.info('mask AP %.2f is not above the best %.2f: %s kept', 100 * mask_ap,
+                        100 * self.best_mask_ap, self.best_path)
+            return
+        state = dict(self._state(), mask_AP=mask_ap, box_AP=results['bbox']['AP'])
+        try:
+            checkpoint.save_checkpoint(self.best_path, self.net, None, state)
+        except OSError as err:
+            raise OutputError(f'cannot save the best checkpoint {self.best_path}: {err.strerror or err}') from err
+        logger.info('best mask AP so far, %.2f at iteration %d (previous best %s): saved %s', 100 * mask_ap,
+                    self.iteration, f'{100 * self.best_mask_ap:.2f}' if self.best_mask_ap >= 0 else 'none',
+                    self.best_path)
+        self.best_mask_ap = mask_ap
