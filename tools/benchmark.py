@@ -333,10 +333,11 @@ class ReferenceTrainStep:
     """The reference's training step in a child process (tools/reference_train_step.py), timed there by stage.
 
     The child gets the same batch and ``net``'s weights under the reference's
-    BatchNorm names. Use as a context manager (the child ends with it).
+    BatchNorm names; ``threads``: torch's thread count (None: its default). Use as a
+    context manager (the child ends with it).
     """
 
-    def __init__(self, reference_dir, cfg, batch, net, workdir):
+    def __init__(self, reference_dir, cfg, batch, net, workdir, threads=None):
         if not os.path.isfile(os.path.join(reference_dir, 'yolact.py')):
             raise MissingFileError(f'--reference {reference_dir}: no yolact.py there (expected a checkout of '
                                    f'dbolya/yolact)')
@@ -347,7 +348,8 @@ class ReferenceTrainStep:
         weights_path = os.path.join(workdir, 'weights.npz')
         np.savez(weights_path, **{_reference_key(k): v.numpy() for k, v in net.state_dict().items()})
         self.child = subprocess.Popen(
-            [sys.executable, REFERENCE_STEP, os.path.abspath(reference_dir), cfg.name, batch_path, weights_path],
+            [sys.executable, REFERENCE_STEP, os.path.abspath(reference_dir), cfg.name, batch_path, weights_path]
+            + ([str(threads)] if threads else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._expect('ready')
 
@@ -437,7 +439,7 @@ def run_train_benchmark(args):
     steps = {'ours': TrainStep(cfg, batch, args.seed)}
     with tempfile.TemporaryDirectory() as tmp:
         if args.reference:
-            with ReferenceTrainStep(args.reference, cfg, batch, steps['ours'].net, tmp) as reference:
+            with ReferenceTrainStep(args.reference, cfg, batch, steps['ours'].net, tmp, args.threads) as reference:
                 steps['reference'] = reference
                 train_benchmark(steps, cfg, args.batch_size, args.runs, args.warmup)
         else:
@@ -480,9 +482,14 @@ def parse_args(argv=None):
     p.add_argument('--batch_size', default=2, type=int, help='with --train: images per step')
     p.add_argument('--reference', default=None, metavar='DIR',
                    help='with --train: also time the reference PyTorch code of this dbolya/yolact checkout')
+    p.add_argument('--threads', default=None, type=int,
+                   help="with --train: CPU threads of Paddle's operators and, with --reference, of torch's (default: "
+                        "utils.runtime's choice for Paddle, torch's own); 1 measures the work itself on a busy machine")
     args = p.parse_args(argv)
-    if (args.reference or args.batch_size != 2) and not args.train:
-        p.error('--reference and --batch_size need --train')
+    if (args.reference or args.batch_size != 2 or args.threads) and not args.train:
+        p.error('--reference, --batch_size and --threads need --train')
+    if args.threads is not None and args.threads < 1:
+        p.error(f'--threads must be at least 1, not {args.threads}')
     if args.batch_size < 1:
         p.error(f'--batch_size must be at least 1, not {args.batch_size}')
     return args
@@ -490,7 +497,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    select_device(args.device)
+    select_device(args.device, cpu_threads=args.threads)
     if args.train:
         return run_train_benchmark(args)
     if args.trained_model:

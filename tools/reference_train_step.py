@@ -5,13 +5,14 @@ Run by benchmark.py in a child process (the reference's top-level packages,
 ``data``, ``layers``, ``utils``, ``yolact``, share their names with this
 project's, so the two cannot live in one interpreter):
 
-    python tools/reference_train_step.py REFERENCE_DIR CONFIG BATCH.npz WEIGHTS.npz
+    python tools/reference_train_step.py REFERENCE_DIR CONFIG BATCH.npz WEIGHTS.npz [THREADS]
 
 REFERENCE_DIR is a checkout of dbolya/yolact; CONFIG a reference config name
 without ``_config`` (e.g. yolact_resnet50). BATCH.npz holds ``images``
 [B, 3, S, S] and per image ``targets_i`` [n, 5] and ``masks_i`` [n, S, S]
 (no crowds); WEIGHTS.npz the reference state dict (BatchNorm as
-running_mean / running_var). The child prints ``ready``, then answers each
+running_mean / running_var); THREADS: torch's intra-op threads (default:
+torch's own choice). The child prints ``ready``, then answers each
 ``step`` line on stdin with one JSON line {'wall': {stage: seconds}, 'cpu': {stage:
 process CPU seconds}, 'losses': {...}}
 and stops at end of input. The step is the reference train.py's: forward,
@@ -25,13 +26,15 @@ import warnings
 
 
 def main(argv):
-    ref_dir, config, batch_path, weights_path = argv
+    ref_dir, config, batch_path, weights_path = argv[:4]
     sys.path.insert(0, ref_dir)
     # torch.jit's notes on the reference's ScriptModules, once per run: not this benchmark's business.
     warnings.filterwarnings('ignore', category=UserWarning, module='torch.jit')
     import numpy as np
     import torch
 
+    if len(argv) > 4:
+        torch.set_num_threads(int(argv[4]))
     # The reference's yolact.py calls torch.cuda.current_device() at import,
     # which raises on a CPU-only torch; nothing else it runs here needs CUDA.
     torch.cuda.current_device = lambda: 0
