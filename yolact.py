@@ -14,7 +14,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from backbone import construct_backbone
+from backbone import add_channel_bias, construct_backbone
 from utils.augmentations import linear_taps
 
 
@@ -80,7 +80,9 @@ class Conv2D(nn.Conv2D):
     slower than a same-shape add (Paddle 3.3.1, 2 cores: 10.7 ms against
     0.6 ms with the bias expanded first for 8x64x48x48, 22 ms against 1.1 ms
     for 2x256x69x69; its gradient likewise), a sixth of a CPU training step
-    of yolact_shapes. For B = 1 the broadcast is the faster one, and static
+    of yolact_shapes. The bias is added over the flattened map instead
+    (backbone.add_channel_bias, faster again than the expanded add, and
+    without the full-size copy). For B = 1 the broadcast is the faster one, and static
     graphs (tools/export_model.py) and GPUs keep the plain conv, whose
     conv + add inference passes fuse.
     """
@@ -91,7 +93,7 @@ class Conv2D(nn.Conv2D):
             return super().forward(x)
         out = F.conv2d(x, self.weight, None, stride=self._stride, padding=self._padding,
                        dilation=self._dilation, groups=self._groups, data_format=self._data_format)
-        return out + self.bias.reshape([1, -1, 1, 1]).expand(out.shape)
+        return add_channel_bias(out, self.bias)
 
 
 def make_net(in_channels, layer_specs, include_last_relu=True):

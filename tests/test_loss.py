@@ -1,15 +1,15 @@
 """MultiBoxLoss against the reference loss values (loss_*.npz), plus gradient and sampling behaviour.
 
 The fixtures hold the reference's training-mode predictions rounded to float16
-and the loss the reference computed on exactly those rounded values, so the
-terms must agree to float32 accuracy.
+(the large-logit one: at full float32) and the loss the reference computed on
+exactly those values, so the terms must agree to float32 accuracy.
 """
 import numpy as np
 import paddle
 import pytest
 
 from data.config import get_config
-from layers.box_utils import match
+from layers.box_utils import log_sum_exp, match
 from layers.modules.multibox_loss import MultiBoxLoss
 from tests.conftest import needs_reference, reference_npz, reference_params
 
@@ -18,18 +18,22 @@ TERMS = {'loss_box': 'loss_B', 'loss_conf': 'loss_C', 'loss_mask': 'loss_M', 'lo
 RTOL = 1e-4
 
 
-def _batch(name, trainable=False):
-    """(predictions, targets, masks, num_crowds) of loss_<name>.npz as float32 Paddle tensors."""
+def _batch(name, trainable=False, targets_from=None):
+    """(predictions, targets, masks, num_crowds) of loss_<name>.npz as float32 Paddle tensors.
+
+    targets_from: another fixture whose targets, masks and crowd counts the predictions go with.
+    """
     data = reference_npz(f'loss_{name}')
+    truth = reference_npz(f'loss_{targets_from}') if targets_from else data
     predictions = {}
     for key in PRED_KEYS:
         tensor = paddle.to_tensor(data[f'pred_{key}'].astype(np.float32))
         tensor.stop_gradient = not trainable or key == 'priors'
         predictions[key] = tensor
     batch_size = data['pred_loc'].shape[0]
-    targets = [paddle.to_tensor(data[f'targets_{i}']) for i in range(batch_size)]
-    masks = [paddle.to_tensor(data[f'masks_{i}'].astype(np.float32)) for i in range(batch_size)]
-    return data, predictions, targets, masks, [int(n) for n in data['num_crowds']]
+    targets = [paddle.to_tensor(truth[f'targets_{i}']) for i in range(batch_size)]
+    masks = [paddle.to_tensor(truth[f'masks_{i}'].astype(np.float32)) for i in range(batch_size)]
+    return data, predictions, targets, masks, [int(n) for n in truth['num_crowds']]
 
 
 def _relative_errors(losses, data, terms):
@@ -68,6 +72,29 @@ def test_yolact_plus_loss_matches_reference(yolact_plus_net):
     assert set(losses) == set(terms)
     errors = _relative_errors(losses, data, terms)
     assert max(errors.values()) < RTOL, errors
+
+
+@needs_reference
+def test_large_logit_loss_matches_reference():
+    """Logits spanning -32..94 after high-learning-rate updates: the hard-negative ranking must still be the reference's."""
+    data, predictions, targets, masks, num_crowds = _batch('yolact_resnet50_large_logits',
+                                                           targets_from='yolact_base')
+    criterion = MultiBoxLoss.from_config(get_config('yolact_resnet50'))
+    losses = criterion(None, predictions, targets, masks, num_crowds)
+
+    errors = _relative_errors(losses, data, TERMS)
+    assert max(errors.values()) < RTOL, errors
+
+
+def test_log_sum_exp_matches_torch_far_below_the_batch_maximum():
+    """Rows 88-104 below the batch maximum fall in float32's subnormal range, where the ranking still counts."""
+    torch = pytest.importorskip('torch')
+    rng = np.random.default_rng(0)
+    logits = rng.uniform(-32, 8, size=(64, 81)).astype(np.float32)
+    logits[0, 0] = 94.0
+    reference = torch.from_numpy(logits)
+    expected = (torch.log(torch.exp(reference - reference.max()).sum(1)) + reference.max()).numpy()
+    np.testing.assert_allclose(log_sum_exp(paddle.to_tensor(logits)).numpy(), expected, rtol=0, atol=1e-5)
 
 
 @needs_reference

@@ -21,11 +21,24 @@ measured final detections, as a GPU leaves the host free while it works: the
 host-side work per image (RLE encoding and JSON of the results) then runs in the
 background writer, and the evaluation should approach 1 / max(network, host)
 images/s instead of 1 / (network + host).
+
+--train times the training step instead, stage by stage (forward, loss,
+backward, optimizer), on a fixed synthetic batch (--batch_size images at the
+config's size, BatchNorm frozen as the reference freezes it below 6 images per
+GPU, the stand-in weights above). With --reference DIR (a checkout of
+dbolya/yolact; needs torch) the reference's own step runs in a child process
+(tools/reference_train_step.py) on the same batch and the same weights, one
+step of each in turn:
+
+    python tools/benchmark.py --train --config yolact_resnet50 --batch_size 2 --reference ../yolact
 """
 import argparse
+import json
 import logging
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,18 +54,22 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from data.config import get_config  # noqa: E402
+from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from utils import coco_eval  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from utils.errors import MissingFileError, YolactError, run_cli  # noqa: E402
 from utils.evaluation import evaluate  # noqa: E402
 from utils.inference import OnnxYolact, export_onnx, export_yolact  # noqa: E402
 from utils.model_loader import load_model  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
+from utils.trainer import build_optimizer  # noqa: E402
 from yolact import Yolact  # noqa: E402
 
 logger = logging.getLogger('benchmark')
 
 STAGES = ('decode', 'preprocess', 'network', 'detect', 'postprocess')
+TRAIN_STAGES = ('forward', 'loss', 'backward', 'optimizer')
+REFERENCE_STEP = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'reference_train_step.py')
 # Prediction-head kernels are scaled up so that random weights give confident,
 # well separated class scores (and so detections), as trained weights do.
 HEAD_GAIN = {'conf_layer.weight': 9.0, 'mask_layer.weight': 5.0}
@@ -223,6 +240,213 @@ def pipeline_benchmark(cfg, detections, image_size, network_seconds, num_images,
     return result
 
 
+def cpu_model():
+    """The CPU's model name as lscpu prints it (from /proc/cpuinfo), else platform.processor()."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown CPU'
+
+
+def synthetic_training_batch(batch_size, side, num_objects=4, seed=0):
+    """A fixed training batch: (images [B, 3, S, S] float32, targets B x [n, 5], masks B x [n, S, S]).
+
+    Targets are point-form boxes relative to the image plus a 0-based label;
+    each mask is the ellipse inscribed in its box. No crowds.
+    """
+    rng = np.random.RandomState(seed)
+    images = rng.normal(0, 1, (batch_size, 3, side, side)).astype(np.float32)
+    grid = (np.arange(side, dtype=np.float32) + 0.5) / side
+    targets, masks = [], []
+    for _ in range(batch_size):
+        corner = rng.uniform(0.0, 0.6, (num_objects, 2))
+        size = rng.uniform(0.15, 0.4, (num_objects, 2))
+        boxes = np.concatenate([corner, corner + size], axis=1)
+        labels = rng.randint(0, 80, (num_objects, 1))
+        targets.append(np.concatenate([boxes, labels], axis=1).astype(np.float32))
+        center, half = (boxes[:, :2] + boxes[:, 2:]) / 2, size / 2
+        dx = (grid[None, None, :] - center[:, 0, None, None]) / half[:, 0, None, None]
+        dy = (grid[None, :, None] - center[:, 1, None, None]) / half[:, 1, None, None]
+        masks.append((dx ** 2 + dy ** 2 <= 1).astype(np.float32))
+    return images, targets, masks
+
+
+class TrainStep:
+    """This project's training step (utils.trainer's components) on a fixed batch, timed by stage."""
+
+    def __init__(self, cfg, batch, seed=0):
+        self.net = Yolact.from_config(cfg)
+        benchmark_weights(self.net, seed)
+        self.net.train()
+        self.criterion = MultiBoxLoss.from_config(cfg, rng=np.random.default_rng(seed))
+        self.optimizer = build_optimizer(self.net, cfg)
+        images, targets, masks = batch
+        self.images = paddle.to_tensor(images)
+        self.targets = [paddle.to_tensor(t) for t in targets]
+        self.masks = [paddle.to_tensor(m) for m in masks]
+        self.num_crowds = [0] * len(targets)
+
+    def __call__(self):
+        """One step; returns {'wall': {stage: seconds}, 'cpu': {stage: process CPU seconds}, 'losses': {term: float}}."""
+        clock = StageClock()
+        with clock('forward'):
+            preds = self.net(self.images)
+        with clock('loss'):
+            losses = self.criterion(self.net, preds, self.targets, self.masks, self.num_crowds)
+            loss = paddle.add_n(list(losses.values()))
+        with clock('backward'):
+            loss.backward()
+        with clock('optimizer'):
+            self.optimizer.step()
+            self.optimizer.clear_grad()
+        return dict(clock.times, losses={k: float(v) for k, v in losses.items()})
+
+
+class StageClock:
+    """Wall and process CPU time of named stages: ``with clock('forward'): ...``; results in ``times``.
+
+    CPU time (all threads of this process) is the steadier measure on a
+    shared machine: other processes' load stretches wall time, not it.
+    """
+
+    def __init__(self):
+        self.times = {'wall': {}, 'cpu': {}}
+        self._stage = None
+
+    def __call__(self, stage):
+        self._stage = stage
+        return self
+
+    def __enter__(self):
+        self._start = time.perf_counter(), time.process_time()
+
+    def __exit__(self, *exc):
+        self.times['wall'][self._stage] = time.perf_counter() - self._start[0]
+        self.times['cpu'][self._stage] = time.process_time() - self._start[1]
+
+
+class ReferenceTrainStep:
+    """The reference's training step in a child process (tools/reference_train_step.py), timed there by stage.
+
+    The child gets the same batch and ``net``'s weights under the reference's
+    BatchNorm names; ``threads``: torch's thread count (None: its default). Use as a
+    context manager (the child ends with it).
+    """
+
+    def __init__(self, reference_dir, cfg, batch, net, workdir, threads=None):
+        if not os.path.isfile(os.path.join(reference_dir, 'yolact.py')):
+            raise MissingFileError(f'--reference {reference_dir}: no yolact.py there (expected a checkout of '
+                                   f'dbolya/yolact)')
+        images, targets, masks = batch
+        batch_path = os.path.join(workdir, 'batch.npz')
+        np.savez(batch_path, images=images, **{f'targets_{i}': t for i, t in enumerate(targets)},
+                 **{f'masks_{i}': m for i, m in enumerate(masks)})
+        weights_path = os.path.join(workdir, 'weights.npz')
+        np.savez(weights_path, **{_reference_key(k): v.numpy() for k, v in net.state_dict().items()})
+        self.child = subprocess.Popen(
+            [sys.executable, REFERENCE_STEP, os.path.abspath(reference_dir), cfg.name, batch_path, weights_path]
+            + ([str(threads)] if threads else []),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._expect('ready')
+
+    def _expect(self, what):
+        line = self.child.stdout.readline()
+        if not line:
+            self.close()
+            raise YolactError(f'the reference training step ({REFERENCE_STEP}) stopped before {what}; '
+                              f'its error is above')
+        return line
+
+    def __call__(self):
+        self.child.stdin.write('step\n')
+        self.child.stdin.flush()
+        return json.loads(self._expect('a step'))
+
+    def close(self):
+        if self.child.stdin and not self.child.stdin.closed:
+            self.child.stdin.close()
+        self.child.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _reference_key(key):
+    """A Paddle parameter name -> the reference's (only BatchNorm statistics differ)."""
+    if key.endswith('._mean'):
+        return key[:-len('._mean')] + '.running_mean'
+    if key.endswith('._variance'):
+        return key[:-len('._variance')] + '.running_var'
+    return key
+
+
+def train_benchmark(steps, cfg, batch_size, runs=5, warmup=1, pause=0.5):
+    """Median stage times of each training step in ``steps`` ({label: callable}), run in turn.
+
+    Each step returns {'wall': {stage: s}, 'cpu': {stage: s}, 'losses': {...}}.
+    ``pause`` seconds between steps let one framework's worker threads go idle
+    before the other runs. Returns {label: {'wall' | 'cpu': {stage or 'total':
+    median seconds}}} and logs the table, with the CPU and each step's last losses.
+    """
+    samples = {label: [] for label in steps}
+    last = {}
+    for run in range(warmup + runs):
+        for label, step in steps.items():
+            result = step()
+            last[label] = result.pop('losses')
+            if run >= warmup:
+                samples[label].append(result)
+                logger.info('run %d %-9s %.2f s (CPU %.2f s)', run - warmup + 1, label,
+                            sum(result['wall'].values()), sum(result['cpu'].values()))
+            time.sleep(pause)
+    medians = {label: {kind: {s: statistics.median(t[kind][s] for t in runs_times) for s in TRAIN_STAGES}
+                       for kind in ('wall', 'cpu')} for label, runs_times in samples.items()}
+    for label, runs_times in samples.items():
+        for kind in ('wall', 'cpu'):
+            medians[label][kind]['total'] = statistics.median(sum(t[kind].values()) for t in runs_times)
+    header = f"{'stage':<12}" + ''.join(f"{label + ' ' + kind:>16}" for label in steps for kind in ('wall', 'cpu'))
+    rows = [f'{s:<12}' + ''.join(f'{medians[label][kind][s]:15.3f}s' for label in steps for kind in ('wall', 'cpu'))
+            for s in TRAIN_STAGES + ('total',)]
+    if 'reference' in medians and 'ours' in medians:
+        ratios = [statistics.median(a[kind][s] / b[kind][s] for a, b in zip(samples['ours'], samples['reference']))
+                  for s in TRAIN_STAGES for kind in ('wall', 'cpu')]
+        totals = [statistics.median(sum(a[kind].values()) / sum(b[kind].values())
+                                    for a, b in zip(samples['ours'], samples['reference'])) for kind in ('wall', 'cpu')]
+        rows.append('ours / reference, median over the alternating pairs:')
+        rows += [f'{s:<12}' + ''.join(f'{r:15.2f}x' for r in ratios[2 * i:2 * i + 2])
+                 for i, s in enumerate(TRAIN_STAGES)]
+        rows.append(f"{'total':<12}" + ''.join(f'{r:15.2f}x' for r in totals))
+    logger.info('training step of %s, %d images at %dx%d, BatchNorm frozen, on %s (%d CPUs, %s), median of %d '
+                'runs (wall clock and CPU time of the process):\n%s\nlast losses: %s', cfg.name, batch_size,
+                cfg.max_size, cfg.max_size, cpu_model(), os.cpu_count(), paddle.device.get_device(), runs,
+                '\n'.join([header] + rows),
+                '; '.join(f"{label} {', '.join(f'{k} {v:.4f}' for k, v in sorted(l.items()))}"
+                          for label, l in last.items()))
+    return medians
+
+
+def run_train_benchmark(args):
+    """--train: this project's training step and, with --reference, the reference's."""
+    cfg = get_config(args.config or 'yolact_resnet50', freeze_bn=True)
+    batch = synthetic_training_batch(args.batch_size, cfg.max_size, seed=args.seed)
+    steps = {'ours': TrainStep(cfg, batch, args.seed)}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.reference:
+            with ReferenceTrainStep(args.reference, cfg, batch, steps['ours'].net, tmp, args.threads) as reference:
+                steps['reference'] = reference
+                train_benchmark(steps, cfg, args.batch_size, args.runs, args.warmup)
+        else:
+            train_benchmark(steps, cfg, args.batch_size, args.runs, args.warmup)
+    return 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', default=None,
@@ -252,12 +476,30 @@ def parse_args(argv=None):
     p.add_argument('--stand_in_ms', default=None, type=float,
                    help="with --pipeline: the stand-in network's time instead of the measured one, e.g. 30 for "
                         'a GPU running yolact_base at 33 FPS')
-    return p.parse_args(argv)
+    p.add_argument('--train', action='store_true',
+                   help='time the training step by stage instead of inference (see above; default config '
+                        'yolact_resnet50)')
+    p.add_argument('--batch_size', default=2, type=int, help='with --train: images per step')
+    p.add_argument('--reference', default=None, metavar='DIR',
+                   help='with --train: also time the reference PyTorch code of this dbolya/yolact checkout')
+    p.add_argument('--threads', default=None, type=int,
+                   help="with --train: CPU threads of Paddle's operators and, with --reference, of torch's (default: "
+                        "utils.runtime's choice for Paddle, torch's own); 1 measures the work itself on a busy machine")
+    args = p.parse_args(argv)
+    if (args.reference or args.batch_size != 2 or args.threads) and not args.train:
+        p.error('--reference, --batch_size and --threads need --train')
+    if args.threads is not None and args.threads < 1:
+        p.error(f'--threads must be at least 1, not {args.threads}')
+    if args.batch_size < 1:
+        p.error(f'--batch_size must be at least 1, not {args.batch_size}')
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    select_device(args.device)
+    select_device(args.device, cpu_threads=args.threads)
+    if args.train:
+        return run_train_benchmark(args)
     if args.trained_model:
         cfg, net = load_model(args.trained_model, args.config)
     else:

@@ -323,8 +323,12 @@ class Trainer:
         if self.world_size > 1:
             # Every rank must stop together, or the others would wait forever in the next all-reduce.
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        values = {k: float(v) for k, v in losses.items()}
-        if not int(finite):
+        # One device-to-host copy per step for the logged terms and the flag
+        # (a float() per term would wait for the device once each).
+        host = paddle.concat([paddle.stack(list(losses.values())).astype('float32'),
+                              finite.astype('float32').reshape([1])]).numpy()
+        values = dict(zip(losses, host[:-1].tolist()))
+        if not host[-1]:
             raise NonFiniteLossError(
                 f'the loss is not finite at iteration {self.iteration} '
                 f"({', '.join(f'{k} {v:.4g}' for k, v in values.items())}); training stopped without "

@@ -14,7 +14,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from layers.box_utils import center_size, crop, jaccard, match, point_form
+from layers.box_utils import center_size, crop, jaccard, log_sum_exp, match, point_form
 
 
 def _select(x, mask):
@@ -200,10 +200,7 @@ class MultiBoxLoss:
         batch_size, num_priors, num_classes = conf.shape
         with paddle.no_grad():
             flat = conf.reshape([-1, num_classes])
-            # The reference's log-sum-exp subtracts the maximum of the whole
-            # batch (not per row); kept so the hard-negative ranking is identical.
-            x_max = flat.max()
-            background_loss = paddle.log(paddle.exp(flat - x_max).sum(axis=1)) + x_max - flat[:, 0]
+            background_loss = log_sum_exp(flat) - flat[:, 0]
             background_loss = background_loss.reshape([batch_size, num_priors])
             background_loss = paddle.where(conf_t != 0, paddle.zeros_like(background_loss), background_loss)
 

@@ -1,0 +1,86 @@
+"""Training with frozen BatchNorm folds it into the preceding convolution (backbone.conv_bn).
+
+The fold is a speed measure of the training step: the same function, the
+same gradients for the convolution and the input, and the reference's
+training-mode outputs.
+"""
+import numpy as np
+import paddle
+import pytest
+
+from backbone import ConvBN, conv_bn
+from tests.conftest import needs_reference, reference_npz
+from tests.test_model import _reference_net, assert_matches_float16, preprocess
+
+
+def _frozen_pair(seed=0):
+    paddle.seed(seed)
+    conv = paddle.nn.Conv2D(6, 10, 3, stride=2, padding=1, bias_attr=False)
+    bn = paddle.nn.BatchNorm2D(10)
+    rng = np.random.default_rng(seed)
+    bn.set_state_dict({'weight': rng.uniform(0.3, 1.5, 10).astype('float32'),
+                       'bias': rng.normal(0, 0.5, 10).astype('float32'),
+                       '_mean': rng.normal(0, 0.5, 10).astype('float32'),
+                       '_variance': rng.uniform(0.2, 2.0, 10).astype('float32')})
+    bn.training = False
+    bn.weight.stop_gradient = bn.bias.stop_gradient = True
+    return conv, bn
+
+
+def _run(fn, conv, batch):
+    x = paddle.to_tensor(np.random.default_rng(1).standard_normal((batch, 6, 9, 11)).astype('float32'),
+                         stop_gradient=False)
+    out = fn(x)
+    (out * paddle.arange(out.size, dtype='float32').reshape(out.shape) / out.size).sum().backward()
+    result = out.numpy(), x.grad.numpy(), conv.weight.grad.numpy()
+    conv.clear_gradients()
+    return result
+
+
+def test_folded_conv_bn_gives_the_results_and_gradients_of_conv_then_bn():
+    conv, bn = _frozen_pair()
+    for batch in (1, 3):
+        plain = _run(lambda x: bn(conv(x)), conv, batch)
+        folded = _run(lambda x: conv_bn(conv, bn, x), conv, batch)
+        for a, b in zip(plain, folded):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+
+def test_frozen_bn_is_not_run_while_training(monkeypatch):
+    conv, bn = _frozen_pair()
+    monkeypatch.setattr(bn, 'forward', lambda x: pytest.fail('BatchNorm ran: the fold was not taken'))
+    conv_bn(conv, bn, paddle.ones([2, 6, 9, 11]))
+
+
+def test_fold_only_where_it_is_exact():
+    """Trainable BatchNorm (batch statistics) and inference keep the two ops."""
+    conv, bn = _frozen_pair()
+    x = paddle.randn([2, 6, 9, 11])
+    with paddle.no_grad():
+        np.testing.assert_array_equal(conv_bn(conv, bn, x).numpy(), bn(conv(x)).numpy())
+    bn.training = True
+    bn.weight.stop_gradient = bn.bias.stop_gradient = False
+    mean_before = bn._mean.numpy().copy()
+    conv_bn(conv, bn, x)
+    # Batch statistics were used and the running mean moved: the BatchNorm itself ran.
+    assert not np.array_equal(bn._mean.numpy(), mean_before)
+
+
+def test_conv_bn_sequential_keeps_the_parameter_names():
+    conv, bn = _frozen_pair()
+    plain, fused = paddle.nn.Sequential(conv, bn, paddle.nn.ReLU()), ConvBN(conv, bn, paddle.nn.ReLU())
+    assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+@needs_reference
+def test_training_forward_with_gradients_matches_reference():
+    """The training path itself (gradients recorded, BatchNorm folded) gives the reference's training outputs."""
+    net = _reference_net('yolact_base')
+    ref = reference_npz('loss_yolact_base')
+    net.train()
+    net.freeze_bn(True)
+    out = net(paddle.to_tensor(preprocess(ref['images_bgr'])))
+    for key in ('loc', 'conf', 'mask', 'proto', 'segm'):
+        assert not out[key].stop_gradient
+        assert_matches_float16(out[key].numpy(), ref[f'pred_{key}'], key)
