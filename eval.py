@@ -39,11 +39,11 @@ quiet_paddle_import()  # before the first import of paddle, here and in the Data
 
 from data.coco import COCOEvalImages, custom_dataset  # noqa: E402
 from data.config import DATASETS, coco_root_dataset  # noqa: E402
-from utils.augmentations import BaseTransform  # noqa: E402
+from data.transforms import BaseTransform  # noqa: E402
 from utils.cli import add_coco_root_flag, add_data_loading_flags  # noqa: E402
 from utils.errors import ConfigError, run_cli  # noqa: E402
-from utils.evaluation import benchmark, evaluate  # noqa: E402
-from utils.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
+from utils.evaluation.loop import benchmark, evaluate  # noqa: E402
+from utils.visual.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
@@ -157,7 +157,7 @@ def build_predictor(args):
     """The Predictor of the flags: dygraph weights or an exported model, with the dataset's classes.
 
     The model's config and classes come from its record (see
-    utils.model_loader); a custom or named dataset only decides how the
+    utils.weights.loader); a custom or named dataset only decides how the
     model's classes map to the dataset's category ids.
     """
     device = select_device(args.device)

@@ -21,7 +21,7 @@ Several GPUs (--batch_size is the total, split evenly across the cards):
 
     python -m paddle.distributed.launch --gpus 0,1,2,3 train.py --config yolact_base --batch_size 32
 
-Checkpoints go to --save_folder (see utils/checkpoint.py), VisualDL scalars to
+Checkpoints go to --save_folder (see utils/weights/checkpoint.py), VisualDL scalars to
 --log_folder (``visualdl --logdir logs``).
 """
 import argparse
@@ -40,7 +40,7 @@ from data.config import DATASETS, coco_root_dataset, get_config  # noqa: E402
 from utils.cli import add_coco_root_flag, add_data_loading_flags  # noqa: E402
 from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
-from utils.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
+from utils.training.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
 
 logger = logging.getLogger('train')
 

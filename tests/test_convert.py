@@ -18,10 +18,10 @@ import pytest
 from backbone import construct_backbone
 from data.config import get_config
 from tests.conftest import ROOT, make_weights_module, needs_reference
-from utils.checkpoint import load_backbone_weights
-from utils.convert import (ConversionError, convert_state_dict, fpn_downsample_drop,
-                           imagenet_backbone, save_params)
-from utils.pth_reader import PthError, load_pth
+from utils.weights.checkpoint import load_backbone_weights
+from utils.weights.convert import (ConversionError, convert_state_dict, fpn_downsample_drop,
+                                   imagenet_backbone, save_params)
+from utils.weights.pth_reader import PthError, load_pth
 from yolact import Yolact
 
 torch = pytest.importorskip('torch')  # test-only: writes the .pth files

@@ -16,8 +16,8 @@ from tests.conftest import needs_reference, reference_npz
 from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches, custom_dataset, detection_collate
 from data.config import MEANS, STD, get_config
 from tools.make_shapes_dataset import SHAPE_CLASSES, main as make_shapes_main, make_shapes_dataset
-from utils.augmentations import (Annotations, BaseTransform, Expand, FastBaseTransform, RandomMirror,
-                                 RandomSampleCrop, Resize, SSDAugmentation, resize_bilinear)
+from data.transforms import (Annotations, BaseTransform, Expand, FastBaseTransform, RandomMirror,
+                             RandomSampleCrop, Resize, SSDAugmentation, resize_bilinear)
 from utils.errors import DatasetError
 
 SIDE = 96  # generated test images are SIDE x SIDE

@@ -22,7 +22,7 @@ from data.config import get_config
 from layers.modules.multibox_loss import MultiBoxLoss
 from tests.conftest import ROOT
 from tools.make_shapes_dataset import make_shapes_dataset
-from utils.augmentations import BaseTransform
+from data.transforms import BaseTransform
 from utils.errors import DatasetError, MissingFileError, UnreadableFileError
 
 SIDE = 64
@@ -289,7 +289,7 @@ LOADER_SCRIPT = textwrap.dedent('''
     import paddle
     from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate, eval_collate
     from data.config import get_config
-    from utils.augmentations import BaseTransform, SSDAugmentation
+    from data.transforms import BaseTransform, SSDAugmentation
     from utils.errors import run_cli
 
     class FailOn:

@@ -24,16 +24,16 @@ from data.config import COLORS, get_config
 from layers.functions import Detect
 from layers.output_utils import PostProcess
 from utils.errors import ConfigError, run_cli
-from utils.evaluation import _reference_hash, evaluate, evaluation_order
-from utils.model_loader import resolve_config
+from utils.evaluation.loop import _reference_hash, evaluate, evaluation_order
+from utils.weights.loader import resolve_config
 from utils.predictor import Predictor
 from tests.conftest import needs_reference, reference_npz, reference_params
 from tools import benchmark as benchmark_tool
 from tools import export_model
 from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
-from utils import coco_eval
-from utils.drawing import detection_color, draw_detections
-from utils.inference import StaticYolact, export_yolact
+from utils.evaluation import coco_eval
+from utils.visual.drawing import detection_color, draw_detections
+from utils.deploy.inference import StaticYolact, export_yolact
 from yolact import Yolact, interpolation_matrix
 
 NUM_VAL = 6
@@ -80,7 +80,7 @@ def _single_log(log_dir):
 
 
 def _cocoeval(gt_file, results_file, iou_type, image_ids=None, category_ids=None):
-    """COCOeval.stats[:6] computed independently of utils.coco_eval."""
+    """COCOeval.stats[:6] computed independently of utils.evaluation.coco_eval."""
     gt = COCO(gt_file)
     dt = gt.loadRes(results_file)
     e = COCOeval(gt, dt, iou_type)
@@ -264,7 +264,7 @@ def test_a_model_of_some_categories_is_scored_on_those(shapes, tmp_path, caplog)
         det = _gt_detections(coco, image_id, {cat: label_of.get(cat, 0) for cat in ids.values()})
         keep = det['classes'] >= 0
         scripted[image_id] = {k: v[keep] for k, v in det.items()}
-    with caplog.at_level(logging.INFO, logger='utils.evaluation'):
+    with caplog.at_level(logging.INFO, logger='utils.evaluation.loop'):
         summary = evaluate(_ScriptedPredictor(cfg, scripted), _IdImages(coco), str(tmp_path / 'r'),
                            num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
     assert '2 categories; 2 other categories of the file not scored' in caplog.text

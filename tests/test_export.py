@@ -13,11 +13,11 @@ from tests.conftest import needs_reference, reference_npz, reference_params
 from data.config import get_config
 from tools import benchmark as benchmark_tool
 from tools import export_model
-from utils import inference
+from utils.deploy import inference
 from utils.errors import ConfigError
-from utils.model_loader import load_exported
-from utils.inference import (META_SUFFIX, OnnxYolact, StaticYolact, cached_export, export_cache_key,
-                             export_onnx, export_yolact)
+from utils.weights.loader import load_exported
+from utils.deploy.inference import (META_SUFFIX, OnnxYolact, StaticYolact, cached_export, export_cache_key,
+                                    export_onnx, export_yolact)
 from yolact import Resize, Yolact
 
 

@@ -25,10 +25,11 @@ from data.config import CONFIGS, get_config
 from tests.conftest import make_weights_module, needs_reference
 from tools import export_model
 from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
-from utils import coco_eval, media
-from utils.checkpoint import latest_checkpoint, sidecar_paths
+from utils.evaluation import coco_eval
+from utils.visual import media
+from utils.weights.checkpoint import latest_checkpoint, sidecar_paths
 from utils.errors import run_cli
-from utils.inference import default_cache_dir
+from utils.deploy.inference import default_cache_dir
 from utils.predictor import Predictor
 from yolact import Yolact
 

@@ -3,8 +3,8 @@
     programs (train.py, eval.py, tools/*)  ->  library (data/, utils/)  ->  model (backbone.py, yolact.py, layers/)
 
 * The model imports only the model and three leaf modules that import no project code but
-  each other: data.config, utils.augmentations, utils.errors. So the converter, the loader and
-  the checkpoint code (utils/convert.py, utils/model_loader.py, utils/checkpoint.py) import the
+  each other: data.config, data.transforms, utils.errors. So the converter, the loader and
+  the checkpoint code (utils/weights/convert.py, utils/weights/loader.py, utils/weights/checkpoint.py) import the
   model, never the reverse.
 * The library imports no program.
 * Nothing imports train.py or eval.py: they are parse_args(), main() and wiring. (Tests run
@@ -18,7 +18,7 @@ import os
 from tests.conftest import ROOT
 
 MODEL = ('backbone', 'yolact', 'layers')
-MODEL_MAY_ALSO_IMPORT = ('data.config', 'utils.augmentations', 'utils.errors')
+MODEL_MAY_ALSO_IMPORT = ('data.config', 'data.transforms', 'utils.errors')
 LIBRARY = ('data', 'utils')
 PROGRAMS = ('train', 'eval', 'tools')
 PROJECT = MODEL + LIBRARY + PROGRAMS
@@ -82,7 +82,7 @@ def test_the_library_imports_no_program_and_nothing_imports_train_or_eval():
 
 
 def test_the_rule_catches_a_cycle(tmp_path):
-    """The reader sees the import the old backbone.py had (utils.convert, which imports the model)."""
+    """The reader sees the import the old backbone.py had (utils.weights.convert, which imports the model)."""
     path = tmp_path / 'backbone.py'
-    path.write_text('import math\n\ndef f():\n    from utils.convert import convert_state_dict\n')
-    assert _imports(str(path)) == {'utils.convert', 'utils.convert.convert_state_dict'}
+    path.write_text('import math\n\ndef f():\n    from utils.weights.convert import convert_state_dict\n')
+    assert _imports(str(path)) == {'utils.weights.convert', 'utils.weights.convert.convert_state_dict'}

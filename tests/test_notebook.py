@@ -127,7 +127,7 @@ def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     with open(work / 'results_val' / 'mask_detections.json') as f:
         assert len(json.load(f)) > 0
 
-    from utils.submission import check_submission
+    from utils.evaluation.submission import check_submission
     info = str(coco / 'annotations' / 'image_info_test-dev2017.json')
     for kind in ('bbox', 'segm'):
         zip_path = work / 'submission' / kind / 'detections_test-dev2017_quick-test_results.zip'

@@ -23,12 +23,12 @@ from data.config import CONFIGS, get_config
 from data.samplers import ResumableBatchSampler
 from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
 from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
-from utils import checkpoint
-from utils.convert import save_params
+from utils.weights import checkpoint
+from utils.weights.convert import save_params
 from utils.errors import run_cli
-from utils.lr_schedule import WarmupStepSchedule
-from utils.model_loader import init_for_finetuning
-from utils.trainer import NetLoss, Trainer, build_optimizer
+from utils.training.lr_schedule import WarmupStepSchedule
+from utils.weights.loader import init_for_finetuning
+from utils.training.trainer import NetLoss, Trainer, build_optimizer
 from yolact import Yolact
 
 CONFIG = 'train_test_tiny'
@@ -324,7 +324,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
         import os, sys
         sys.path.insert(0, {ROOT!r})
         from tests.test_train import small_net_and_optimizer
-        from utils import checkpoint
+        from utils.weights import checkpoint
         net, optimizer, step = small_net_and_optimizer()
         checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 3).path({str(tmp_path)!r}), net, optimizer,
                                    {{'iteration': 3}})

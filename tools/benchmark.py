@@ -15,7 +15,7 @@ on a full set of detections as with a real model on a busy image.
     python tools/benchmark.py --config yolact_base --onnx --alternate --no_dygraph   # vs onnxruntime
     python tools/benchmark.py --trained_model weights/yolact_base_54_800000.pth --image photo.jpg
 
---pipeline N also runs a dataset evaluation of N images (utils.evaluation.evaluate)
+--pipeline N also runs a dataset evaluation of N images (utils.evaluation.loop.evaluate)
 with a stand-in network that sleeps for the measured network time and returns the
 measured final detections, as a GPU leaves the host free while it works: the
 host-side work per image (RLE encoding and JSON of the results) then runs in the
@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
 from data.config import get_config  # noqa: E402
-from utils import coco_eval  # noqa: E402
+from utils.evaluation import coco_eval  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
-from utils.inference import OnnxYolact, export_onnx, export_yolact  # noqa: E402
-from utils.model_loader import load_model  # noqa: E402
+from utils.evaluation.loop import evaluate  # noqa: E402
+from utils.deploy.inference import OnnxYolact, export_onnx, export_yolact  # noqa: E402
+from utils.weights.loader import load_model  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from yolact import Yolact  # noqa: E402
@@ -136,7 +136,7 @@ def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None, alternate=F
     network while the other's CPU threads are still spinning down.
     alternate: run the chains in turn, one run each, instead; fairer on a
     machine whose load changes, for runtimes that do not spin (Paddle
-    Inference and onnxruntime as utils.inference sets it up). top_k: see
+    Inference and onnxruntime as utils.deploy.inference sets it up). top_k: see
     run_chain. Returns {label: {stage or 'total': median seconds}} and logs the table.
     """
     samples = {label: [] for label in chains}

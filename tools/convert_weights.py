@@ -20,7 +20,7 @@ from utils.runtime import quiet_paddle_import  # noqa: E402
 quiet_paddle_import()
 
 from data.config import config_name_from_weights, get_config  # noqa: E402
-from utils.convert import convert_backbone, convert_checkpoint, imagenet_backbone, save_params  # noqa: E402
+from utils.weights.convert import convert_backbone, convert_checkpoint, imagenet_backbone, save_params  # noqa: E402
 from utils.errors import MissingFileError, OutputError, run_cli  # noqa: E402
 
 EPILOG = """examples:

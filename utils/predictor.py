@@ -11,9 +11,9 @@ import paddle
 
 from layers.functions import Detect
 from layers.output_utils import PostProcess
-from utils.augmentations import FastBaseTransform
-from utils.inference import StaticYolact, cached_export
-from utils.model_loader import load_exported, load_model, model_config
+from data.transforms import FastBaseTransform
+from utils.deploy.inference import StaticYolact, cached_export
+from utils.weights.loader import load_exported, load_model, model_config
 from utils.runtime import select_device
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class Predictor:
     On a CPU the network runs through Paddle Inference (oneDNN), 3-4x faster
     than dygraph there: it is exported on first use into a cache keyed by the
     weights' content, the config and Paddle's version
-    (utils.inference.cached_export; ``$YOLACT_CACHE``, default
+    (utils.deploy.inference.cached_export; ``$YOLACT_CACHE``, default
     ``~/.cache/yolact/exported``) and reused afterwards. ``dygraph=True``
     keeps the dygraph network (and so does a GPU).
 

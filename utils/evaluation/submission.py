@@ -12,7 +12,7 @@ A results file is a JSON array of records
 ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` (bbox, pixels)
 or ``{"image_id", "category_id", "segmentation": {"size": [h, w], "counts": str}, "score"}``
 (segm, COCO compressed RLE), as ``eval.py`` writes them
-(``bbox_detections.json``, ``mask_detections.json``, see utils/coco_eval.py).
+(``bbox_detections.json``, ``mask_detections.json``, see utils/evaluation/coco_eval.py).
 The server evaluates at most 100 detections per image and only the 20,288
 test-dev image ids (``image_info_test-dev2017.json``); ``test2017/`` holds
 40,670 images, so results of the whole folder are filtered.
@@ -30,7 +30,7 @@ from collections import defaultdict
 from typing import List
 
 from data.validation import load_annotations, rle_strings_valid
-from utils.coco_eval import BBOX_FILE, MASK_FILE
+from utils.evaluation.coco_eval import BBOX_FILE, MASK_FILE
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError
 
 logger = logging.getLogger(__name__)

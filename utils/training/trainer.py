@@ -16,13 +16,13 @@ import paddle.distributed as dist
 from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
 from data.samplers import ResumableBatchSampler, SeededSamples
 from layers.modules.multibox_loss import MultiBoxLoss
-from utils import checkpoint
-from utils.augmentations import BaseTransform, SSDAugmentation
+from utils.weights import checkpoint
+from data.transforms import BaseTransform, SSDAugmentation
 from utils.errors import ConfigError, MissingFileError, OutputError, YolactError
-from utils.evaluation import evaluate
-from utils.logger import TrainingLogger
-from utils.lr_schedule import WarmupStepSchedule
-from utils.model_loader import init_for_finetuning, load_weights_file
+from utils.evaluation.loop import evaluate
+from utils.training.logger import TrainingLogger
+from utils.training.lr_schedule import WarmupStepSchedule
+from utils.weights.loader import init_for_finetuning, load_weights_file
 from utils.predictor import Predictor
 from utils.runtime import dataloader_shared_memory, training_batch_bytes
 from yolact import Yolact
@@ -39,7 +39,7 @@ class TrainOptions:
     """The settings of a run that are not the model's config (train.py's flags of the same names).
 
     batch_size is the total over all devices. resume: a checkpoint path,
-    'interrupt' or 'latest' (see utils.checkpoint.find_resume_checkpoint);
+    'interrupt' or 'latest' (see utils.weights.checkpoint.find_resume_checkpoint);
     start_iter -1 reads the iteration from it. trained_model: weights to
     fine-tune; backbone_weights: ImageNet weights ('none': random
     initialisation; None: <save_folder>/<the config's backbone file>). strict: stop at a bad

@@ -14,7 +14,7 @@ import paddle
 from tqdm import tqdm
 
 from data.coco import read_image
-from utils.drawing import draw_detections
+from utils.visual.drawing import draw_detections
 from utils.errors import MissingFileError, OutputError, UnreadableFileError, YolactError
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class ImageDetector:
         top_k: draw at most ``top_k`` detections (only their masks are assembled), those above the
             predictor's score threshold.
         class_color: one colour per class (videos: stable from frame to frame) instead of per detection.
-        **draw_options: utils.drawing.draw_detections's draw_masks, draw_boxes, draw_text, draw_scores.
+        **draw_options: utils.visual.drawing.draw_detections's draw_masks, draw_boxes, draw_text, draw_scores.
     """
 
     def __init__(self, predictor, top_k=5, class_color=False, **draw_options):

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import paddle
 
-from utils.convert import DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES, convert_state_dict
+from utils.weights.convert import (DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES,
+                                   convert_state_dict)
 from utils.errors import MissingFileError, WeightsError
 
 logger = logging.getLogger(__name__)
@@ -202,9 +203,9 @@ def load_backbone_weights(backbone, path):
     """Strictly load ImageNet weights (.pdparams) into a backbone, in place.
 
     Every backbone parameter must be in the file except the DCN extras
-    (utils.convert.DCN_INIT_KEYS), which ImageNet models do not have and which
+    (utils.weights.convert.DCN_INIT_KEYS), which ImageNet models do not have and which
     then keep their reference initialisation; every tensor in the file must be
-    used, except an ImageNet classifier. Raises utils.convert.ConversionError
+    used, except an ImageNet classifier. Raises utils.weights.convert.ConversionError
     naming each key that does not fit.
     """
     source = read_state_dict(path, return_numpy=True)

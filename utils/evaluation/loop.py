@@ -16,7 +16,7 @@ import paddle
 from tqdm import tqdm
 
 from data.coco import check_batches, eval_collate
-from utils import coco_eval
+from utils.evaluation import coco_eval
 from utils.errors import DatasetError
 from utils.runtime import dataloader_shared_memory, eval_sample_bytes
 

@@ -34,7 +34,7 @@ import paddle
 from backbone import construct_backbone
 from data.config import CONFIGS
 from utils.errors import ConfigError, WeightsError
-from utils.pth_reader import load_pth
+from utils.weights.pth_reader import load_pth
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,7 @@ def convert_checkpoint(src_path, cfg):
     Returns:
         ({paddle key: float32 np.ndarray}, ConversionReport).
     Raises:
-        utils.pth_reader.PthError if the file cannot be read; ConversionError
+        utils.weights.pth_reader.PthError if the file cannot be read; ConversionError
         naming every key that does not fit (e.g. the wrong config).
     """
     source = load_pth(src_path)
@@ -186,9 +186,9 @@ def convert_backbone(src_path, backbone_cfg):
             leaves its deformable extras (DCN_INIT_KEYS) at initialisation.
     Returns:
         ({backbone key: float32 np.ndarray}, ConversionReport) -- keys without
-        the ``backbone.`` prefix, as ``utils.checkpoint.load_backbone_weights`` loads them.
+        the ``backbone.`` prefix, as ``utils.weights.checkpoint.load_backbone_weights`` loads them.
     Raises:
-        utils.pth_reader.PthError or ConversionError as convert_checkpoint.
+        utils.weights.pth_reader.PthError or ConversionError as convert_checkpoint.
     """
     if backbone_cfg.kind == 'resnet':
         renames, drops = TORCHVISION_RENAMES, [IMAGENET_CLASSIFIER_DROP]

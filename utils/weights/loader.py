@@ -22,10 +22,10 @@ import os
 import paddle
 
 from data.config import config_name_from_weights, get_config
-from utils.checkpoint import load_weights, read_state_dict, sidecar_paths
-from utils.convert import convert_checkpoint
+from utils.weights.checkpoint import load_weights, read_state_dict, sidecar_paths
+from utils.weights.convert import convert_checkpoint
 from utils.errors import ConfigError, MissingFileError
-from utils.inference import StaticYolact, read_export_meta
+from utils.deploy.inference import StaticYolact, read_export_meta
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def _with_class_count_of(cfg, state):
 def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=False):
     """A static network exported by tools/export_model.py, and its config (classes from its metadata).
 
-    Returns (cfg, utils.inference.StaticYolact), called like the dygraph network.
+    Returns (cfg, utils.deploy.inference.StaticYolact), called like the dygraph network.
     """
     meta = read_export_meta(path_prefix)
     cfg = resolve_config(config_name, record=meta)
