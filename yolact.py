@@ -15,22 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from backbone import construct_backbone
-from data.transforms import linear_taps
-
-
-def interpolation_matrix(in_size, out_size):
-    """[out_size, in_size] float32 matrix of a 1-D linear resize with align_corners=False.
-
-    Row i holds the two taps of output sample i with Paddle's kernel weights
-    (data.transforms.linear_taps), so ``A @ v`` resizes a vector ``v``.
-    """
-    i0, i1, w0, w1 = linear_taps(in_size, out_size)
-    rows = np.arange(out_size)
-    matrix = np.zeros((out_size, in_size), dtype=np.float32)
-    # add.at: at the border both taps are the same pixel and their weights add up.
-    np.add.at(matrix, (rows, i0), w0)
-    np.add.at(matrix, (rows, i1), w1)
-    return matrix
+from layers.interpolate import interpolation_matrix
 
 
 class Resize(nn.Layer):

@@ -6,7 +6,7 @@ import paddle.nn.functional as F
 
 from data.config import MEANS, STD
 from layers.box_utils import BACKENDS, crop, sanitize_coordinates, use_device_path
-from data.transforms import linear_taps, sample_taps
+from layers.interpolate import linear_taps, sample_taps
 
 
 # cv2.resize places its bilinear samples within 1e-4 px of the exact (PyTorch /
@@ -167,7 +167,7 @@ def upsample_masks(masks, h, w, threshold=0.5):
     Cropped masks are zero outside their box, and an output pixel whose four
     taps are all zero is exactly zero, so only each mask's window (the output
     pixels whose taps reach its non-zero rows and columns) is computed: a
-    small window exactly, from data.transforms.linear_taps (positions
+    small window exactly, from layers.interpolate.linear_taps (positions
     and weights as PyTorch, width first); a large one with cv2.resize, an
     order of magnitude faster per pixel than numpy, whose few pixels within
     _THRESHOLD_MARGIN of the threshold are then recomputed exactly. Either

@@ -17,7 +17,8 @@ from data.coco import COCODetection, COCOEvalImages, SampleError, check_batches,
 from data.config import MEANS, STD, get_config
 from tools.make_shapes_dataset import SHAPE_CLASSES, main as make_shapes_main, make_shapes_dataset
 from data.transforms import (Annotations, BaseTransform, Expand, FastBaseTransform, RandomMirror,
-                             RandomSampleCrop, Resize, SSDAugmentation, resize_bilinear)
+                             RandomSampleCrop, Resize, SSDAugmentation)
+from layers.interpolate import resize_bilinear
 from utils.errors import DatasetError
 
 SIDE = 96  # generated test images are SIDE x SIDE

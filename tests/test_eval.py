@@ -34,7 +34,8 @@ from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
 from utils.evaluation import coco_eval
 from utils.visual.drawing import detection_color, draw_detections
 from utils.deploy.inference import StaticYolact, export_yolact
-from yolact import Yolact, interpolation_matrix
+from layers.interpolate import interpolation_matrix
+from yolact import Yolact
 
 NUM_VAL = 6
 SIDE = 128
