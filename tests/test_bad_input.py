@@ -20,6 +20,7 @@ from tests.conftest import ROOT
 from tools import benchmark as benchmark_tool
 from tools import convert_weights, export_model
 from tools.make_shapes_dataset import make_shapes_dataset
+from utils import files
 from utils.weights import checkpoint
 from utils.evaluation import coco_eval
 from utils.errors import EXIT_USER_ERROR, OutputError, WeightsError, run_cli
@@ -128,7 +129,7 @@ def test_disk_full_during_a_checkpoint_says_what_was_kept(shapes, tmp_path, monk
         f.write(data[:10])
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(checkpoint, '_write_all', disk_full)
+    monkeypatch.setattr(files, '_write_all', disk_full)
     trainer.iteration = 1
     with pytest.raises(OutputError, match='No space left on device') as info:
         trainer.save()

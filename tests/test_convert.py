@@ -263,12 +263,11 @@ def test_save_params_is_atomic(tmp_path, monkeypatch):
     dst = tmp_path / 'model.pdparams'
     dst.write_bytes(b'previous')
 
-    def failing_save(obj, path):
-        with open(path, 'wb') as f:
-            f.write(b'partial')
+    def failing_write(f, data):
+        f.write(data[:len(data) // 2])
         raise OSError('disk full')
 
-    monkeypatch.setattr(paddle, 'save', failing_save)
+    monkeypatch.setattr('utils.files._write_all', failing_write)
     with pytest.raises(OSError, match='disk full'):
         save_params({'w': np.ones(3, np.float32)}, str(dst))
     assert dst.read_bytes() == b'previous'

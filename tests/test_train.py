@@ -23,6 +23,7 @@ from data.config import CONFIGS, get_config
 from data.samplers import ResumableBatchSampler
 from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
 from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
+from utils import files
 from utils.weights import checkpoint
 from utils.weights.convert import save_params
 from utils.errors import run_cli
@@ -305,7 +306,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         f.write(data[:len(data) // 2])
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(checkpoint, '_write_all', partial_write)
+    monkeypatch.setattr(files, '_write_all', partial_write)
     bad = checkpoint.SavePath('m', 0, 6).path(folder)
     with pytest.raises(OSError):
         checkpoint.save_checkpoint(bad, net, optimizer, {'iteration': 6})
@@ -324,6 +325,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
         import os, sys
         sys.path.insert(0, {ROOT!r})
         from tests.test_train import small_net_and_optimizer
+        from utils import files
         from utils.weights import checkpoint
         net, optimizer, step = small_net_and_optimizer()
         checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 3).path({str(tmp_path)!r}), net, optimizer,
@@ -333,7 +335,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
             f.write(data[:len(data) // 2])
             f.flush()
             os._exit(9)     # no cleanup, as with SIGKILL
-        checkpoint._write_all = die_midway
+        files._write_all = die_midway
         checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 6).path({str(tmp_path)!r}), net, optimizer,
                                    {{'iteration': 6}})
     """)

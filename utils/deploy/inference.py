@@ -31,13 +31,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import paddle
 
 from utils.errors import ConfigError, MissingFileError, OutputError
+from utils.files import staging_folder
 from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
 from yolact import Resize
 
@@ -104,19 +104,9 @@ def _save_static(net, cfg, path_prefix, batch_size, export_format='paddle'):
     return meta
 
 
-@contextlib.contextmanager
 def _staging_folder(path_prefix):
-    """A temporary folder beside ``path_prefix`` (same file system, so moves are atomic), removed on exit."""
-    folder = os.path.dirname(os.path.abspath(path_prefix))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix='.export-', dir=folder)
-    except OSError as e:
-        raise OutputError(f'cannot write the export to {folder}: {e.strerror}') from e
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    """A utils.files.staging_folder beside ``path_prefix`` (moves from it are atomic), removed on exit."""
+    return staging_folder(os.path.dirname(os.path.abspath(path_prefix)), '.export-', 'the export')
 
 
 def _move_export(source_prefix, path_prefix):
@@ -263,10 +253,9 @@ def cached_export(load_net, cfg, weights_path, cache_dir=None, batch_size=1):
     try:
         os.makedirs(cache_dir, exist_ok=True)
         _remove_dead_partials(cache_dir)
-        stage = tempfile.mkdtemp(prefix=f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-', dir=cache_dir)
     except OSError as e:
         raise OutputError(f'cannot write the export cache {cache_dir}: {e.strerror}') from e
-    try:
+    with staging_folder(cache_dir, f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-', 'the export cache') as stage:
         _save_static(load_net(), cfg, os.path.join(stage, cfg.name), batch_size)
         try:
             os.rename(stage, entry)
@@ -274,8 +263,6 @@ def cached_export(load_net, cfg, weights_path, cache_dir=None, batch_size=1):
             if not os.path.isfile(prefix + META_SUFFIX):
                 raise
             logger.info('%s was exported concurrently; using that copy', entry)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     logger.info('exported %s (%dx%d, batch %d) to the cache %s', cfg.name, cfg.max_size, cfg.max_size,
                 batch_size, entry)
     return prefix

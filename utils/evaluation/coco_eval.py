@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -29,6 +28,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from utils.errors import OutputError
+from utils.files import AtomicFile
 
 logger = logging.getLogger(__name__)
 
@@ -147,26 +147,21 @@ def encode_rle(masks):
 class JsonArrayWriter:
     """A JSON array written one record at a time, so memory does not grow with the file.
 
-    Records stream into a temporary file beside ``path`` (unique to this
-    writer); :meth:`close` completes the array and renames it to ``path`` in
-    one atomic step. A run that dies or is killed midway therefore leaves no
-    file under ``path`` (or the previous complete one), and concurrent runs
+    Records stream into a utils.files.AtomicFile (a temporary file beside
+    ``path``, unique to this writer); :meth:`close` completes the array and
+    renames it to ``path`` in one atomic step. A run that dies or is killed
+    midway therefore leaves no file under ``path`` (or the previous complete one), and concurrent runs
     writing the same ``path`` cannot interleave: the last to finish wins
     whole. :meth:`discard` (or leaving the ``with`` block on an exception)
     removes the temporary file.
     """
 
     def __init__(self, path):
-        folder, name = os.path.split(os.path.abspath(path))
         try:
-            fd, self._tmp_path = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
+            self._out = AtomicFile(path, 'w')
         except OSError as e:
             raise OutputError(f'cannot write results file {path!r}: {e.strerror}') from e
-        # mkstemp creates the file private; results files get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp_path, 0o666 & ~umask)
-        self._file = os.fdopen(fd, 'w')
+        self._file = self._out.file
         self.path = path
         self.count = 0
         self._file.write('[')
@@ -182,21 +177,15 @@ class JsonArrayWriter:
             return
         try:
             self._file.write('\n]\n')
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp_path, self.path)
+            self._out.commit()
         except OSError as e:
-            self.discard()
+            self._out.discard()
             raise OutputError(f'cannot write results file {self.path!r}: {e.strerror}; nothing was written '
                               'under that name') from e
 
     def discard(self):
         """Drop the partial file; ``path`` keeps whatever it had before."""
-        if not self._file.closed:
-            self._file.close()
-        if os.path.exists(self._tmp_path):
-            os.remove(self._tmp_path)
+        self._out.discard()
 
     def __enter__(self):
         return self

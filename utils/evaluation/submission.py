@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import zipfile
 from collections import defaultdict
 from typing import List
@@ -32,6 +31,7 @@ from typing import List
 from data.validation import load_annotations, rle_strings_valid
 from utils.evaluation.coco_eval import BBOX_FILE, MASK_FILE
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError
+from utils.files import AtomicFile
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +159,11 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
         final = os.path.join(folder, name + '.zip')
         try:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix='.' + name, suffix='.zip.part', dir=folder)
-            os.close(fd)
+            out = AtomicFile(final)
         except OSError as e:
             raise OutputError(f'cannot write to {folder}: {e.strerror}') from e
         try:
-            with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as zf, \
+            with out as f, zipfile.ZipFile(f, 'w', zipfile.ZIP_DEFLATED) as zf, \
                     zf.open(name + '.json', 'w') as member:
                 written = 0
                 member.write(b'[')
@@ -173,12 +172,8 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
                         member.write((b',\n' if written else b'\n') + json.dumps(rec).encode())
                         written += 1
                 member.write(b'\n]\n')
-            os.replace(tmp, final)
         except OSError as e:
             raise OutputError(f'cannot write {final} (nothing kept): {e.strerror}') from e
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         logger.info('%s: %d detections on %d of %d test-dev images; dropped %d of other images '
                     'and %d over %d per image', final, written, len(scored), len(images), foreign,
                     total - written, max_detections)

@@ -10,13 +10,11 @@ A checkpoint is up to three files sharing one stem, ``<config>_<epoch>_<iteratio
   network whose automatic Paddle tensor names differ, plus the AMP loss-scaler state;
 - ``<stem>.json``: iteration, epoch, learning rate, schedule and run settings.
 
-Every file is written to a temporary file in the same folder and moved into
-place with ``os.replace``, so a file either has its old content or its new
-one. The JSON is written last: a checkpoint whose JSON exists is complete,
+Every file is written atomically (utils/files.py), so a file either has its
+old content or its new one. The JSON is written last: a checkpoint whose JSON exists is complete,
 and ``latest_checkpoint``/``interrupt_checkpoint`` only return complete ones.
 A save that dies midway therefore never hides or damages the previous checkpoint.
 """
-import io
 import json
 import logging
 import os
@@ -28,6 +26,7 @@ import paddle
 from utils.weights.convert import (DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES,
                                    convert_state_dict)
 from utils.errors import MissingFileError, WeightsError
+from utils.files import atomic_paddle_save, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +101,14 @@ def save_checkpoint(weights_path, net, optimizer=None, state=None, scaler=None):
     if os.path.exists(state_path):
         # Rewriting a checkpoint of the same name: incomplete until its new state lands.
         os.remove(state_path)
-    _atomic_write(weights_path, _to_bytes(net.state_dict()))
+    atomic_paddle_save(net.state_dict(), weights_path)
     if optimizer is not None:
         opt_state = {'accumulators': optimizer_state_by_name(optimizer, net)}
         if scaler is not None:
             opt_state['grad_scaler'] = scaler.state_dict()
-        _atomic_write(opt_path, _to_bytes(opt_state))
+        atomic_paddle_save(opt_state, opt_path)
     if state is not None:
-        _atomic_write(state_path, json.dumps(state, indent=1, sort_keys=True).encode())
-    _fsync_dir(folder)
+        atomic_write(state_path, json.dumps(state, indent=1, sort_keys=True))
 
 
 def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
@@ -352,44 +350,3 @@ def _split_accumulator_key(key, tensor_names):
         if key.startswith(name + '_'):
             return name, key[len(name) + 1:]
     raise ValueError(f'optimizer state {key!r} belongs to no parameter of the model')
-
-
-def _to_bytes(obj):
-    buf = io.BytesIO()
-    paddle.save(obj, buf)
-    return buf.getvalue()
-
-
-def _atomic_write(path, data):
-    """Replace ``path`` with ``data`` so that it never holds a partial write."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            _write_all(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_all(f, data):
-    """Write ``data`` to the open file ``f`` (a separate step so tests can interrupt it)."""
-    f.write(data)
-
-
-def _fsync_dir(folder):
-    """Persist the renames themselves (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

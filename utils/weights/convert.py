@@ -34,6 +34,7 @@ import paddle
 from backbone import construct_backbone
 from data.config import CONFIGS
 from utils.errors import ConfigError, WeightsError
+from utils.files import atomic_paddle_save
 from utils.weights.pth_reader import load_pth
 from yolact import Yolact
 
@@ -226,18 +227,11 @@ def imagenet_backbone(path):
 def save_params(params, path):
     """Write {key: np.ndarray} as a ``.pdparams`` of float32 Paddle tensors.
 
-    Written to a temporary file next to ``path`` and renamed over it, so an
-    interrupted conversion never leaves a partial file under the final name.
+    Written atomically (utils/files.py): an interrupted conversion never
+    leaves a partial file under the final name.
     Load with ``net.set_state_dict(paddle.load(path))``.
     """
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    try:
-        paddle.save({k: paddle.to_tensor(v, dtype='float32') for k, v in params.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_paddle_save({k: paddle.to_tensor(v, dtype='float32') for k, v in params.items()}, path)
     logger.info('wrote %d tensors to %s', len(params), path)
 
 
