@@ -54,11 +54,13 @@ class Predictor:
         if weights_path is not None:
             config, weights = weights, weights_path
         device = select_device(device)
-        cfg = model_config(weights, config)
         if device == 'cpu' and not dygraph:
+            # The config only: a cache hit builds no network and reads no weights but a record-less
+            # .pdparams's class count.
+            cfg = model_config(weights, config)
             net = StaticYolact(cached_export(lambda: load_model(weights, cfg=cfg)[1], cfg, weights), device='cpu')
         else:
-            net = load_model(weights, cfg=cfg)[1]
+            cfg, net = load_model(weights, config)
         self._setup(cfg, net, score_threshold, detect_overrides)
         logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 

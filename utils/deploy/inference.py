@@ -38,6 +38,7 @@ import paddle
 
 from utils.errors import ConfigError, MissingFileError, OutputError
 from utils.files import staging_folder
+from utils.weights.checkpoint import require_weights_file
 from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
 from yolact import Resize
 
@@ -212,12 +213,9 @@ def export_cache_key(cfg, weights_path, batch_size=1):
     their bytes, not their name or date.
     """
     digest = hashlib.sha256()
-    try:
-        with open(weights_path, 'rb') as f:
-            for chunk in iter(lambda: f.read(1 << 20), b''):
-                digest.update(chunk)
-    except FileNotFoundError as e:
-        raise MissingFileError(f'weights file {weights_path!r} not found') from e
+    with open(require_weights_file(weights_path), 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
     parts = {'weights': digest.hexdigest(), 'config': repr(cfg), 'num_classes': cfg.num_classes,
              'paddle': paddle.__version__, 'batch_size': batch_size, 'format': CACHE_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

@@ -138,14 +138,20 @@ def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
     return state, loaded_opt
 
 
+def require_weights_file(path):
+    """``path``, when it names a file: the one check of every weights input (MissingFileError otherwise)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f'weights file not found: {path}')
+    return path
+
+
 def read_state_dict(path, return_numpy=False):
     """The {key: tensor} state dict of a ``.pdparams`` file.
 
     Raises MissingFileError when it does not exist, WeightsError when it
     cannot be read or holds something other than a state dict.
     """
-    if not os.path.isfile(path):
-        raise MissingFileError(f'weights file not found: {path}')
+    require_weights_file(path)
     try:
         state = paddle.load(path, return_numpy=return_numpy)
     except Exception as err:  # Paddle raises a variety of types for a file it cannot unpickle.

@@ -22,9 +22,9 @@ import os
 import paddle
 
 from data.config import config_name_from_weights, get_config
-from utils.weights.checkpoint import load_weights, read_state_dict, sidecar_paths
+from utils.weights.checkpoint import load_weights, read_state_dict, require_weights_file, sidecar_paths
 from utils.weights.convert import convert_checkpoint
-from utils.errors import ConfigError, MissingFileError
+from utils.errors import ConfigError
 from utils.deploy.inference import StaticYolact, read_export_meta
 from yolact import Yolact
 
@@ -84,8 +84,7 @@ def load_weights_file(net, path, cfg, state=None):
 
     state: the ``.pdparams`` state dict when the caller has read it already.
     """
-    if not os.path.isfile(path):
-        raise MissingFileError(f'weights file not found: {path}')
+    require_weights_file(path)
     if path.endswith('.pth'):
         params, report = convert_checkpoint(path, cfg)
         load_weights(net, params)
@@ -101,8 +100,7 @@ def model_config(weights_path, config_name=None, state=None):
     A ``.pdparams`` whose record names no classes is read (or ``state``, its
     state dict, is used) for the class count its weights have.
     """
-    if not os.path.isfile(weights_path):
-        raise MissingFileError(f'weights file not found: {weights_path}')
+    require_weights_file(weights_path)
     record = weights_record(weights_path)
     cfg = resolve_config(config_name, weights_path, record)
     if weights_path.endswith('.pdparams') and not (record or {}).get('class_names'):
@@ -123,8 +121,7 @@ def load_model(weights_path, config_name=None, cfg=None):
     Raises:
         MissingFileError, WeightsError naming every key that does not fit, ConfigError.
     """
-    if not os.path.isfile(weights_path):
-        raise MissingFileError(f'weights file not found: {weights_path}')
+    require_weights_file(weights_path)
     # Read once: for the class count (when no record names the classes) and for the weights.
     state = read_state_dict(weights_path) if weights_path.endswith('.pdparams') else None
     cfg = cfg if cfg is not None else model_config(weights_path, config_name, state)
@@ -187,8 +184,7 @@ def init_for_finetuning(net, path, cfg):
     ``net``'s fresh initialisation when the counts differ; every other tensor
     must match. Returns the re-initialised keys.
     """
-    if not os.path.isfile(path):
-        raise MissingFileError(f'weights file not found: {path}')
+    require_weights_file(path)
     if path.endswith('.pth'):
         source, report = convert_checkpoint(path, get_config(cfg.name))
         logger.info('%s', report.summary())
