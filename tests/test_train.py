@@ -283,13 +283,13 @@ def test_optimizer_state_survives_new_parameter_names(tmp_path):
     for _ in range(3):
         step()
     path = checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
-    checkpoint.save_checkpoint(path, net, optimizer, {'iteration': 3})
+    checkpoint.save_checkpoint(path, net, optimizer, checkpoint.CheckpointRecord(iteration=3))
     expected = [step() for _ in range(3)]
 
     net2, optimizer2, step2 = small_net_and_optimizer()
     assert [p.name for p in net2.parameters()] != [p.name for p in net.parameters()]
-    state, has_optimizer = checkpoint.load_checkpoint(path, net2, optimizer2)
-    assert state == {'iteration': 3} and has_optimizer
+    record, has_optimizer = checkpoint.load_checkpoint(path, net2, optimizer2)
+    assert record == checkpoint.CheckpointRecord(iteration=3) and has_optimizer
     assert [step2() for _ in range(3)] == expected
 
 
@@ -298,7 +298,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     net, optimizer, step = small_net_and_optimizer()
     folder = str(tmp_path)
     good = checkpoint.SavePath('m', 0, 3).path(folder)
-    checkpoint.save_checkpoint(good, net, optimizer, {'iteration': 3})
+    checkpoint.save_checkpoint(good, net, optimizer, checkpoint.CheckpointRecord(iteration=3))
     saved = {k: v.numpy() for k, v in net.state_dict().items()}
     step()
 
@@ -309,12 +309,12 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(files, '_write_all', partial_write)
     bad = checkpoint.SavePath('m', 0, 6).path(folder)
     with pytest.raises(OSError):
-        checkpoint.save_checkpoint(bad, net, optimizer, {'iteration': 6})
+        checkpoint.save_checkpoint(bad, net, optimizer, checkpoint.CheckpointRecord(iteration=6))
     assert sorted(os.listdir(folder)) == ['m_0_3.json', 'm_0_3.pdopt', 'm_0_3.pdparams']
     assert checkpoint.latest_checkpoint(folder, 'm') == good
 
     fresh, fresh_optimizer, _ = small_net_and_optimizer()
-    assert checkpoint.load_checkpoint(good, fresh, fresh_optimizer) == ({'iteration': 3}, True)
+    assert checkpoint.load_checkpoint(good, fresh, fresh_optimizer) == (checkpoint.CheckpointRecord(iteration=3), True)
     for key, value in fresh.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), saved[key])
 
@@ -329,7 +329,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
         from utils.weights import checkpoint
         net, optimizer, step = small_net_and_optimizer()
         checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 3).path({str(tmp_path)!r}), net, optimizer,
-                                   {{'iteration': 3}})
+                                   checkpoint.CheckpointRecord(iteration=3))
         step()
         def die_midway(f, data):
             f.write(data[:len(data) // 2])
@@ -337,7 +337,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
             os._exit(9)     # no cleanup, as with SIGKILL
         files._write_all = die_midway
         checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 6).path({str(tmp_path)!r}), net, optimizer,
-                                   {{'iteration': 6}})
+                                   checkpoint.CheckpointRecord(iteration=6))
     """)
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 9, result.stderr
@@ -346,7 +346,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
     good = checkpoint.latest_checkpoint(str(tmp_path), 'm')
     assert good == checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
     net, optimizer, _ = small_net_and_optimizer()
-    assert checkpoint.load_checkpoint(good, net, optimizer) == ({'iteration': 3}, True)
+    assert checkpoint.load_checkpoint(good, net, optimizer) == (checkpoint.CheckpointRecord(iteration=3), True)
 
 
 # ------------------------------------------------------------------ training --
@@ -401,9 +401,9 @@ def test_fine_tuning_lowers_the_loss(tiny_config, shapes, coco_weights, tmp_path
     assert end < 0.9 * start, totals
 
     final = checkpoint.SavePath(CONFIG, 7, iters).path(str(tmp_path / 'weights'))
-    state, _ = checkpoint.load_checkpoint(final, Yolact.from_config(
+    record, _ = checkpoint.load_checkpoint(final, Yolact.from_config(
         dataclasses.replace(tiny_config, num_classes=len(SHAPE_CLASSES) + 1)))
-    assert state['iteration'] == iters and state['class_names'] == list(SHAPE_CLASSES)
+    assert record.iteration == iters and record.class_names == SHAPE_CLASSES
     # Batch 2 per device: BatchNorm frozen (no statistics update, no gradient, no weight decay).
     trained, initial = paddle.load(final, return_numpy=True), paddle.load(coco_weights, return_numpy=True)
     for key in ('backbone.bn1.weight', 'backbone.bn1._mean', 'backbone.layers.3.2.bn3._variance'):

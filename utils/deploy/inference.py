@@ -21,6 +21,7 @@ Paddle version into a cache folder; :func:`export_onnx` writes an ONNX file
 (paddle2onnx) run by :class:`OnnxYolact` (onnxruntime).
 """
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -32,6 +33,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Tuple
 
 import numpy as np
 import paddle
@@ -48,6 +50,43 @@ logger = logging.getLogger(__name__)
 OUTPUT_KEYS = ('loc', 'conf', 'mask', 'priors', 'proto')
 META_SUFFIX = '.yolact.json'
 MASKIOU_SUFFIX = '_maskiou'
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportMeta:
+    """``<prefix>.yolact.json``, what an export records beside its graph (written and read only here).
+
+    config: the config name; max_size: S of the [batch_size, 3, S, S] input;
+    format: 'paddle' or 'onnx'; num_classes: with background; class_names: the
+    C - 1 names; outputs: the graph's outputs in order (:data:`OUTPUT_KEYS`);
+    maskiou: whether a ``<prefix>_maskiou`` mask-IoU net goes with it.
+    """
+    config: str
+    max_size: int
+    batch_size: int
+    format: str
+    num_classes: int
+    class_names: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    maskiou: bool
+
+    def write(self, path_prefix):
+        data = dataclasses.asdict(self)
+        data.update(class_names=list(self.class_names), outputs=list(self.outputs))
+        with open(path_prefix + META_SUFFIX, 'w') as f:
+            json.dump(data, f, indent=2)
+
+    @classmethod
+    def read(cls, path_prefix):
+        """The metadata of the export ``path_prefix``; MissingFileError when there is none."""
+        path = path_prefix + META_SUFFIX
+        if not os.path.isfile(path):
+            raise MissingFileError(f'{path!r} not found: is {path_prefix!r} the prefix of a model '
+                                   'written by tools/export_model.py?')
+        with open(path) as f:
+            data = json.load(f)
+        data.update(class_names=tuple(data['class_names']), outputs=tuple(data['outputs']))
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
 class _ForwardOutputs(paddle.nn.Layer):
@@ -71,7 +110,7 @@ def export_yolact(net, cfg, path_prefix, batch_size=1):
         path_prefix: output path without extension; folders are created.
         batch_size: the fixed batch dimension of the input spec.
     Returns:
-        the metadata dict written to ``<path_prefix>.yolact.json``.
+        the ExportMeta written to ``<path_prefix>.yolact.json``.
 
     Files are written in a temporary folder beside the output and then moved
     to their names, the metadata last: an interrupted export leaves no file
@@ -97,11 +136,10 @@ def _save_static(net, cfg, path_prefix, batch_size, export_format='paddle'):
         # The number of masks varies per image; the side is the prototypes' (138 at 550).
         paddle.jit.save(net.maskiou_net, path_prefix + MASKIOU_SUFFIX, input_spec=[
             paddle.static.InputSpec([None, 1, None, None], 'float32', 'masks')])
-    meta = {'config': cfg.name, 'max_size': size, 'batch_size': batch_size, 'format': export_format,
-            'num_classes': cfg.num_classes, 'class_names': list(cfg.dataset.class_names),
-            'outputs': list(OUTPUT_KEYS), 'maskiou': has_maskiou}
-    with open(path_prefix + META_SUFFIX, 'w') as f:
-        json.dump(meta, f, indent=2)
+    meta = ExportMeta(config=cfg.name, max_size=size, batch_size=batch_size, format=export_format,
+                      num_classes=cfg.num_classes, class_names=tuple(cfg.dataset.class_names),
+                      outputs=OUTPUT_KEYS, maskiou=has_maskiou)
+    meta.write(path_prefix)
     return meta
 
 
@@ -153,7 +191,7 @@ def export_onnx(net, cfg, path_prefix, batch_size=1):
         meta = _save_static(net, cfg, paddle_prefix, batch_size, export_format='onnx')
         onnx_prefix = os.path.join(stage, 'model')
         _paddle2onnx(paddle_prefix, onnx_prefix + ONNX_SUFFIX, cfg.name)
-        if meta['maskiou']:
+        if meta.maskiou:
             _paddle2onnx(paddle_prefix + MASKIOU_SUFFIX, onnx_prefix + MASKIOU_SUFFIX + ONNX_SUFFIX,
                          cfg.name + ' mask-IoU net')
         os.replace(paddle_prefix + META_SUFFIX, onnx_prefix + META_SUFFIX)
@@ -311,16 +349,6 @@ def _resize_as_matmul(net):
             layer.as_matmul = value
 
 
-def read_export_meta(path_prefix):
-    """The metadata :func:`export_yolact` wrote for ``path_prefix``."""
-    path = path_prefix + META_SUFFIX
-    if not os.path.isfile(path):
-        raise MissingFileError(f'{path!r} not found: is {path_prefix!r} the prefix of a model '
-                               'written by tools/export_model.py?')
-    with open(path) as f:
-        return json.load(f)
-
-
 def _model_file(path_prefix):
     """The graph file of an export: ``.json`` (PIR, Paddle >= 3) or ``.pdmodel`` (older programs)."""
     for ext in ('.json', '.pdmodel'):
@@ -409,20 +437,20 @@ class StaticYolact:
 
     def __init__(self, path_prefix, device='cpu', num_threads=None, use_onednn=True,
                  use_tensorrt=False, gpu_id=0):
-        self.meta = read_export_meta(path_prefix)
+        self.meta = ExportMeta.read(path_prefix)
         options = dict(device=device, num_threads=num_threads, use_onednn=use_onednn,
                        use_tensorrt=use_tensorrt, gpu_id=gpu_id)
         self.predictor = create_predictor(path_prefix, **options)
         self.maskiou_net = None
-        if self.meta['maskiou']:
+        if self.meta.maskiou:
             maskiou = create_predictor(path_prefix + MASKIOU_SUFFIX, onednn_cache_capacity=16, **options)
-            self.maskiou_net = ExportedMaskIoU(lambda masks: _run(maskiou, masks)[0], self.meta['num_classes'],
+            self.maskiou_net = ExportedMaskIoU(lambda masks: _run(maskiou, masks)[0], self.meta.num_classes,
                                                tensors=True)
-        logger.info('loaded exported %s from %s (%s%s)', self.meta['config'], path_prefix, device,
+        logger.info('loaded exported %s from %s (%s%s)', self.meta.config, path_prefix, device,
                     ', oneDNN' if device == 'cpu' and use_onednn else '')
 
     def __call__(self, x):
-        return dict(zip(self.meta['outputs'], _run(self.predictor, x)))
+        return dict(zip(self.meta.outputs, _run(self.predictor, x)))
 
 
 def create_onnx_session(onnx_path, num_threads=None):
@@ -455,18 +483,18 @@ class OnnxYolact:
     """
 
     def __init__(self, path_prefix, num_threads=None):
-        self.meta = read_export_meta(path_prefix)
+        self.meta = ExportMeta.read(path_prefix)
         self.session = create_onnx_session(path_prefix + ONNX_SUFFIX, num_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.maskiou_net = None
-        if self.meta['maskiou']:
+        if self.meta.maskiou:
             maskiou = create_onnx_session(path_prefix + MASKIOU_SUFFIX + ONNX_SUFFIX, num_threads)
             feed_name = maskiou.get_inputs()[0].name
             self.maskiou_net = ExportedMaskIoU(lambda masks: maskiou.run(None, {feed_name: masks})[0],
-                                               self.meta['num_classes'])
-        logger.info('loaded ONNX %s from %s (onnxruntime, CPU)', self.meta['config'], path_prefix)
+                                               self.meta.num_classes)
+        logger.info('loaded ONNX %s from %s (onnxruntime, CPU)', self.meta.config, path_prefix)
 
     def __call__(self, x):
         array = x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
         outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(array, dtype=np.float32)})
-        return {k: paddle.to_tensor(v) for k, v in zip(self.meta['outputs'], outputs)}
+        return {k: paddle.to_tensor(v) for k, v in zip(self.meta.outputs, outputs)}

@@ -211,23 +211,23 @@ class Trainer:
             if resume.endswith('.pth'):
                 # A checkpoint of the reference's own training: weights only.
                 load_weights_file(self.net, resume, cfg)
-                state, has_optimizer = None, False
+                record, has_optimizer = None, False
             else:
-                state, has_optimizer = checkpoint.load_checkpoint(resume, self.net, self.optimizer, self.scaler)
-            if state is not None and state.get('config') != cfg.name:
-                raise ConfigError(f"{resume} was trained with config {state.get('config')}, not {cfg.name}: "
-                                  f"resume with --config {state.get('config')}")
-            if state is not None and state.get('freeze_bn', cfg.freeze_bn) != cfg.freeze_bn:
+                record, has_optimizer = checkpoint.load_checkpoint(resume, self.net, self.optimizer, self.scaler)
+            if record is not None and record.config != cfg.name:
+                raise ConfigError(f"{resume} was trained with config {record.config}, not {cfg.name}: "
+                                  f"resume with --config {record.config}")
+            if record is not None and record.freeze_bn is not None and record.freeze_bn != cfg.freeze_bn:
                 # The run keeps the BatchNorm rule it started with (see batch_norm_frozen).
-                self.cfg = cfg = dataclasses.replace(cfg, freeze_bn=state['freeze_bn'])
+                self.cfg = cfg = dataclasses.replace(cfg, freeze_bn=record.freeze_bn)
                 self.net.freeze_bn(cfg.freeze_bn)
                 logger.info('BatchNorm %s, as in the run being resumed', 'frozen' if cfg.freeze_bn else 'trained')
             if not has_optimizer:
                 logger.warning('%s has no optimizer state next to it: SGD momentum restarts from zero', resume)
             if opts.start_iter >= 0:
                 return opts.start_iter
-            if state is not None:
-                return state['iteration']
+            if record is not None and record.iteration is not None:
+                return record.iteration
             return checkpoint.SavePath.from_path(resume).iteration
 
         if opts.trained_model is not None:
@@ -332,14 +332,14 @@ class Trainer:
         path = checkpoint.SavePath(cfg.name, self.epoch, self.iteration, interrupt).path(opts.save_folder)
         if self.saved_iteration == self.iteration and not interrupt:
             return path
-        state = {'config': cfg.name, 'iteration': self.iteration, 'epoch': self.epoch,
-                 'lr': self.schedule.lr_at(self.iteration), 'schedule': dataclasses.asdict(self.schedule),
-                 'batch_size': opts.batch_size, 'seed': opts.seed, 'num_classes': cfg.num_classes,
-                 'class_names': list(cfg.dataset.class_names), 'dataset': cfg.dataset.name,
-                 'freeze_bn': cfg.freeze_bn}
+        record = checkpoint.CheckpointRecord(
+            config=cfg.name, iteration=self.iteration, epoch=self.epoch, lr=self.schedule.lr_at(self.iteration),
+            schedule=dataclasses.asdict(self.schedule), batch_size=opts.batch_size, seed=opts.seed,
+            num_classes=cfg.num_classes, class_names=tuple(cfg.dataset.class_names), dataset=cfg.dataset.name,
+            freeze_bn=cfg.freeze_bn)
         logger.info('saving %s', path)
         try:
-            checkpoint.save_checkpoint(path, self.net, self.optimizer, state, self.scaler)
+            checkpoint.save_checkpoint(path, self.net, self.optimizer, record, self.scaler)
         except OSError as err:
             raise OutputError(f'cannot save checkpoint {path}: {err.strerror or err}; kept: '
                               f'{self.last_checkpoint or "no earlier checkpoint of this run"}') from err

@@ -15,11 +15,12 @@ old content or its new one. The JSON is written last: a checkpoint whose JSON ex
 and ``latest_checkpoint``/``interrupt_checkpoint`` only return complete ones.
 A save that dies midway therefore never hides or damages the previous checkpoint.
 """
+import dataclasses
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import paddle
 
@@ -40,7 +41,7 @@ _ACC_SEP = '@'
 _STEM = re.compile(r'^(?P<name>.+)_(?P<epoch>\d+)_(?P<iteration>\d+)(?P<interrupt>_interrupt)?$')
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class SavePath:
     """The reference's checkpoint name: ``<model_name>_<epoch>_<iteration>[_interrupt]``."""
     model_name: str
@@ -74,6 +75,62 @@ class SavePath:
         return cls(m['name'], int(m['epoch']), int(m['iteration']), bool(m['interrupt']))
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointRecord:
+    """``<stem>.json``, the record train.py writes beside a checkpoint's weights.
+
+    Written by :func:`save_checkpoint` and read by :func:`read_record` only.
+    Loading a model takes ``config`` and ``class_names`` from it (utils.weights.loader);
+    resuming takes ``iteration`` and ``freeze_bn`` and checks ``config``. Every
+    field may be absent from a file (None); unknown keys are ignored.
+    """
+    config: Optional[str] = None
+    iteration: Optional[int] = None
+    epoch: Optional[int] = None
+    lr: Optional[float] = None
+    schedule: Optional[dict] = None
+    batch_size: Optional[int] = None
+    seed: Optional[int] = None
+    num_classes: Optional[int] = None
+    class_names: Optional[Tuple[str, ...]] = None
+    dataset: Optional[str] = None
+    freeze_bn: Optional[bool] = None
+
+    def to_json(self):
+        """The file's text: the fields that are set, sorted."""
+        data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if self.class_names is not None:
+            data['class_names'] = list(self.class_names)
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text, source):
+        """Parse a record's text; WeightsError naming ``source`` when it is not a record."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise WeightsError(f'{source}: not valid JSON ({err})') from err
+        if not isinstance(data, dict):
+            raise WeightsError(f'{source}: holds a JSON {type(data).__name__}, not a checkpoint record')
+        fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if data.get(f.name) is not None}
+        expected = {'config': str, 'iteration': int, 'class_names': list}
+        for name, kind in expected.items():
+            if name in fields and not isinstance(fields[name], kind):
+                raise WeightsError(f'{source}: {name} is a {type(fields[name]).__name__}, not a {kind.__name__}')
+        if 'class_names' in fields:
+            fields['class_names'] = tuple(str(n) for n in fields['class_names'])
+        return cls(**fields)
+
+
+def read_record(weights_path):
+    """The :class:`CheckpointRecord` beside ``weights_path``, or None when it has none."""
+    path = sidecar_paths(weights_path)[1]
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return CheckpointRecord.from_json(f.read(), path)
+
+
 def sidecar_paths(weights_path):
     """(optimizer path, state path) belonging to a weights path."""
     stem = weights_path[:-len(WEIGHTS_EXT)] if weights_path.endswith(WEIGHTS_EXT) else weights_path
@@ -85,14 +142,14 @@ def is_complete(weights_path):
     return os.path.isfile(weights_path) and os.path.isfile(sidecar_paths(weights_path)[1])
 
 
-def save_checkpoint(weights_path, net, optimizer=None, state=None, scaler=None):
-    """Write a checkpoint atomically: weights, then optimizer, then the JSON state.
+def save_checkpoint(weights_path, net, optimizer=None, record=None, scaler=None):
+    """Write a checkpoint atomically: weights, then optimizer, then the JSON record.
 
     Args:
         weights_path: ``<folder>/<stem>.pdparams`` (see SavePath.path).
         net: the paddle.nn.Layer to save (not a DataParallel wrapper).
         optimizer: its optimizer, or None for a weights-only checkpoint.
-        state: JSON-serialisable dict (iteration, epoch, ...), or None.
+        record: its :class:`CheckpointRecord`, or None.
         scaler: a paddle.amp.GradScaler whose state goes with the optimizer's.
     """
     folder = os.path.dirname(os.path.abspath(weights_path))
@@ -107,8 +164,8 @@ def save_checkpoint(weights_path, net, optimizer=None, state=None, scaler=None):
         if scaler is not None:
             opt_state['grad_scaler'] = scaler.state_dict()
         atomic_paddle_save(opt_state, opt_path)
-    if state is not None:
-        atomic_write(state_path, json.dumps(state, indent=1, sort_keys=True))
+    if record is not None:
+        atomic_write(state_path, record.to_json())
 
 
 def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
@@ -118,12 +175,12 @@ def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
     The optimizer and scaler states are loaded when given and present.
 
     Returns:
-        (state dict from the JSON or None when absent, whether optimizer state was loaded).
+        (its CheckpointRecord or None when absent, whether optimizer state was loaded).
     Raises:
-        ValueError naming the keys that do not match.
+        WeightsError naming the keys that do not match, or a malformed record.
     """
     load_weights(net, weights_path)
-    opt_path, state_path = sidecar_paths(weights_path)
+    opt_path = sidecar_paths(weights_path)[0]
     loaded_opt = False
     if optimizer is not None and os.path.isfile(opt_path):
         opt_state = paddle.load(opt_path)
@@ -131,11 +188,7 @@ def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
         if scaler is not None and opt_state.get('grad_scaler'):
             scaler.load_state_dict(opt_state['grad_scaler'])
         loaded_opt = True
-    state = None
-    if os.path.isfile(state_path):
-        with open(state_path) as f:
-            state = json.load(f)
-    return state, loaded_opt
+    return read_record(weights_path), loaded_opt
 
 
 def require_weights_file(path):

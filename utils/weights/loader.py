@@ -15,34 +15,29 @@ preset's, so a model fine-tuned on 4 classes loads as a 4-class model under
 its preset's name. Reference ``.pth`` files are converted on the fly, strictly.
 """
 import dataclasses
-import json
 import logging
-import os
 
 import paddle
 
 from data.config import config_name_from_weights, get_config
-from utils.weights.checkpoint import load_weights, read_state_dict, require_weights_file, sidecar_paths
+from utils.weights.checkpoint import load_weights, read_record, read_state_dict, require_weights_file
 from utils.weights.convert import convert_checkpoint
-from utils.errors import ConfigError
-from utils.deploy.inference import StaticYolact, read_export_meta
+from utils.errors import ConfigError, WeightsError
+from utils.deploy.inference import ExportMeta, StaticYolact
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
 
 
 def weights_record(weights_path):
-    """The JSON record train.py writes beside a ``.pdparams`` checkpoint, or None."""
+    """The CheckpointRecord train.py writes beside a ``.pdparams`` checkpoint, or None (also, with a
+    warning, for a malformed one: loading weights does not need it)."""
     if not weights_path.endswith('.pdparams'):
         return None
-    state_path = sidecar_paths(weights_path)[1]
-    if not os.path.isfile(state_path):
-        return None
     try:
-        with open(state_path) as f:
-            return json.load(f)
-    except ValueError:
-        logger.warning('ignoring %s: not valid JSON', state_path)
+        return read_record(weights_path)
+    except WeightsError as err:
+        logger.warning('ignoring the record %s', err)
         return None
 
 
@@ -58,24 +53,26 @@ def with_classes(cfg, class_names):
 def resolve_config(config_name=None, weights_path=None, record=None):
     """The config of a model: explicit name, else the record's, else the weights' file name.
 
-    ``record``: a checkpoint record or export metadata ({'config', 'class_names'}),
-    read from ``weights_path`` when None. Its class names apply whatever the name's source.
+    ``record``: a CheckpointRecord or ExportMeta (both have ``config`` and
+    ``class_names``), read from ``weights_path`` when None. Its class names apply
+    whatever the name's source.
     """
     if record is None and weights_path is not None:
         record = weights_record(weights_path)
-    record = record or {}
+    recorded_name = record.config if record is not None else None
+    recorded_classes = record.class_names if record is not None else None
     if config_name is not None:
         name = config_name
-    elif record.get('config'):
-        name = record['config']
+    elif recorded_name:
+        name = recorded_name
     elif weights_path is not None:
         name = config_name_from_weights(weights_path)
         logger.info('config %s (from the file name; --config overrides)', name)
     else:
         raise ConfigError('no config: name one with --config')
     cfg = get_config(name)
-    if record.get('class_names'):
-        cfg = with_classes(cfg, record['class_names'])
+    if recorded_classes:
+        cfg = with_classes(cfg, recorded_classes)
     return cfg
 
 
@@ -103,7 +100,7 @@ def model_config(weights_path, config_name=None, state=None):
     require_weights_file(weights_path)
     record = weights_record(weights_path)
     cfg = resolve_config(config_name, weights_path, record)
-    if weights_path.endswith('.pdparams') and not (record or {}).get('class_names'):
+    if weights_path.endswith('.pdparams') and not (record is not None and record.class_names):
         cfg = _with_class_count_of(cfg, state if state is not None else read_state_dict(weights_path))
     return cfg
 
@@ -151,9 +148,9 @@ def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=Fals
 
     Returns (cfg, utils.deploy.inference.StaticYolact), called like the dygraph network.
     """
-    meta = read_export_meta(path_prefix)
+    meta = ExportMeta.read(path_prefix)
     cfg = resolve_config(config_name, record=meta)
-    exported, configured = (meta['max_size'], meta['num_classes']), (cfg.max_size, cfg.num_classes)
+    exported, configured = (meta.max_size, meta.num_classes), (cfg.max_size, cfg.num_classes)
     if exported != configured:
         raise ConfigError(f'{path_prefix} was exported for {exported[0]}x{exported[0]} inputs and {exported[1] - 1} '
                           f'classes; config {cfg.name} has {configured[0]}x{configured[0]} and {configured[1] - 1}')
