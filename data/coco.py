@@ -225,38 +225,29 @@ class COCODetection(Dataset):
         ``(image, masks, boxes, labels, num_crowds) -> same``), or None for the raw data.
     label_map: {category_id: 1-based label}; None numbers the file's categories
         in increasing id order.
-    has_gt: False for info files without annotations (e.g. test-dev); every
-        image is then listed, with empty targets.
     strict: a bad annotation-file entry raises DatasetError instead of being
         skipped with a warning (see data.validation).
     check_files: drop (or, with strict, refuse) images whose file is missing.
 
-    With ground truth, only images with at least one non-crowd annotation are
-    listed: an image of crowd regions alone gives the loss no positive example.
+    Only images with at least one non-crowd annotation are listed: an image
+    of crowd regions alone gives the loss no positive example.
     (The reference lists every annotated image.)
     """
 
-    def __init__(self, image_path, info_file, transform=None, label_map=None, has_gt=True, strict=False,
-                 check_files=True):
+    def __init__(self, image_path, info_file, transform=None, label_map=None, strict=False, check_files=True):
         self.root = image_path
         self.validation = validate_coco(info_file, image_path, label_map, check_files=check_files, strict=strict)
         self.coco = load_coco(info_file, self.validation.data)
         self.transform = transform
         self.label_map = _sorted_label_map(self.coco) if label_map is None else dict(label_map)
-        self.has_gt = has_gt
-        if has_gt:
-            self.ids = [img_id for img_id, anns in self.coco.imgToAnns.items()
-                        if any(not ann.get('iscrowd', 0) for ann in anns)]
-        else:
-            self.ids = list(self.coco.imgs.keys())
+        self.ids = [img_id for img_id, anns in self.coco.imgToAnns.items()
+                    if any(not ann.get('iscrowd', 0) for ann in anns)]
 
     @classmethod
-    def from_config(cls, cfg, transform=None, train=True, strict=False):
-        """The training (``train=True``) or validation split of ``cfg.dataset``."""
+    def from_config(cls, cfg, transform=None, strict=False):
+        """The training split of ``cfg.dataset``."""
         ds = cfg.dataset
-        if train:
-            return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict(), strict=strict)
-        return cls(ds.valid_images, ds.valid_info, transform, ds.label_map_dict(), ds.has_gt, strict=strict)
+        return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict(), strict=strict)
 
     def __len__(self):
         return len(self.ids)
@@ -281,8 +272,7 @@ class COCODetection(Dataset):
         """(img, target [n, 5], masks, height, width, num_crowds) of image ``index``.
 
         height/width are the original image's. If the image file cannot be read
-        (logged as a warning), or with ground truth the augmentation leaves no
-        non-crowd object (e.g. every box became too small), the following
+        (logged as a warning), or the augmentation leaves no non-crowd object (e.g. every box became too small), the following
         images are tried in turn (the reference draws a random one).
         """
         unreadable = 0
@@ -295,7 +285,7 @@ class COCODetection(Dataset):
                 unreadable += 1
                 continue
             target, num_crowds = sample[1], sample[5]
-            if not self.has_gt or len(target) > num_crowds:
+            if len(target) > num_crowds:
                 return sample
             logger.debug('augmentation left image %d without objects; using the next image', img_id)
         if unreadable == len(self.ids):
@@ -304,7 +294,7 @@ class COCODetection(Dataset):
 
     def _annotations(self, img_id):
         """Annotations of an image with bounding boxes, non-crowd first, crowd last."""
-        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if 'bbox' in a] if self.has_gt else []
+        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if 'bbox' in a]
         crowd = [a for a in anns if a.get('iscrowd', 0)]
         return [a for a in anns if not a.get('iscrowd', 0)] + crowd, len(crowd)
 
@@ -326,15 +316,6 @@ class COCODetection(Dataset):
             img, masks, boxes, labels, num_crowds = self.transform(img, masks, boxes, labels, num_crowds)
         target = np.concatenate([boxes, labels[:, None].astype(np.float32)], axis=1).astype(np.float32)
         return img, target, masks, height, width, num_crowds
-
-    def pull_image(self, index):
-        """The original [H, W, 3] BGR uint8 image ``index``."""
-        return read_image(image_file(self.root, self.coco.imgs[self.ids[index]]['file_name']))
-
-    def pull_anno(self, index):
-        """The COCO annotation dicts of image ``index``."""
-        return self.coco.loadAnns(self.coco.getAnnIds(imgIds=self.ids[index]))
-
 
 def detection_collate(batch):
     """Batch ``COCODetection`` samples whose object counts differ.

@@ -234,12 +234,6 @@ def rle_strings_valid(strings, areas):
     return ~malformed & ~negative & (totals == np.asarray(areas, dtype=np.float64))
 
 
-def rle_string_counts(counts):
-    """The run lengths (int64 array) of one compressed RLE string, or None if malformed."""
-    runs, _, malformed = decode_rle_strings([counts])
-    return None if malformed[0] else runs
-
-
 # _segmentation_problem's answer for compressed RLE strings: checked together afterwards.
 _CHECK_RLE_STRING = 'compressed RLE to check'
 

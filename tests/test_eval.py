@@ -20,7 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import eval as eval_script
-from data.config import COLORS, get_config
+from data.config import COLORS, SHAPE_CLASSES, get_config
 from layers.functions import Detect
 from layers.output_utils import PostProcess
 from utils.errors import ConfigError, run_cli
@@ -30,7 +30,7 @@ from utils.predictor import Predictor
 from tests.conftest import needs_reference, reference_npz, reference_params
 from tools import benchmark as benchmark_tool
 from tools import export_model
-from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
+from tools.make_shapes_dataset import make_shapes_dataset
 from utils.evaluation import coco_eval
 from utils.visual.drawing import detection_color, draw_detections
 from utils.deploy.inference import StaticYolact, export_yolact

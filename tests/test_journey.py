@@ -21,10 +21,10 @@ from pycocotools.cocoeval import COCOeval
 
 import eval as eval_script
 import train
-from data.config import CONFIGS, get_config
+from data.config import CONFIGS, SHAPE_CLASSES, get_config
 from tests.conftest import make_weights_module, needs_reference
 from tools import export_model
-from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
+from tools.make_shapes_dataset import make_shapes_dataset
 from utils.evaluation import coco_eval
 from utils.visual import media
 from utils.weights.checkpoint import latest_checkpoint, sidecar_paths

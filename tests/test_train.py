@@ -19,10 +19,10 @@ import pytest
 from visualdl import LogReader
 
 import train
-from data.config import CONFIGS, get_config
+from data.config import CONFIGS, SHAPE_CLASSES, get_config
 from data.samplers import ResumableBatchSampler
 from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
-from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
+from tools.make_shapes_dataset import make_shapes_dataset
 from utils import files
 from utils.weights import checkpoint
 from utils.weights.convert import save_params

@@ -27,6 +27,7 @@ import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from data.coco import load_coco
 from utils.errors import OutputError
 from utils.files import AtomicFile
 
@@ -253,12 +254,6 @@ class CocoResultsWriter:
             self.close()
         else:
             self.discard()
-
-
-def load_coco(annotation_file):
-    """A pycocotools COCO object, with its chatter sent to the debug log."""
-    with _quiet():
-        return COCO(annotation_file)
 
 
 def load_results(coco_gt, results):

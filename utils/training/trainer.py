@@ -181,7 +181,7 @@ class Trainer:
         self.iteration = self._starting_point()
 
         self.rng = np.random.RandomState()
-        train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng), train=True,
+        train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng),
                                               strict=opts.strict)
         self.train_set = SeededSamples(train_set, self.rng, opts.seed)
         self.epoch_size = len(train_set) // opts.batch_size
