@@ -184,7 +184,7 @@ def classes_from_categories(categories, class_names=None, source=''):
     return names, tuple((id_of[n], i + 1) for i, n in enumerate(names))
 
 
-def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
+def custom_dataset_config(info_file, class_names=None, model_classes=None, **paths):
     """A DatasetConfig for COCO-format files whose classes come from ``info_file``'s categories.
 
     Args:

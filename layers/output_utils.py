@@ -60,7 +60,7 @@ class PostProcess:
         return cls(**kwargs)
 
     @paddle.no_grad()
-    def __call__(self, det, width, height, maskiou_net=None, max_detections=None):
+    def __call__(self, det, width, height, maskiou_net=None, max_num_detections=None):
         """Assemble the detections of one image at the image's own size.
 
         Args:
@@ -70,7 +70,7 @@ class PostProcess:
             width, height: the original image size in pixels.
             maskiou_net: YOLACT++ mask-IoU net, [N, 1, S, S] float masks ->
                 [N, C-1] predicted IoUs; needed with ``rescore_mask``.
-            max_detections: assemble only the first (best) this many
+            max_num_detections: assemble only the first (best) this many
                 detections, before the score threshold (drawing shows only
                 --top_k); None: all.
         Returns:
@@ -84,8 +84,8 @@ class PostProcess:
         if self.rescore_mask and maskiou_net is None:
             raise ValueError('rescore_mask needs the mask-IoU net')
         classes, boxes, scores, coeffs = det['classes'], det['boxes'], det['scores'], det['coeffs']
-        if max_detections is not None:
-            classes, boxes, scores, coeffs = (t[:max_detections] for t in (classes, boxes, scores, coeffs))
+        if max_num_detections is not None:
+            classes, boxes, scores, coeffs = (t[:max_num_detections] for t in (classes, boxes, scores, coeffs))
         if self.score_threshold > 0:
             # Data-dependent size: the device path's one synchronisation before the copy.
             keep = paddle.nonzero(scores > self.score_threshold).flatten()

@@ -13,8 +13,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from tests.conftest import needs_reference, reference_npz
-from data.coco import (COCODetection, COCOEvalImages, SampleError, check_batches, custom_dataset, detection_collate,
-                       read_image)
+from data.coco import (COCODetection, COCOEvalImages, SampleError, check_batches, custom_dataset_config,
+                       detection_collate, read_image)
 from data.config import MEANS, SHAPE_CLASSES, STD, get_config
 from tools.make_shapes_dataset import main as make_shapes_main, make_shapes_dataset
 from data.transforms import (Annotations, BaseTransform, Expand, FastBaseTransform, RandomMirror,
@@ -503,12 +503,12 @@ def test_custom_dataset_classes_follow_the_model_by_name(shapes):
     """eval.py without --class_names: the evaluated file's categories meet the model's classes by name."""
     ids = {c['name']: c['id'] for c in COCO(shapes.valid_info).loadCats(COCO(shapes.valid_info).getCatIds())}
     # A model fine-tuned on two of the file's categories: those are the classes, the others ignored.
-    ds = custom_dataset(shapes.valid_info, model_classes=('star', 'circle'))
+    ds = custom_dataset_config(shapes.valid_info, model_classes=('star', 'circle'))
     assert ds.class_names == ('star', 'circle') and ds.label_map_dict() == {ids['star']: 1, ids['circle']: 2}
     # A model with more classes than the file has categories: the file's map to the model's.
     model = ('hexagon',) + tuple(reversed(SHAPE_CLASSES))
-    ds = custom_dataset(shapes.valid_info, model_classes=model)
+    ds = custom_dataset_config(shapes.valid_info, model_classes=model)
     assert ds.class_names == model and ds.label_map_dict() == {ids[n]: model.index(n) + 1 for n in SHAPE_CLASSES}
     # Neither way round: every category is a class (eval.py then names the mismatch).
-    assert custom_dataset(shapes.valid_info, model_classes=('star', 'hexagon')).class_names == SHAPE_CLASSES
+    assert custom_dataset_config(shapes.valid_info, model_classes=('star', 'hexagon')).class_names == SHAPE_CLASSES
 

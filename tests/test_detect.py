@@ -349,9 +349,9 @@ def test_postprocess_from_config():
 
 def test_max_detections_keeps_the_first_before_the_score_threshold():
     det = _det(FAR[:4], [0.9, 0.2, 0.7, 0.6], [0, 1, 2, 3])
-    out = PostProcess(score_threshold=0.5)(det, 8, 8, max_detections=3)
+    out = PostProcess(score_threshold=0.5)(det, 8, 8, max_num_detections=3)
     assert out['classes'].tolist() == [0, 2] and out['masks'].shape == (2, 8, 8)
-    assert PostProcess()(det, 8, 8, max_detections=0)['masks'].shape == (0, 8, 8)
+    assert PostProcess()(det, 8, 8, max_num_detections=0)['masks'].shape == (0, 8, 8)
 
 
 UPSAMPLE_SIZES = [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))]

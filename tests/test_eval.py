@@ -192,7 +192,7 @@ class _ScriptedPredictor:
     def __init__(self, cfg, scripted):
         self.cfg, self.scripted = cfg, scripted
 
-    def predict_preprocessed(self, x, width, height, max_detections=None):
+    def predict_preprocessed(self, x, width, height, max_num_detections=None):
         return self.scripted[int(x[0, 0, 0, 0])]
 
 
@@ -464,7 +464,7 @@ def test_drawing_assembles_only_the_top_k_masks_it_draws(shapes, weights):
     predictor = Predictor.from_network(cfg, net, score_threshold=0.3)
     x = predictor.transform(paddle.to_tensor(image[None]))
     full = predictor.predict_preprocessed(x, SIDE, SIDE)
-    top = predictor.predict_preprocessed(x, SIDE, SIDE, max_detections=5)
+    top = predictor.predict_preprocessed(x, SIDE, SIDE, max_num_detections=5)
     assert len(full['scores']) > 5 and len(top['scores']) == 5
     for key in full:
         np.testing.assert_array_equal(top[key], full[key][:5], err_msg=key)
@@ -546,13 +546,13 @@ def test_draw_detections_threshold_top_k_boxes_and_text():
     image = np.zeros((80, 120, 3), dtype=np.uint8)
     boxes = np.array([[10, 30, 60, 70], [70, 40, 110, 75], [0, 0, 5, 5]])
     scores = np.array([0.9, 0.5, 0.3])
-    out = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), top_k=5,
+    out = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), max_drawn=5,
                           score_threshold=0.4)
     assert tuple(out[50, 10]) == detection_color(0)          # left edge of the first box
     assert tuple(out[60, 110]) == detection_color(1)
     assert not out[:6, :6].any()                              # below the threshold: not drawn
     assert out[18:30, 10:60].any()                            # the label above the first box
-    only_one = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), top_k=1)
+    only_one = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), max_drawn=1)
     assert not only_one[60, 110].any()
 
 

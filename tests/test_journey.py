@@ -102,7 +102,7 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     original_draw = media.draw_detections
 
     def recording_draw(image, classes, scores, boxes, masks, labels, **options):
-        drawn_labels.extend(labels[:options['top_k']])
+        drawn_labels.extend(labels[:options['max_drawn']])
         return original_draw(image, classes, scores, boxes, masks, labels, **options)
 
     monkeypatch.setattr(media, 'draw_detections', recording_draw)

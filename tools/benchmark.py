@@ -99,10 +99,10 @@ def synthetic_image(path, width=640, height=480, seed=0):
     return path
 
 
-def run_chain(predictor, image_path, top_k=None):
+def run_chain(predictor, image_path, max_drawn=None):
     """One pass decode -> postprocess through a Predictor's stages; returns ({stage: seconds}, number of detections).
 
-    top_k: postprocess only the k best detections (eval.py's drawing path); None: all.
+    max_drawn: postprocess only the k best detections (eval.py's drawing path); None: all.
     """
     times = {}
     t = time.perf_counter()
@@ -123,12 +123,12 @@ def run_chain(predictor, image_path, top_k=None):
     times['detect'] = time.perf_counter() - t
 
     t = time.perf_counter()
-    out = predictor.finish(det, width, height, max_detections=top_k)
+    out = predictor.finish(det, width, height, max_num_detections=max_drawn)
     times['postprocess'] = time.perf_counter() - t
     return times, len(out['scores'])
 
 
-def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None, alternate=False):
+def benchmark(chains, cfg, image_path, runs=5, warmup=1, max_drawn=None, alternate=False):
     """Median stage times of each chain.
 
     chains: {label: Predictor} (dygraph Yolact, StaticYolact or OnnxYolact network),
@@ -136,7 +136,7 @@ def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None, alternate=F
     network while the other's CPU threads are still spinning down.
     alternate: run the chains in turn, one run each, instead; fairer on a
     machine whose load changes, for runtimes that do not spin (Paddle
-    Inference and onnxruntime as utils.deploy.inference sets it up). top_k: see
+    Inference and onnxruntime as utils.deploy.inference sets it up). max_drawn: see
     run_chain. Returns {label: {stage or 'total': median seconds}} and logs the table.
     """
     samples = {label: [] for label in chains}
@@ -147,7 +147,7 @@ def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None, alternate=F
         order = [(run, label) for label in chains for run in range(warmup + runs)]
     with paddle.no_grad():
         for run, label in order:
-            times, detections[label] = run_chain(chains[label], image_path, top_k)
+            times, detections[label] = run_chain(chains[label], image_path, max_drawn)
             if run >= warmup:
                 samples[label].append(times)
                 logger.info('run %d %-9s %.3f s', run - warmup + 1, label, sum(times.values()))
@@ -184,7 +184,7 @@ class _StandInPredictor:
     def __init__(self, cfg, detections, seconds):
         self.cfg, self.detections, self.seconds = cfg, detections, seconds
 
-    def predict_preprocessed(self, x, width, height, max_detections=None):
+    def predict_preprocessed(self, x, width, height, max_num_detections=None):
         time.sleep(self.seconds)
         return self.detections
 

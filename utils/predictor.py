@@ -96,12 +96,12 @@ class Predictor:
         return self.cfg.dataset.class_names
 
     @paddle.no_grad()
-    def __call__(self, image, max_detections=None):
+    def __call__(self, image, max_num_detections=None):
         """Detect the instances in one image.
 
         Args:
             image: [H, W, 3] uint8 BGR (as cv2.imread gives it).
-            max_detections: keep only this many best detections (None: all), before the score threshold.
+            max_num_detections: keep only this many best detections (None: all), before the score threshold.
         Returns:
             a dict of numpy arrays in Detect's order (best first): 'classes' [N]
             int64 (0-based, background excluded), 'labels' (a list of N class
@@ -113,15 +113,16 @@ class Predictor:
             raise ValueError(f'expected an [H, W, 3] BGR image, got shape {image.shape}')
         height, width = image.shape[:2]
         x = self.transform(paddle.to_tensor(np.ascontiguousarray(image)[None]))
-        return self.predict_preprocessed(x, width, height, max_detections)
+        return self.predict_preprocessed(x, width, height, max_num_detections)
 
     @paddle.no_grad()
-    def predict_preprocessed(self, x, width, height, max_detections=None):
+    def predict_preprocessed(self, x, width, height, max_num_detections=None):
         """Detections of one preprocessed image [1, 3, S, S] at its original size; see __call__."""
-        return self.finish(self.detect(self.net(x))[0], width, height, max_detections)
+        return self.finish(self.detect(self.net(x))[0], width, height, max_num_detections)
 
-    def finish(self, det, width, height, max_detections=None):
+    def finish(self, det, width, height, max_num_detections=None):
         """The final detections (see __call__) from one image's Detect output."""
-        out = self.postprocess(det, width, height, maskiou_net=self.net.maskiou_net, max_detections=max_detections)
+        out = self.postprocess(det, width, height, maskiou_net=self.net.maskiou_net,
+                               max_num_detections=max_num_detections)
         out['labels'] = [self.class_names[c] for c in out['classes']]
         return out

@@ -35,7 +35,7 @@ from utils.files import AtomicFile
 
 logger = logging.getLogger(__name__)
 
-MAX_DETECTIONS = 100
+MAX_NUM_DETECTIONS = 100
 TEST_SET = 'test-dev2017'
 # Letters, digits and '-': an underscore would make <alg> ambiguous in the
 # server's '_'-separated name fields.
@@ -121,7 +121,7 @@ def _top_indices(scored, limit):
     return set(keep)
 
 
-def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_detections=MAX_DETECTIONS):
+def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_num_detections=MAX_NUM_DETECTIONS):
     """Write the two server zips from ``eval.py``'s results files.
 
     Args:
@@ -129,7 +129,7 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
         alg_name: the algorithm name in the file name (letters, digits, '-').
         test_dev_info_file: ``image_info_test-dev2017.json``; only its image ids are kept.
         out_dir: the zips go to ``out_dir/bbox/`` and ``out_dir/segm/``.
-        max_detections: per image, the highest-scoring ones across classes are kept.
+        max_num_detections: per image, the highest-scoring ones across classes are kept.
 
     Returns:
         {'bbox': path, 'segm': path} of the written zips (a kind whose results
@@ -154,7 +154,7 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
             else:
                 foreign += 1
         total = sum(len(v) for v in scored.values())
-        keep = _top_indices(scored, max_detections)
+        keep = _top_indices(scored, max_num_detections)
         folder = os.path.join(out_dir, kind)
         final = os.path.join(folder, name + '.zip')
         try:
@@ -176,7 +176,7 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
             raise OutputError(f'cannot write {final} (nothing kept): {e.strerror}') from e
         logger.info('%s: %d detections on %d of %d test-dev images; dropped %d of other images '
                     'and %d over %d per image', final, written, len(scored), len(images), foreign,
-                    total - written, max_detections)
+                    total - written, max_num_detections)
         paths[kind] = final
     return paths
 
@@ -268,14 +268,14 @@ def _finite(values):
         return False
 
 
-def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS):
+def check_submission(zip_path, test_dev_info_file, max_num_detections=MAX_NUM_DETECTIONS):
     """Verify a server zip against the test-dev image-info file; returns a :class:`SubmissionReport`.
 
     Checks, each reported by name: ``zip name`` (``detections_test-dev2017_<alg>_results.zip``),
     ``json name`` (one member, the same name with ``.json``), ``json`` (an array of
     bbox or of segm records), ``foreign ids`` (image ids not in the info file),
     ``coverage`` (test-dev images with no detection are counted, not failed),
-    ``per-image limit`` (at most ``max_detections``), ``category ids`` (those of the
+    ``per-image limit`` (at most ``max_num_detections``), ``category ids`` (those of the
     info file's categories), ``scores`` (finite numbers), ``bbox`` (4 finite numbers,
     bbox kind) and ``segmentation`` (RLE decodable to the image's height x width, segm kind).
     """
@@ -318,9 +318,9 @@ def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS
                f'(e.g. {sorted(t.foreign_ids, key=str)[:3]})' if t.foreign else 'every image id is in the info file')
     empty = len(images) - len(t.per_image)
     report.add('coverage', True, f'{len(t.per_image)} of {len(images)} images have detections, {empty} empty')
-    over = {i: n for i, n in t.per_image.items() if n > max_detections}
+    over = {i: n for i, n in t.per_image.items() if n > max_num_detections}
     report.add('per-image limit', not over,
-               f'{len(over)} images over {max_detections} detections (e.g. '
+               f'{len(over)} images over {max_num_detections} detections (e.g. '
                + ', '.join(f'image {i}: {n}' for i, n in sorted(over.items())[:3]) + ')'
                if over else f'at most {max(t.per_image.values(), default=0)} per image')
     report.add('category ids', not t.bad_cats,

@@ -42,23 +42,23 @@ class ImageDetector:
 
     Args:
         predictor: the Predictor.
-        top_k: draw at most ``top_k`` detections (only their masks are assembled), those above the
+        max_drawn: draw at most ``max_drawn`` detections (only their masks are assembled), those above the
             predictor's score threshold.
         class_color: one colour per class (videos: stable from frame to frame) instead of per detection.
         **draw_options: utils.visual.drawing.draw_detections's draw_masks, draw_boxes, draw_text, draw_scores.
     """
 
-    def __init__(self, predictor, top_k=5, class_color=False, **draw_options):
+    def __init__(self, predictor, max_drawn=5, class_color=False, **draw_options):
         self.predictor = predictor
-        self.top_k = top_k
+        self.max_drawn = max_drawn
         self.class_color = class_color
         self.draw_options = draw_options
 
     @paddle.no_grad()
     def __call__(self, image):
-        out = self.predictor(image, max_detections=self.top_k)
+        out = self.predictor(image, max_num_detections=self.max_drawn)
         return draw_detections(image, out['classes'], out['scores'], out['boxes'], out['masks'], out['labels'],
-                               top_k=self.top_k, class_color=self.class_color, **self.draw_options)
+                               max_drawn=self.max_drawn, class_color=self.class_color, **self.draw_options)
 
 
 def _write_image(path, image):
