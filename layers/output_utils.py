@@ -20,8 +20,8 @@ class PostProcess:
     """Detect's output of one image -> image-sized boxes, binary masks and scores.
 
     Two implementations give the same result: on a CPU the masks are cropped
-    and upsampled in numpy/cv2 (an order of magnitude faster than Paddle's
-    CPU kernels); when the detections are on a GPU, mask assembly, crop,
+    and upsampled in numpy/cv2 (faster than Paddle's CPU kernels;
+    tools/benchmark.py times it); when the detections are on a GPU, mask assembly, crop,
     mask-IoU rescoring, upsampling and thresholding stay there and the host
     receives the final boolean masks in one copy (plus the small
     per-detection arrays).

@@ -27,8 +27,8 @@ class Predictor:
     name; ``Predictor('yolact_base', 'weights/yolact_base_54_800000.pth')``
     (config first) still works. ``.pth`` files are converted on the fly.
 
-    On a CPU the network runs through Paddle Inference (oneDNN), 3-4x faster
-    than dygraph there: it is exported on first use into a cache keyed by the
+    On a CPU the network runs through Paddle Inference (oneDNN), faster than
+    dygraph there (README "Speed and deployment"): it is exported on first use into a cache keyed by the
     weights' content, the config and Paddle's version
     (utils.deploy.inference.cached_export; ``$YOLACT_CACHE``, default
     ``~/.cache/yolact/exported``) and reused afterwards. ``dygraph=True``

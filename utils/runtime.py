@@ -83,8 +83,8 @@ def dygraph_threads_restored(num_threads=None):
     """Around a Paddle Inference CPU run: set dygraph's thread count back afterwards.
 
     A CPU predictor run leaves this process's dygraph operators on one thread
-    (Paddle 3.3.1), and Detect and postprocess run in dygraph next (68 ms
-    instead of 57 ms for yolact_base). Paddle has no getter for the count, so
+    (Paddle 3.3.1), and Detect and postprocess run in dygraph next, slower on
+    one thread. Paddle has no getter for the count, so
     it is restored to ``num_threads`` or, when None, default_cpu_threads
     (what select_device sets by default).
     """

@@ -9,8 +9,8 @@ same dict as ``Yolact.forward`` in eval mode. An export ``<prefix>`` consists of
 * ``<prefix>_maskiou.*`` (YOLACT++ only): the mask-IoU net, [N, 1, h, w] prototype-sized masks -> [N, C-1];
 * ``<prefix>.yolact.json``: which config and input size the export was made for.
 
-On CPU Paddle Inference runs the graph with oneDNN, about 6x faster than
-dygraph for ResNet-101 at 550x550 on a 2-core machine (0.48 s vs 2.9 s).
+On CPU Paddle Inference runs the graph with oneDNN, much faster than dygraph
+(README "Speed and deployment" and tools/benchmark.py give the measurements).
 
 Paddle 3.3's oneDNN executor cannot run the ``bilinear_interp`` op of a PIR
 program (PaddlePaddle/Paddle#79749), which YOLACT's FPN and ProtoNet use, so
