@@ -145,7 +145,20 @@ def encode_rle(masks):
     return mask_util.frPyObjects(uncompressed, h, w) if uncompressed else []
 
 
-class JsonArrayWriter:
+class _ClosedOrDiscarded:
+    """The writers' ``with`` protocol: :meth:`close` on success, :meth:`discard` on an exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+
+class JsonArrayWriter(_ClosedOrDiscarded):
     """A JSON array written one record at a time, so memory does not grow with the file.
 
     Records stream into a utils.files.AtomicFile (a temporary file beside
@@ -188,17 +201,8 @@ class JsonArrayWriter:
         """Drop the partial file; ``path`` keeps whatever it had before."""
         self._out.discard()
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.discard()
-
-
-class CocoResultsWriter:
+class CocoResultsWriter(_ClosedOrDiscarded):
     """Streams detections into ``bbox_detections.json`` and ``mask_detections.json``.
 
     Use as a context manager; call :meth:`add` once per image right after
@@ -245,15 +249,6 @@ class CocoResultsWriter:
         """Drop both partial files (an interrupted or failed evaluation)."""
         self._bbox.discard()
         self._mask.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.discard()
 
 
 def load_results(coco_gt, results):
