@@ -28,11 +28,13 @@ from utils.evaluation.loop import _reference_hash, evaluate, evaluation_order
 from utils.weights.loader import resolve_config
 from utils.predictor import Predictor
 from tests.conftest import needs_reference, reference_npz, reference_params
+from tests.test_detect import EXPORTED_SCORE_ATOL
 from tools import benchmark as benchmark_tool
 from tools import export_model
 from tools.make_shapes_dataset import make_shapes_dataset
 from utils.evaluation import coco_eval
 from utils.visual.drawing import detection_color, draw_detections
+from utils.visual.media import ImageDetector
 from utils.deploy.inference import StaticYolact, export_yolact
 from layers.interpolate import interpolation_matrix
 from yolact import Yolact
@@ -450,9 +452,29 @@ def test_cli_video_file_to_file(shapes, weights, tmp_path):
     writer.release()
     out = str(tmp_path / 'out.mp4')
     _run_eval(['--trained_model', weights, '--video', f'{src}:{out}'])
-    capture = cv2.VideoCapture(out)
-    assert capture.isOpened() and round(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    inputs, outputs = _video_frames(src), _video_frames(out)
+    assert len(outputs) == len(inputs) == 4
+    # Each output frame is its input frame's drawing (per-class colours, as for every video;
+    # --top_k 5 by default), up to the video codec's loss: far closer to it than to the undrawn frame.
+    detector = ImageDetector(Predictor(weights), max_drawn=5, class_color=True)
+    drawings = [detector(frame).astype(np.float32) for frame in inputs]
+    for i, (frame, written) in enumerate(zip(inputs, outputs)):
+        to_drawings = [np.abs(written.astype(np.float32) - drawn).mean() for drawn in drawings]
+        to_input = np.abs(written.astype(np.float32) - frame).mean()
+        assert int(np.argmin(to_drawings)) == i and to_drawings[i] < to_input / 2, (i, to_drawings, to_input)
+
+
+def _video_frames(path):
+    capture = cv2.VideoCapture(path)
+    assert capture.isOpened(), path
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
     capture.release()
+    return frames
 
 
 def test_drawing_assembles_only_the_top_k_masks_it_draws(shapes, weights):
@@ -643,17 +665,18 @@ def test_exported_yolact_base_equals_dygraph_on_reference_fixture(tmp_path):
         # The reference's detections, in its order (the anchor identified by its coefficients);
         # det_box holds the pixel boxes the reference's postprocess wrote into it in place.
         np.testing.assert_array_equal(det['classes'].numpy(), ref['det_class'])
-        np.testing.assert_allclose(det['scores'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(det['coeffs'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(np.clip(det['boxes'].numpy() * scale, 0, scale), ref['det_box'], rtol=0, atol=1e-2)
+        np.testing.assert_allclose(det['scores'].numpy(), ref['det_score'], rtol=0, atol=EXPORTED_SCORE_ATOL)
+        np.testing.assert_allclose(det['coeffs'].numpy(), ref['det_mask'], rtol=0, atol=1e-5)
+        pixel_boxes = np.clip(det['boxes'].numpy() * scale, 0, scale)
+        np.testing.assert_allclose(pixel_boxes, ref['det_box'], rtol=0, atol=2e-4)
 
     posts = [PostProcess()(det, w, h) for det in dets]
     reference_masks = np.unpackbits(ref['post_masks_packed'], axis=-1)[..., :w].astype(bool)
     for post in posts:
         np.testing.assert_array_equal(post['classes'], ref['post_classes'])
         np.testing.assert_array_equal(post['boxes'], ref['post_boxes'])
-        assert (post['masks'] == reference_masks).mean() > 0.999
-    assert (posts[1]['masks'] == posts[0]['masks']).mean() > 0.9999
+        np.testing.assert_array_equal(post['masks'], reference_masks)
+    np.testing.assert_array_equal(posts[1]['masks'], posts[0]['masks'])
 
 
 def test_benchmark_tool_times_every_stage(tmp_path):
