@@ -26,7 +26,7 @@ from tools.make_shapes_dataset import make_shapes_dataset
 from utils import files
 from utils.weights import checkpoint
 from utils.weights.convert import save_params
-from utils.errors import run_cli
+from utils.errors import WeightsError, run_cli
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import init_for_finetuning
 from utils.training.trainer import NetLoss, Trainer, build_optimizer
@@ -291,6 +291,22 @@ def test_optimizer_state_survives_new_parameter_names(tmp_path):
     record, has_optimizer = checkpoint.load_checkpoint(path, net2, optimizer2)
     assert record == checkpoint.CheckpointRecord(iteration=3) and has_optimizer
     assert [step2() for _ in range(3)] == expected
+
+
+def test_checkpoint_record_round_trip_and_malformed_records(tmp_path):
+    record = checkpoint.CheckpointRecord(config='yolact_shapes', iteration=7, epoch=1, class_names=('a', 'b'),
+                                         schedule={'warmup_iters': 3}, freeze_bn=False)
+    weights = str(tmp_path / 'yolact_shapes_1_7.pdparams')
+    with open(checkpoint.sidecar_paths(weights)[1], 'w') as f:
+        f.write(record.to_json())
+    assert checkpoint.read_record(weights) == record
+    assert checkpoint.read_record(str(tmp_path / 'none_0_0.pdparams')) is None
+    for text, message in (('[1, 2]', 'holds a JSON list'), ('{"iteration": "7"}', 'iteration is a str'),
+                          ('{not json', 'not valid JSON')):
+        with open(checkpoint.sidecar_paths(weights)[1], 'w') as f:
+            f.write(text)
+        with pytest.raises(WeightsError, match=message):
+            checkpoint.read_record(weights)
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):

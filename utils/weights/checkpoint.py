@@ -11,15 +11,16 @@ A checkpoint is up to three files sharing one stem, ``<config>_<epoch>_<iteratio
 - ``<stem>.json``: iteration, epoch, learning rate, schedule and run settings.
 
 Every file is written atomically (utils/files.py), so a file either has its
-old content or its new one. The JSON is written last: a checkpoint whose JSON exists is complete,
-and ``latest_checkpoint``/``interrupt_checkpoint`` only return complete ones.
-A save that dies midway therefore never hides or damages the previous checkpoint.
+old content or its new one. The JSON is written last: a checkpoint whose JSON
+exists is complete, and ``latest_checkpoint``/``interrupt_checkpoint`` only
+return complete ones. A save that dies midway therefore never hides or damages
+the previous checkpoint.
 """
-import dataclasses
 import json
 import logging
 import os
 import re
+from dataclasses import asdict, dataclass, fields
 from typing import Optional, Tuple
 
 import paddle
@@ -41,7 +42,7 @@ _ACC_SEP = '@'
 _STEM = re.compile(r'^(?P<name>.+)_(?P<epoch>\d+)_(?P<iteration>\d+)(?P<interrupt>_interrupt)?$')
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class SavePath:
     """The reference's checkpoint name: ``<model_name>_<epoch>_<iteration>[_interrupt]``."""
     model_name: str
@@ -75,7 +76,7 @@ class SavePath:
         return cls(m['name'], int(m['epoch']), int(m['iteration']), bool(m['interrupt']))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclass(frozen=True)
 class CheckpointRecord:
     """``<stem>.json``, the record train.py writes beside a checkpoint's weights.
 
@@ -98,7 +99,7 @@ class CheckpointRecord:
 
     def to_json(self):
         """The file's text: the fields that are set, sorted."""
-        data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        data = {k: v for k, v in asdict(self).items() if v is not None}
         if self.class_names is not None:
             data['class_names'] = list(self.class_names)
         return json.dumps(data, indent=1, sort_keys=True)
@@ -112,14 +113,14 @@ class CheckpointRecord:
             raise WeightsError(f'{source}: not valid JSON ({err})') from err
         if not isinstance(data, dict):
             raise WeightsError(f'{source}: holds a JSON {type(data).__name__}, not a checkpoint record')
-        fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if data.get(f.name) is not None}
+        values = {f.name: data[f.name] for f in fields(cls) if data.get(f.name) is not None}
         expected = {'config': str, 'iteration': int, 'class_names': list}
         for name, kind in expected.items():
-            if name in fields and not isinstance(fields[name], kind):
-                raise WeightsError(f'{source}: {name} is a {type(fields[name]).__name__}, not a {kind.__name__}')
-        if 'class_names' in fields:
-            fields['class_names'] = tuple(str(n) for n in fields['class_names'])
-        return cls(**fields)
+            if name in values and not isinstance(values[name], kind):
+                raise WeightsError(f'{source}: {name} is a {type(values[name]).__name__}, not a {kind.__name__}')
+        if 'class_names' in values:
+            values['class_names'] = tuple(str(n) for n in values['class_names'])
+        return cls(**values)
 
 
 def read_record(weights_path):
