@@ -43,16 +43,16 @@ from utils.runtime import quiet_paddle_import
 
 quiet_paddle_import()  # before the first import of paddle, here and in the DataLoader workers
 
-from data.coco import COCOEvalImages, custom_dataset  # noqa: E402
+from data.coco import COCOEvalImages, custom_dataset_config  # noqa: E402
 from data.config import DATASETS, coco_root_dataset  # noqa: E402
-from utils.augmentations import BaseTransform  # noqa: E402
+from data.transforms import BaseTransform  # noqa: E402
 from utils.cli import (add_coco_root_flag, add_data_loading_flags, count_or_all, fraction,  # noqa: E402
                        non_negative_int, positive_int)
 from utils.errors import ConfigError, run_cli  # noqa: E402
-from utils.evaluation import benchmark, evaluate  # noqa: E402
-from utils.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
+from utils.evaluation.loop import benchmark, evaluate  # noqa: E402
+from utils.visual.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
-from utils.results import InferenceResults, class_indices  # noqa: E402
+from utils.evaluation.results import InferenceResults, class_indices  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 logger = logging.getLogger('eval')
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     model.add_argument('--dygraph', action='store_true',
                        help='on a CPU, run the network in dygraph instead of through Paddle Inference (by default '
                             'the weights are exported on first use into a cache, $YOLACT_CACHE or '
-                            '~/.cache/yolact/exported, and reused: 3-4x faster)')
+                            '~/.cache/yolact/exported, and reused; faster, see the README)')
     model.add_argument('--tensorrt', action='store_true',
                        help='with --inference_model on GPU: run supported subgraphs with TensorRT')
     model.add_argument('--device', default=None, choices=('cpu', 'gpu'),
@@ -125,7 +125,8 @@ def parse_args(argv=None):
                            help='drop detections whose score is not above this (mAP, results files and drawing)')
     detection.add_argument('--top_k', default=5, type=positive_int,
                            help='draw at most this many detections per image or frame (drawing only; '
-                                'mAP uses every detection, as the reference does)')
+                                'mAP uses every detection, as the reference does; not the NMS candidate '
+                                'count, which is the config\'s nms_top_k)')
     detection.add_argument('--fast_nms', default=True, type=str2bool,
                            help='Fast NMS (true, the default) or traditional greedy NMS (false)')
     detection.add_argument('--cross_class_nms', default=False, type=str2bool,
@@ -176,7 +177,7 @@ def build_predictor(args):
     """The Predictor of the flags: dygraph weights or an exported model, with the dataset's classes.
 
     The model's config and classes come from its record (see
-    utils.model_loader); a custom or named dataset only decides how the
+    utils.weights.loader); a custom or named dataset only decides how the
     model's classes map to the dataset's category ids.
     """
     device = select_device(args.device)
@@ -190,28 +191,29 @@ def build_predictor(args):
                               **detect_options)
     cfg = predictor.cfg
     if args.dataset is not None or args.coco_root:
-        dataset = DATASETS[args.dataset] if args.dataset is not None else cfg.dataset
+        dataset_cfg = DATASETS[args.dataset] if args.dataset is not None else cfg.dataset
         if args.coco_root:
-            dataset = coco_root_dataset(args.coco_root, dataset, ('valid',))
-        if len(dataset.class_names) + 1 != cfg.num_classes:
-            raise ConfigError(f'{args.dataset or dataset.name} has {len(dataset.class_names)} classes, the model '
-                              f'{cfg.num_classes - 1}')
+            dataset_cfg = coco_root_dataset(args.coco_root, dataset_cfg, ('valid',))
+        if len(dataset_cfg.class_names) + 1 != cfg.num_classes:
+            raise ConfigError(f'{args.dataset or dataset_cfg.name} has {len(dataset_cfg.class_names)} classes, '
+                              f'the model {cfg.num_classes - 1}')
     elif args.valid_info is not None:
-        dataset = custom_dataset(args.valid_info, args.class_names, model_classes=cfg.dataset.class_names,
-                                 valid_images=args.valid_images, valid_info=args.valid_info)
-        if len(dataset.class_names) + 1 != cfg.num_classes:
-            raise ConfigError(f'{args.valid_info} gives {len(dataset.class_names)} classes '
-                              f'({", ".join(dataset.class_names)}), the model has {cfg.num_classes - 1} '
+        dataset_cfg = custom_dataset_config(args.valid_info, args.class_names,
+                                            model_classes=cfg.dataset.class_names,
+                                            valid_images=args.valid_images, valid_info=args.valid_info)
+        if len(dataset_cfg.class_names) + 1 != cfg.num_classes:
+            raise ConfigError(f'{args.valid_info} gives {len(dataset_cfg.class_names)} classes '
+                              f'({", ".join(dataset_cfg.class_names)}), the model has {cfg.num_classes - 1} '
                               f'({", ".join(cfg.dataset.class_names)}); name them with --class_names')
     else:
         return predictor
-    predictor.cfg = dataclasses.replace(cfg, dataset=dataset)
+    predictor.cfg = dataclasses.replace(cfg, dataset=dataset_cfg)
     return predictor
 
 
 def run_media(args, predictor, class_filter):
     """--image, --images or --video: drawings, and the detections as data when asked."""
-    draw = dict(top_k=args.top_k, draw_masks=args.display_masks, draw_boxes=args.display_bboxes,
+    draw = dict(max_drawn=args.top_k, draw_masks=args.display_masks, draw_boxes=args.display_bboxes,
                 draw_text=args.display_text, draw_scores=args.display_scores, class_filter=class_filter)
     mode = 'image' if args.image is not None else 'images' if args.images is not None else 'video'
     source, out = split_io_spec(getattr(args, mode), mode)

@@ -21,7 +21,7 @@ Several GPUs (--batch_size is the total, split evenly across the cards):
 
     python -m paddle.distributed.launch --gpus 0,1,2,3 train.py --config yolact_base --batch_size 32
 
-Checkpoints go to --save_folder (see utils/checkpoint.py), VisualDL scalars to
+Checkpoints go to --save_folder (see utils/weights/checkpoint.py), VisualDL scalars to
 --log_folder (``visualdl --logdir logs``).
 """
 import argparse
@@ -35,13 +35,13 @@ quiet_paddle_import()  # before the first import of paddle, here and in the Data
 
 import paddle.distributed as dist  # noqa: E402
 
-from data.coco import custom_dataset  # noqa: E402
+from data.coco import custom_dataset_config  # noqa: E402
 from data.config import DATASETS, coco_root_dataset, get_config  # noqa: E402
 from utils.cli import (add_coco_root_flag, add_data_loading_flags, non_negative_int,  # noqa: E402
                        positive_int)
 from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
-from utils.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
+from utils.training.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
 
 logger = logging.getLogger('train')
 
@@ -150,9 +150,9 @@ def build_config(args, world_size):
     if any(getattr(args, f) is not None for f in flags):
         # Unset folders/files fall back to the preset's; the classes come from the training file.
         paths = {f: getattr(args, f) or getattr(cfg.dataset, f) for f in flags[:4]}
-        dataset = dataclasses.replace(custom_dataset(paths['train_info'], args.class_names, **paths),
-                                      name='custom', has_gt=True)
-        cfg = dataclasses.replace(cfg, dataset=dataset, num_classes=len(dataset.class_names) + 1)
+        dataset_cfg = dataclasses.replace(custom_dataset_config(paths['train_info'], args.class_names, **paths),
+                                          name='custom', has_gt=True)
+        cfg = dataclasses.replace(cfg, dataset=dataset_cfg, num_classes=len(dataset_cfg.class_names) + 1)
 
     if args.autoscale and args.batch_size != REFERENCE_BATCH_SIZE:
         factor = args.batch_size / REFERENCE_BATCH_SIZE

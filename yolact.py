@@ -15,22 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from backbone import add_channel_bias, construct_backbone
-from utils.augmentations import linear_taps
-
-
-def interpolation_matrix(in_size, out_size):
-    """[out_size, in_size] float32 matrix of a 1-D linear resize with align_corners=False.
-
-    Row i holds the two taps of output sample i with Paddle's kernel weights
-    (utils.augmentations.linear_taps), so ``A @ v`` resizes a vector ``v``.
-    """
-    i0, i1, w0, w1 = linear_taps(in_size, out_size)
-    rows = np.arange(out_size)
-    matrix = np.zeros((out_size, in_size), dtype=np.float32)
-    # add.at: at the border both taps are the same pixel and their weights add up.
-    np.add.at(matrix, (rows, i0), w0)
-    np.add.at(matrix, (rows, i1), w1)
-    return matrix
+from layers.interpolate import interpolation_matrix
 
 
 class Resize(nn.Layer):
@@ -41,7 +26,7 @@ class Resize(nn.Layer):
         mode: F.interpolate mode ('bilinear' in every published config).
     Forward: x [B, C, H, W], optional size (out_h, out_w) -> [B, C, out_h, out_w].
 
-    ``as_matmul`` (False by default; utils.inference.export_yolact sets it
+    ``as_matmul`` (False by default; utils.deploy.inference.export_yolact sets it
     while tracing) computes a bilinear resize as ``A_h @ x @ A_w^T`` with
     :func:`interpolation_matrix`: a bilinear resize is separable and linear,
     and unlike the ``bilinear_interp`` op the two products run under Paddle
@@ -383,7 +368,7 @@ class Yolact(nn.Layer):
         """Raw predictions for a preprocessed batch.
 
         Args:
-            x: [B, 3, S, S] float32, normalised RGB (utils/augmentations.py).
+            x: [B, 3, S, S] float32, normalised RGB (data/transforms.py).
         Returns a dict:
             'loc'    [B, P, 4]  box offsets w.r.t. the priors (box_utils.encode convention)
             'conf'   [B, P, C]  softmax probabilities (eval) / raw logits (training), C incl. background
@@ -448,7 +433,7 @@ class Yolact(nn.Layer):
         Every conv outside the backbone gets Xavier-uniform weights and zero
         bias; the backbone keeps its construction init (DCN layers: zero
         offsets). ImageNet backbone weights are loaded afterwards by
-        utils.checkpoint.load_backbone_weights(net.backbone, path).
+        utils.weights.checkpoint.load_backbone_weights(net.backbone, path).
         """
         xavier, zero = nn.initializer.XavierUniform(), nn.initializer.Constant(0.0)
         for name, layer in self.named_sublayers():

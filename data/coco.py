@@ -203,7 +203,7 @@ def check_category_names(categories, source):
         raise DatasetError(f'{source}: categories share a name ({listed}); give each category its own name')
 
 
-def custom_dataset(info_file, class_names=None, model_classes=None, **paths):
+def custom_dataset_config(info_file, class_names=None, model_classes=None, **paths):
     """A DatasetConfig for COCO-format files whose classes come from ``info_file``'s categories.
 
     Args:
@@ -245,42 +245,37 @@ class COCODetection(Dataset):
         ``(image, masks, boxes, labels, num_crowds) -> same``), or None for the raw data.
     label_map: {category_id: 1-based label}; None numbers the file's categories
         in increasing id order.
-    has_gt: False for info files without annotations (e.g. test-dev); every
-        image is then listed, with empty targets.
     strict: a bad annotation-file entry raises DatasetError instead of being
         skipped with a warning (see data.validation).
     check_files: drop (or, with strict, refuse) images whose file is missing.
     include_background: list every image of the file, also those without a
         (non-crowd) annotation, as negatives: all their anchors are background.
 
-    With ground truth, only images with at least one non-crowd annotation are
-    listed unless ``include_background``: an image of crowd regions alone
-    gives the loss no positive example. (The reference lists every annotated image.)
+    Only images with at least one non-crowd annotation are listed unless
+    ``include_background``: an image of crowd regions alone gives the loss no
+    positive example. (The reference lists every annotated image.)
     """
 
-    def __init__(self, image_path, info_file, transform=None, label_map=None, has_gt=True, strict=False,
-                 check_files=True, include_background=False):
+    def __init__(self, image_path, info_file, transform=None, label_map=None, strict=False, check_files=True,
+                 include_background=False):
         self.root = image_path
         self.validation = validate_coco(info_file, image_path, label_map, check_files=check_files, strict=strict)
         self.coco = load_coco(info_file, self.validation.data)
         self.transform = transform
         self.label_map = _sorted_label_map(self.coco) if label_map is None else dict(label_map)
-        self.has_gt = has_gt
         self.include_background = include_background
-        if has_gt and not include_background:
+        if include_background:
+            self.ids = list(self.coco.imgs.keys())
+        else:
             self.ids = [img_id for img_id, anns in self.coco.imgToAnns.items()
                         if any(not ann.get('iscrowd', 0) for ann in anns)]
-        else:
-            self.ids = list(self.coco.imgs.keys())
 
     @classmethod
-    def from_config(cls, cfg, transform=None, train=True, strict=False, include_background=False):
-        """The training (``train=True``) or validation split of ``cfg.dataset``."""
+    def from_config(cls, cfg, transform=None, strict=False, include_background=False):
+        """The training split of ``cfg.dataset``."""
         ds = cfg.dataset
-        if train:
-            return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict(), strict=strict,
-                       include_background=include_background)
-        return cls(ds.valid_images, ds.valid_info, transform, ds.label_map_dict(), ds.has_gt, strict=strict)
+        return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict(), strict=strict,
+                   include_background=include_background)
 
     def __len__(self):
         return len(self.ids)
@@ -305,10 +300,10 @@ class COCODetection(Dataset):
         """(img, target [n, 5], masks, height, width, num_crowds) of image ``index``.
 
         height/width are the original image's. If the image file cannot be read
-        (logged as a warning), or with ground truth the augmentation leaves no
-        non-crowd object (e.g. every box became too small), the following
-        images are tried in turn (the reference draws a random one); with
-        ``include_background`` such an image is kept, as a negative.
+        (logged as a warning), or the augmentation leaves no non-crowd object
+        (e.g. every box became too small), the following images are tried in
+        turn (the reference draws a random one); with ``include_background``
+        such an image is kept, as a negative.
         """
         unreadable = 0
         for offset in range(len(self.ids)):
@@ -320,7 +315,7 @@ class COCODetection(Dataset):
                 unreadable += 1
                 continue
             target, num_crowds = sample[1], sample[5]
-            if not self.has_gt or self.include_background or len(target) > num_crowds:
+            if self.include_background or len(target) > num_crowds:
                 return sample
             logger.debug('augmentation left image %d without objects; using the next image', img_id)
         if unreadable == len(self.ids):
@@ -329,7 +324,7 @@ class COCODetection(Dataset):
 
     def _annotations(self, img_id):
         """Annotations of an image with bounding boxes, non-crowd first, crowd last."""
-        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if 'bbox' in a] if self.has_gt else []
+        anns = [a for a in self.coco.imgToAnns.get(img_id, []) if 'bbox' in a]
         crowd = [a for a in anns if a.get('iscrowd', 0)]
         return [a for a in anns if not a.get('iscrowd', 0)] + crowd, len(crowd)
 
@@ -351,15 +346,6 @@ class COCODetection(Dataset):
             img, masks, boxes, labels, num_crowds = self.transform(img, masks, boxes, labels, num_crowds)
         target = np.concatenate([boxes, labels[:, None].astype(np.float32)], axis=1).astype(np.float32)
         return img, target, masks, height, width, num_crowds
-
-    def pull_image(self, index):
-        """The original [H, W, 3] BGR uint8 image ``index``."""
-        return read_image(image_file(self.root, self.coco.imgs[self.ids[index]]['file_name']))
-
-    def pull_anno(self, index):
-        """The COCO annotation dicts of image ``index``."""
-        return self.coco.loadAnns(self.coco.getAnnIds(imgIds=self.ids[index]))
-
 
 def detection_collate(batch):
     """Batch ``COCODetection`` samples whose object counts differ.

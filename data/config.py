@@ -237,7 +237,6 @@ class YolactConfig:
     ohem_negpos_ratio: int = 3
     masks_to_train: int = 100
     mask_proto_crop: bool = True
-    mask_proto_crop_expand: float = 0.0
     mask_proto_binarize_downsampled_gt: bool = True
     mask_proto_normalize_emulate_roi_pooling: bool = True
 
@@ -301,7 +300,7 @@ YOLACT_PLUS_RESNET50 = dataclasses.replace(
 # ------------------------------------------------ CPU-sized quickstart model --
 # The same architecture, narrowed and shrunk so that it trains from scratch on
 # the synthetic shapes dataset (tools/make_shapes_dataset.py) on 2 CPU cores.
-SHAPE_CLASSES = ('circle', 'square', 'triangle', 'star')   # tools/make_shapes_dataset.py order
+SHAPE_CLASSES = ('circle', 'square', 'triangle', 'star')   # tools/make_shapes_dataset.py draws these
 
 SHAPES = DatasetConfig(
     name='Shapes (synthetic)',

@@ -6,7 +6,7 @@ import paddle.nn.functional as F
 
 from data.config import MEANS, STD
 from layers.box_utils import BACKENDS, crop, sanitize_coordinates, use_device_path
-from utils.augmentations import linear_taps, sample_taps
+from layers.interpolate import linear_taps, sample_taps
 
 
 # cv2.resize places its bilinear samples within 1e-4 px of the exact (PyTorch /
@@ -20,8 +20,8 @@ class PostProcess:
     """Detect's output of one image -> image-sized boxes, binary masks and scores.
 
     Two implementations give the same result: on a CPU the masks are cropped
-    and upsampled in numpy/cv2 (an order of magnitude faster than Paddle's
-    CPU kernels); when the detections are on a GPU, mask assembly, crop,
+    and upsampled in numpy/cv2 (faster than Paddle's CPU kernels;
+    tools/benchmark.py times it); when the detections are on a GPU, mask assembly, crop,
     mask-IoU rescoring, upsampling and thresholding stay there and the host
     receives the final boolean masks in one copy (plus the small
     per-detection arrays).
@@ -60,7 +60,7 @@ class PostProcess:
         return cls(**kwargs)
 
     @paddle.no_grad()
-    def __call__(self, det, width, height, maskiou_net=None, max_detections=None):
+    def __call__(self, det, width, height, maskiou_net=None, max_num_detections=None):
         """Assemble the detections of one image at the image's own size.
 
         Args:
@@ -70,7 +70,7 @@ class PostProcess:
             width, height: the original image size in pixels.
             maskiou_net: YOLACT++ mask-IoU net, [N, 1, S, S] float masks ->
                 [N, C-1] predicted IoUs; needed with ``rescore_mask``.
-            max_detections: assemble only the first (best) this many
+            max_num_detections: assemble only the first (best) this many
                 detections, before the score threshold (drawing shows only
                 --top_k); None: all.
         Returns:
@@ -84,8 +84,8 @@ class PostProcess:
         if self.rescore_mask and maskiou_net is None:
             raise ValueError('rescore_mask needs the mask-IoU net')
         classes, boxes, scores, coeffs = det['classes'], det['boxes'], det['scores'], det['coeffs']
-        if max_detections is not None:
-            classes, boxes, scores, coeffs = (t[:max_detections] for t in (classes, boxes, scores, coeffs))
+        if max_num_detections is not None:
+            classes, boxes, scores, coeffs = (t[:max_num_detections] for t in (classes, boxes, scores, coeffs))
         if self.score_threshold > 0:
             # Data-dependent size: the device path's one synchronisation before the copy.
             keep = paddle.nonzero(scores > self.score_threshold).flatten()
@@ -167,7 +167,7 @@ def upsample_masks(masks, h, w, threshold=0.5):
     Cropped masks are zero outside their box, and an output pixel whose four
     taps are all zero is exactly zero, so only each mask's window (the output
     pixels whose taps reach its non-zero rows and columns) is computed: a
-    small window exactly, from utils.augmentations.linear_taps (positions
+    small window exactly, from layers.interpolate.linear_taps (positions
     and weights as PyTorch, width first); a large one with cv2.resize, an
     order of magnitude faster per pixel than numpy, whose few pixels within
     _THRESHOLD_MARGIN of the threshold are then recomputed exactly. Either

@@ -51,7 +51,7 @@ def make_weights_module():
 
 def reference_params(net, cfg, seed=0):
     """{paddle key: np.ndarray}: the stand-in weights of ``cfg.name`` converted (strictly) for ``net``."""
-    from utils.convert import convert_state_dict, fpn_downsample_drop
+    from utils.weights.convert import convert_state_dict, fpn_downsample_drop
 
     params, _ = convert_state_dict(reference_state_dict(cfg.name, seed),
                                    {k: v.shape for k, v in net.state_dict().items()},

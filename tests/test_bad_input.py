@@ -20,10 +20,12 @@ from tests.conftest import ROOT
 from tools import benchmark as benchmark_tool
 from tools import convert_weights, export_model
 from tools.make_shapes_dataset import make_shapes_dataset
-from utils import checkpoint, coco_eval
+from utils import files
+from utils.weights import checkpoint
+from utils.evaluation import coco_eval
 from utils.errors import EXIT_USER_ERROR, OutputError, WeightsError, run_cli
 from utils.predictor import Predictor
-from utils.trainer import Trainer
+from utils.training.trainer import Trainer
 from yolact import Yolact
 
 SIDE = 96
@@ -127,7 +129,7 @@ def test_disk_full_during_a_checkpoint_says_what_was_kept(shapes, tmp_path, monk
         f.write(data[:10])
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(checkpoint, '_write_all', disk_full)
+    monkeypatch.setattr(files, '_write_all', disk_full)
     trainer.iteration = 1
     with pytest.raises(OutputError, match='No space left on device') as info:
         trainer.save()
@@ -166,7 +168,7 @@ def test_results_files_are_written_whole_or_not_at_all(tmp_path):
 def test_results_file_of_a_killed_run_never_appears(tmp_path):
     """SIGKILL midway through writing: nothing under the final name."""
     script = (f'import sys; sys.path.insert(0, {ROOT!r}); import os, signal\n'
-              'from utils.coco_eval import JsonArrayWriter\n'
+              'from utils.evaluation.coco_eval import JsonArrayWriter\n'
               f'w = JsonArrayWriter({str(tmp_path / "bbox_detections.json")!r})\n'
               'for i in range(1000): w.write({"image_id": i})\n'
               'os.kill(os.getpid(), signal.SIGKILL)\n')

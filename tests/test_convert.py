@@ -18,10 +18,10 @@ import pytest
 from backbone import construct_backbone
 from data.config import get_config
 from tests.conftest import ROOT, make_weights_module, needs_reference
-from utils.checkpoint import load_backbone_weights
-from utils.convert import (ConversionError, convert_state_dict, fpn_downsample_drop,
-                           imagenet_backbone, save_params)
-from utils.pth_reader import PthError, load_pth
+from utils.weights.checkpoint import load_backbone_weights
+from utils.weights.convert import (ConversionError, convert_state_dict, fpn_downsample_drop,
+                                   imagenet_backbone, save_params)
+from utils.weights.pth_reader import PthError, load_pth
 from yolact import Yolact
 
 torch = pytest.importorskip('torch')  # test-only: writes the .pth files
@@ -263,12 +263,11 @@ def test_save_params_is_atomic(tmp_path, monkeypatch):
     dst = tmp_path / 'model.pdparams'
     dst.write_bytes(b'previous')
 
-    def failing_save(obj, path):
-        with open(path, 'wb') as f:
-            f.write(b'partial')
+    def failing_write(f, data):
+        f.write(data[:len(data) // 2])
         raise OSError('disk full')
 
-    monkeypatch.setattr(paddle, 'save', failing_save)
+    monkeypatch.setattr('utils.files._write_all', failing_write)
     with pytest.raises(OSError, match='disk full'):
         save_params({'w': np.ones(3, np.float32)}, str(dst))
     assert dst.read_bytes() == b'previous'

@@ -22,7 +22,7 @@ from data.config import get_config
 from layers.modules.multibox_loss import MultiBoxLoss
 from tests.conftest import ROOT
 from tools.make_shapes_dataset import make_shapes_dataset
-from utils.augmentations import BaseTransform
+from data.transforms import BaseTransform
 from utils.errors import DatasetError, MissingFileError, UnreadableFileError
 
 SIDE = 64
@@ -270,14 +270,15 @@ def test_rle_string_decoder_agrees_with_pycocotools():
         h, w = rs.randint(1, 200, 2)
         m = np.asfortranarray((rs.rand(h, w) > rs.rand()).astype(np.uint8))
         rle = mask_utils.encode(m)
-        runs = V.rle_string_counts(rle['counts'].decode())
+        runs, owner, malformed = V.decode_rle_strings([rle['counts'].decode()])
+        assert not malformed[0] and (owner == 0).all()
         assert runs.sum() == h * w and (runs >= 0).all()
         # Runs alternate background / foreground, starting with background.
         assert runs[1::2].sum() == m.sum()
         back = mask_utils.decode(mask_utils.frPyObjects({'size': [int(h), int(w)], 'counts': runs.tolist()},
                                                         int(h), int(w)))
         np.testing.assert_array_equal(back, m)
-    assert V.rle_string_counts('0' * 3 + 'x\x7f') is None and V.rle_string_counts('a') is None
+    assert V.decode_rle_strings(['0' * 3 + 'x\x7f', 'a'])[2].tolist() == [True, True]
 
 
 # ------------------------------------------------------- errors in DataLoader workers --
@@ -289,7 +290,7 @@ LOADER_SCRIPT = textwrap.dedent('''
     import paddle
     from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate, eval_collate
     from data.config import get_config
-    from utils.augmentations import BaseTransform, SSDAugmentation
+    from data.transforms import BaseTransform, SSDAugmentation
     from utils.errors import run_cli
 
     class FailOn:

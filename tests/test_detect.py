@@ -15,8 +15,8 @@ from layers.box_utils import crop, jaccard
 from layers.functions.detection import _max_iou_with_better, _top_k_desc
 from layers.output_utils import PostProcess, _crop_in_place, undo_image_transformation, upsample_masks
 from tests.conftest import needs_reference, reference_npz, reference_params
-from utils.augmentations import FastBaseTransform
-from utils.inference import export_yolact
+from data.transforms import FastBaseTransform
+from utils.deploy.inference import export_yolact
 from utils.predictor import Predictor
 from yolact import Yolact
 
@@ -349,9 +349,9 @@ def test_postprocess_from_config():
 
 def test_max_detections_keeps_the_first_before_the_score_threshold():
     det = _det(FAR[:4], [0.9, 0.2, 0.7, 0.6], [0, 1, 2, 3])
-    out = PostProcess(score_threshold=0.5)(det, 8, 8, max_detections=3)
+    out = PostProcess(score_threshold=0.5)(det, 8, 8, max_num_detections=3)
     assert out['classes'].tolist() == [0, 2] and out['masks'].shape == (2, 8, 8)
-    assert PostProcess()(det, 8, 8, max_detections=0)['masks'].shape == (0, 8, 8)
+    assert PostProcess()(det, 8, 8, max_num_detections=0)['masks'].shape == (0, 8, 8)
 
 
 UPSAMPLE_SIZES = [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))]
@@ -478,6 +478,13 @@ def test_undo_image_transformation_inverts_the_preprocessing(backbone):
 
 # ------------------------------------------------------------ reference parity --
 W, H = 640, 480
+# Parity with the reference fixtures, as the README's "Parity" table states it: every mask pixel
+# equal; scores within SCORE_ATOL in dygraph (measured up to 1.1e-6) and EXPORTED_SCORE_ATOL
+# through Paddle Inference, the CPU default (measured up to 2.3e-6); YOLACT++ mask scores within
+# MASK_SCORE_ATOL (measured up to 4.8e-8).
+SCORE_ATOL = 2e-6
+EXPORTED_SCORE_ATOL = 5e-6
+MASK_SCORE_ATOL = 1e-7
 
 
 def _fixture_masks(ref):
@@ -499,14 +506,13 @@ def reference_run(request):
     return cfg, net, params, ref, preds
 
 
-def _assert_post_matches(post, ref):
+def _assert_post_matches(post, ref, score_atol=SCORE_ATOL):
     np.testing.assert_array_equal(post['classes'], ref['post_classes'])
-    np.testing.assert_allclose(post['scores'], ref['post_scores'], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(post['scores'], ref['post_scores'], rtol=0, atol=score_atol)
     np.testing.assert_array_equal(post['boxes'], ref['post_boxes'])
-    agreement = (post['masks'] == _fixture_masks(ref)).mean()
-    assert agreement >= 0.9999, f'masks agree on {agreement:.6%} of the pixels'
+    np.testing.assert_array_equal(post['masks'], _fixture_masks(ref))
     if 'post_mask_scores' in ref:
-        np.testing.assert_allclose(post['mask_scores'], ref['post_mask_scores'], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(post['mask_scores'], ref['post_mask_scores'], rtol=0, atol=MASK_SCORE_ATOL)
     else:
         assert 'mask_scores' not in post
 
@@ -523,7 +529,7 @@ def test_postprocess_reproduces_reference_from_its_detections(name):
            'coeffs': paddle.to_tensor(ref['det_mask']), 'proto': paddle.to_tensor(ref['det_proto'])}
     post = PostProcess()(det, W, H)
     ref.pop('post_mask_scores', None)     # the mask-IoU net is tested with the network below
-    _assert_post_matches(post, ref)
+    _assert_post_matches(post, ref, score_atol=0)     # the scores given are the scores kept
 
 
 @needs_reference
@@ -534,13 +540,14 @@ def test_detect_and_postprocess_match_reference(reference_run):
     # Same detections in the same order: classes, scores and (identifying the
     # anchor) mask coefficients row by row.
     np.testing.assert_array_equal(det['classes'].numpy(), ref['det_class'])
-    np.testing.assert_allclose(det['scores'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(det['coeffs'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(det['proto'].numpy(), ref['det_proto'], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(det['scores'].numpy(), ref['det_score'], rtol=0, atol=SCORE_ATOL)
+    # Measured up to 3.0e-6 and 2.8e-7.
+    np.testing.assert_allclose(det['coeffs'].numpy(), ref['det_mask'], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(det['proto'].numpy(), ref['det_proto'], rtol=0, atol=1e-6)
     # det_box holds the pixel boxes the reference's postprocess wrote in place (see above).
     scale = np.float32([W, H, W, H])
     pixel_boxes = np.clip(det['boxes'].numpy() * scale, 0, scale)
-    np.testing.assert_allclose(pixel_boxes, ref['det_box'], rtol=0, atol=1e-2)
+    np.testing.assert_allclose(pixel_boxes, ref['det_box'], rtol=0, atol=2e-4)     # measured up to 6.1e-5 px
 
     post = PostProcess.from_config(cfg, crop_masks=True, score_threshold=0)(det, W, H, maskiou_net=net.maskiou_net)
     _assert_post_matches(post, ref)
@@ -551,9 +558,11 @@ def test_predictor_matches_reference(reference_run, tmp_path):
     cfg, _, params, ref, _ = reference_run
     path = str(tmp_path / f'{cfg.name}_seed0.pdparams')
     paddle.save(params, path)
-    result = Predictor(cfg.name, path)(ref['input_bgr'])
+    predictor = Predictor(cfg.name, path)
+    result = predictor(ref['input_bgr'])
     assert result['masks'].dtype == np.bool_ and result['masks'].shape == (len(ref['post_classes']), H, W)
-    _assert_post_matches(result, ref)
+    exported = not isinstance(predictor.net, Yolact)    # the CPU default: the cached export
+    _assert_post_matches(result, ref, EXPORTED_SCORE_ATOL if exported else SCORE_ATOL)
 
 
 def test_predictor_names_mismatched_keys(tmp_path):
@@ -579,7 +588,6 @@ def test_exported_predictor_equals_dygraph_predictor(reference_run, tmp_path):
     assert set(exported) == set(dygraph)
     np.testing.assert_array_equal(exported['classes'], dygraph['classes'])
     np.testing.assert_array_equal(exported['boxes'], dygraph['boxes'])
-    np.testing.assert_allclose(exported['scores'], dygraph['scores'], rtol=0, atol=1e-5)
-    agreement = (exported['masks'] == dygraph['masks']).mean()
-    assert agreement >= 0.9999, f'masks agree on {agreement:.6%} of the pixels'
-    _assert_post_matches(exported, ref)
+    np.testing.assert_allclose(exported['scores'], dygraph['scores'], rtol=0, atol=EXPORTED_SCORE_ATOL)
+    np.testing.assert_array_equal(exported['masks'], dygraph['masks'])
+    _assert_post_matches(exported, ref, EXPORTED_SCORE_ATOL)

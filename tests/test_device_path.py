@@ -193,7 +193,7 @@ def test_device_path_copies_only_the_final_arrays(monkeypatch, mode):
     guard = _HostCopyGuard(monkeypatch)
     det = detect(preds)[0]
     assert guard.calls == []
-    out = postprocess(det, 30, 20, maskiou_net=maskiou_net, max_detections=8)
+    out = postprocess(det, 30, 20, maskiou_net=maskiou_net, max_num_detections=8)
     n = len(out['scores'])
     assert n > 0
     # One copy per returned array, after all the device work: the masks first, once.

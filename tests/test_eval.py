@@ -20,21 +20,24 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import eval as eval_script
-from data.config import COLORS, get_config
+from data.config import COLORS, SHAPE_CLASSES, get_config
 from layers.functions import Detect
 from layers.output_utils import PostProcess
 from utils.errors import ConfigError, run_cli
-from utils.evaluation import _reference_hash, evaluate, evaluation_order
-from utils.model_loader import resolve_config
+from utils.evaluation.loop import _reference_hash, evaluate, evaluation_order
+from utils.weights.loader import resolve_config
 from utils.predictor import Predictor
 from tests.conftest import needs_reference, reference_npz, reference_params
+from tests.test_detect import EXPORTED_SCORE_ATOL
 from tools import benchmark as benchmark_tool
 from tools import export_model
-from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
-from utils import coco_eval
-from utils.drawing import detection_color, draw_detections
-from utils.inference import StaticYolact, export_yolact
-from yolact import Yolact, interpolation_matrix
+from tools.make_shapes_dataset import make_shapes_dataset
+from utils.evaluation import coco_eval
+from utils.visual.drawing import detection_color, draw_detections
+from utils.visual.media import ImageDetector
+from utils.deploy.inference import StaticYolact, export_yolact
+from layers.interpolate import interpolation_matrix
+from yolact import Yolact
 
 NUM_VAL = 6
 SIDE = 128
@@ -80,7 +83,7 @@ def _single_log(log_dir):
 
 
 def _cocoeval(gt_file, results_file, iou_type, image_ids=None, category_ids=None):
-    """COCOeval.stats[:6] computed independently of utils.coco_eval."""
+    """COCOeval.stats[:6] computed independently of utils.evaluation.coco_eval."""
     gt = COCO(gt_file)
     dt = gt.loadRes(results_file)
     e = COCOeval(gt, dt, iou_type)
@@ -191,7 +194,7 @@ class _ScriptedPredictor:
     def __init__(self, cfg, scripted):
         self.cfg, self.scripted = cfg, scripted
 
-    def predict_preprocessed(self, x, width, height, max_detections=None):
+    def predict_preprocessed(self, x, width, height, max_num_detections=None):
         return self.scripted[int(x[0, 0, 0, 0])]
 
 
@@ -324,7 +327,7 @@ def test_a_model_of_some_categories_is_scored_on_those(shapes, tmp_path, caplog)
         det = _gt_detections(coco, image_id, {cat: label_of.get(cat, 0) for cat in ids.values()})
         keep = det['classes'] >= 0
         scripted[image_id] = {k: v[keep] for k, v in det.items()}
-    with caplog.at_level(logging.INFO, logger='utils.evaluation'):
+    with caplog.at_level(logging.INFO, logger='utils.evaluation.loop'):
         summary = evaluate(_ScriptedPredictor(cfg, scripted), _IdImages(coco), str(tmp_path / 'r'),
                            num_workers=0, log_dir=str(tmp_path / 'logs'), progress=False)
     assert '2 categories; 2 other categories of the file not scored' in caplog.text
@@ -509,9 +512,29 @@ def test_cli_video_file_to_file(shapes, weights, tmp_path):
     writer.release()
     out = str(tmp_path / 'out.mp4')
     _run_eval(['--trained_model', weights, '--video', f'{src}:{out}'])
-    capture = cv2.VideoCapture(out)
-    assert capture.isOpened() and round(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    inputs, outputs = _video_frames(src), _video_frames(out)
+    assert len(outputs) == len(inputs) == 4
+    # Each output frame is its input frame's drawing (per-class colours, as for every video;
+    # --top_k 5 by default), up to the video codec's loss: far closer to it than to the undrawn frame.
+    detector = ImageDetector(Predictor(weights), max_drawn=5, class_color=True)
+    drawings = [detector(frame).astype(np.float32) for frame in inputs]
+    for i, (frame, written) in enumerate(zip(inputs, outputs)):
+        to_drawings = [np.abs(written.astype(np.float32) - drawn).mean() for drawn in drawings]
+        to_input = np.abs(written.astype(np.float32) - frame).mean()
+        assert int(np.argmin(to_drawings)) == i and to_drawings[i] < to_input / 2, (i, to_drawings, to_input)
+
+
+def _video_frames(path):
+    capture = cv2.VideoCapture(path)
+    assert capture.isOpened(), path
+    frames = []
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        frames.append(frame)
     capture.release()
+    return frames
 
 
 def _rasterised(polygons, height, width):
@@ -628,7 +651,7 @@ def test_cli_video_frames_saved_as_coco_results(shapes, weights, tmp_path):
 
 
 def test_mask_polygons_and_labelme_groups_of_a_two_part_mask(tmp_path):
-    from utils.results import labelme_record, mask_polygons
+    from utils.evaluation.results import labelme_record, mask_polygons
     mask = np.zeros((40, 60), bool)
     mask[5:20, 5:25] = True
     mask[25:35, 40:55] = True
@@ -646,7 +669,7 @@ def test_mask_polygons_and_labelme_groups_of_a_two_part_mask(tmp_path):
 
 
 def test_inference_results_are_all_or_nothing(tmp_path):
-    from utils.results import IMAGE_INFO_FILE, InferenceResults
+    from utils.evaluation.results import IMAGE_INFO_FILE, InferenceResults
     out = {'classes': np.array([0]), 'scores': np.array([0.9]), 'boxes': np.array([[1, 1, 5, 5]]),
            'masks': np.ones((1, 8, 8), bool), 'labels': ['a']}
     with pytest.raises(RuntimeError):
@@ -675,7 +698,7 @@ def test_drawing_assembles_only_the_top_k_masks_it_draws(shapes, weights):
     predictor = Predictor.from_network(cfg, net, score_threshold=0.3)
     x = predictor.transform(paddle.to_tensor(image[None]))
     full = predictor.predict_preprocessed(x, SIDE, SIDE)
-    top = predictor.predict_preprocessed(x, SIDE, SIDE, max_detections=5)
+    top = predictor.predict_preprocessed(x, SIDE, SIDE, max_num_detections=5)
     assert len(full['scores']) > 5 and len(top['scores']) == 5
     for key in full:
         np.testing.assert_array_equal(top[key], full[key][:5], err_msg=key)
@@ -757,13 +780,13 @@ def test_draw_detections_threshold_top_k_boxes_and_text():
     image = np.zeros((80, 120, 3), dtype=np.uint8)
     boxes = np.array([[10, 30, 60, 70], [70, 40, 110, 75], [0, 0, 5, 5]])
     scores = np.array([0.9, 0.5, 0.3])
-    out = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), top_k=5,
+    out = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), max_drawn=5,
                           score_threshold=0.4)
     assert tuple(out[50, 10]) == detection_color(0)          # left edge of the first box
     assert tuple(out[60, 110]) == detection_color(1)
     assert not out[:6, :6].any()                              # below the threshold: not drawn
     assert out[18:30, 10:60].any()                            # the label above the first box
-    only_one = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), top_k=1)
+    only_one = draw_detections(image, np.array([0, 1, 2]), scores, boxes, None, list(SHAPE_CLASSES[:3]), max_drawn=1)
     assert not only_one[60, 110].any()
 
 
@@ -854,17 +877,18 @@ def test_exported_yolact_base_equals_dygraph_on_reference_fixture(tmp_path):
         # The reference's detections, in its order (the anchor identified by its coefficients);
         # det_box holds the pixel boxes the reference's postprocess wrote into it in place.
         np.testing.assert_array_equal(det['classes'].numpy(), ref['det_class'])
-        np.testing.assert_allclose(det['scores'].numpy(), ref['det_score'], rtol=0, atol=1e-5)
-        np.testing.assert_allclose(det['coeffs'].numpy(), ref['det_mask'], rtol=0, atol=1e-4)
-        np.testing.assert_allclose(np.clip(det['boxes'].numpy() * scale, 0, scale), ref['det_box'], rtol=0, atol=1e-2)
+        np.testing.assert_allclose(det['scores'].numpy(), ref['det_score'], rtol=0, atol=EXPORTED_SCORE_ATOL)
+        np.testing.assert_allclose(det['coeffs'].numpy(), ref['det_mask'], rtol=0, atol=1e-5)
+        pixel_boxes = np.clip(det['boxes'].numpy() * scale, 0, scale)
+        np.testing.assert_allclose(pixel_boxes, ref['det_box'], rtol=0, atol=2e-4)
 
     posts = [PostProcess()(det, w, h) for det in dets]
     reference_masks = np.unpackbits(ref['post_masks_packed'], axis=-1)[..., :w].astype(bool)
     for post in posts:
         np.testing.assert_array_equal(post['classes'], ref['post_classes'])
         np.testing.assert_array_equal(post['boxes'], ref['post_boxes'])
-        assert (post['masks'] == reference_masks).mean() > 0.999
-    assert (posts[1]['masks'] == posts[0]['masks']).mean() > 0.9999
+        np.testing.assert_array_equal(post['masks'], reference_masks)
+    np.testing.assert_array_equal(posts[1]['masks'], posts[0]['masks'])
 
 
 def test_benchmark_tool_times_every_stage(tmp_path):

@@ -13,11 +13,11 @@ from tests.conftest import needs_reference, reference_npz, reference_params
 from data.config import get_config
 from tools import benchmark as benchmark_tool
 from tools import export_model
-from utils import inference
+from utils.deploy import inference
 from utils.errors import ConfigError
-from utils.model_loader import load_exported
-from utils.inference import (META_SUFFIX, OnnxYolact, StaticYolact, cached_export, export_cache_key,
-                             export_onnx, export_yolact)
+from utils.weights.loader import load_exported
+from utils.deploy.inference import (META_SUFFIX, OnnxYolact, StaticYolact, cached_export, export_cache_key,
+                                    export_onnx, export_yolact)
 from yolact import Resize, Yolact
 
 
@@ -158,7 +158,7 @@ def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path,
     prefix = cached_export(lambda: net, cfg, weights, cache_dir=cache)
     assert not os.path.exists(dead_dir) and os.path.isdir(live_dir)
     assert _entries(cache) == [os.path.basename(os.path.dirname(prefix))]
-    assert StaticYolact(prefix).meta['config'] == cfg.name
+    assert StaticYolact(prefix).meta.config == cfg.name
 
 
 def test_concurrent_exporter_that_loses_the_rename_uses_the_winner(tmp_path, monkeypatch):
@@ -206,7 +206,7 @@ def test_onnx_export_of_yolact_base_matches_dygraph_on_reference_fixture(tmp_pat
         dygraph = net(paddle.to_tensor(ref['x']))
     prefix = str(tmp_path / 'onnx' / 'yolact_base')
     meta = export_onnx(net, cfg, prefix)
-    assert meta['format'] == 'onnx'
+    assert meta.format == 'onnx'
     assert sorted(os.listdir(tmp_path / 'onnx')) == ['yolact_base.onnx', 'yolact_base.yolact.json']
     got = OnnxYolact(prefix)(ref['x'])
     for key in ('loc', 'conf', 'mask', 'priors', 'proto'):

@@ -24,14 +24,15 @@ from pycocotools.cocoeval import COCOeval
 
 import eval as eval_script
 import train
-from data.config import CONFIGS, get_config
+from data.config import CONFIGS, SHAPE_CLASSES, get_config
 from tests.conftest import make_weights_module, needs_reference
 from tools import export_model
-from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
-from utils import coco_eval, media
-from utils.checkpoint import latest_checkpoint, sidecar_paths
+from tools.make_shapes_dataset import make_shapes_dataset
+from utils.evaluation import coco_eval
+from utils.visual import media
+from utils.weights.checkpoint import latest_checkpoint, sidecar_paths
 from utils.errors import run_cli
-from utils.inference import default_cache_dir
+from utils.deploy.inference import default_cache_dir
 from utils.predictor import Predictor
 from yolact import Yolact
 
@@ -144,7 +145,7 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     original_draw = media.draw_detections
 
     def recording_draw(image, classes, scores, boxes, masks, labels, **options):
-        drawn_labels.extend(labels[:options['top_k']])
+        drawn_labels.extend(labels[:options['max_drawn']])
         return original_draw(image, classes, scores, boxes, masks, labels, **options)
 
     monkeypatch.setattr(media, 'draw_detections', recording_draw)

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 
 from data.config import get_config
-from utils.augmentations import SSDAugmentation, _resize_masks
+from data.transforms import SSDAugmentation, _resize_masks
 
 NUM_OBJECTS = 300
 

@@ -19,8 +19,8 @@ import pytest
 from backbone import DarkNetBackbone, ModulatedDeformConv2D, construct_backbone
 from data.config import MEANS, STD, get_config
 from tests.conftest import make_weights_module, needs_reference, reference_npz, reference_state_dict
-from utils.checkpoint import load_backbone_weights
-from utils.convert import ConversionError, convert_state_dict, fpn_downsample_drop
+from utils.weights.checkpoint import load_backbone_weights
+from utils.weights.convert import ConversionError, convert_state_dict, fpn_downsample_drop
 from yolact import Conv2D, Yolact
 
 CONFIG_NAMES = ('yolact_base', 'yolact_im700', 'yolact_resnet50', 'yolact_darknet53',

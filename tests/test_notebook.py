@@ -105,7 +105,6 @@ def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     overrides = dict(
         QUICK=True, PROJECT=ROOT, DATA7122=str(tmp_path / 'data7122'), COCO_ROOT=str(coco),
         WEIGHTS_PTH=str(weights), WORK=str(work), INSTALL=False, NUM_WORKERS=0, ALG='quick-test',
-        NEW_FLAGS=True,
         FT_TRAIN_IMAGES=str(shapes / 'train'), FT_TRAIN_INFO=str(extra / 'instances_train2017.json'),
         FT_VALID_IMAGES=str(coco / 'val2017'), FT_VALID_INFO=str(coco / 'annotations' / 'instances_val2017.json'))
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell(
@@ -127,7 +126,7 @@ def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     with open(work / 'results_val' / 'mask_detections.json') as f:
         assert len(json.load(f)) > 0
 
-    from utils.submission import check_submission
+    from utils.evaluation.submission import check_submission
     info = str(coco / 'annotations' / 'image_info_test-dev2017.json')
     for kind in ('bbox', 'segm'):
         zip_path = work / 'submission' / kind / 'detections_test-dev2017_quick-test_results.zip'

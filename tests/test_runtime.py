@@ -61,7 +61,7 @@ def test_shared_memory_forced_and_without_workers(monkeypatch):
 def test_training_batch_bytes_match_collated_batch(tmp_path):
     """The size rule against what data/coco.py really hands the DataLoader for yolact_base."""
     from data.coco import COCODetection, detection_collate
-    from utils.augmentations import SSDAugmentation
+    from data.transforms import SSDAugmentation
     subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'make_shapes_dataset.py'), '--out',
                     str(tmp_path), '--num_train', '8', '--num_val', '1', '--size', '300',
                     '--max_objects', '6'], check=True, capture_output=True)

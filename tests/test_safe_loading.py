@@ -1,4 +1,4 @@
-"""Weights and optimizer files are read without running code (utils/paddle_reader.py, utils/safe_pickle.py).
+"""Weights and optimizer files are read without running code (utils/weights/paddle_reader.py, utils/weights/safe_pickle.py).
 
 A ``.pdparams`` / ``.pdopt`` is a pickle; one with a ``__reduce__`` payload ran it
 through plain ``paddle.load`` in every program that loads weights. Each entry point
@@ -24,9 +24,9 @@ import train
 from data.config import get_config
 from tests.conftest import ROOT
 from tools.make_shapes_dataset import make_shapes_dataset
-from utils import checkpoint
+from utils.weights import checkpoint
 from utils.errors import EXIT_USER_ERROR, WeightsError, run_cli
-from utils.paddle_reader import PaddleFileError, load_paddle_file
+from utils.weights.paddle_reader import PaddleFileError, load_paddle_file
 from utils.predictor import Predictor
 from yolact import Yolact
 
@@ -219,7 +219,7 @@ def test_a_resumed_optimizer_continues_as_with_paddle_load(tmp_path):
     .pdopt is read by paddle.load."""
     net, optimizer = _model_and_optimizer()
     path = str(tmp_path / 'net_1_1.pdparams')
-    checkpoint.save_checkpoint(path, net, optimizer, {'iteration': 1})
+    checkpoint.save_checkpoint(path, net, optimizer, checkpoint.CheckpointRecord(iteration=1))
     steps = []
     for use_paddle_load in (True, False):
         fresh, fresh_optimizer = _model_and_optimizer()
@@ -228,7 +228,7 @@ def test_a_resumed_optimizer_continues_as_with_paddle_load(tmp_path):
             opt_state = paddle.load(checkpoint.sidecar_paths(path)[0])
             checkpoint.load_optimizer_state_by_name(fresh_optimizer, fresh, opt_state['accumulators'])
         else:
-            assert checkpoint.load_checkpoint(path, fresh, fresh_optimizer) == ({'iteration': 1}, True)
+            assert checkpoint.load_checkpoint(path, fresh, fresh_optimizer) == (checkpoint.CheckpointRecord(iteration=1), True)
         fresh(paddle.ones([1, 3, 8, 8])).mean().backward()
         fresh_optimizer.step()
         steps.append([p.numpy() for p in fresh.parameters()] + [fresh_optimizer.get_lr()])

@@ -1,4 +1,4 @@
-"""COCO-server submission packaging and checking (utils/submission.py, tools/*_submission.py)."""
+"""COCO-server submission packaging and checking (utils/evaluation/submission.py, tools/*_submission.py)."""
 import importlib.util
 import json
 import logging
@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import ROOT
 from utils.errors import ConfigError, MissingFileError, run_cli
-from utils.submission import check_submission, submission_name, write_submission
+from utils.evaluation.submission import check_submission, submission_name, write_submission
 
 NAME = 'detections_test-dev2017_myalg_results'
 CATEGORIES = [{'id': c, 'name': f'c{c}'} for c in (1, 2, 3, 90)]
@@ -82,7 +82,7 @@ def test_write_submission_filters_to_test_dev_and_top_100(tmp_path, info_file, c
     per_image = {i: 3 for i in ALL_IDS}
     per_image[CROWDED] = 150
     boxes, _ = _write_results(tmp_path / 'results', per_image)
-    with caplog.at_level(logging.INFO, logger='utils.submission'):
+    with caplog.at_level(logging.INFO, logger='utils.evaluation.submission'):
         reports = write_submission(str(tmp_path / 'results'), 'myalg', info_file, str(tmp_path / 'out'))
     assert all(r.ok for r in reports.values())
     paths = {kind: r.zip_path for kind, r in reports.items()}
@@ -161,7 +161,7 @@ def test_check_submission_streams_the_zip(tmp_path, info_file, monkeypatch):
     _write_results(tmp_path / 'results', {i: 3 for i in ALL_IDS})
     zips = {kind: r.zip_path for kind, r in
             write_submission(str(tmp_path / 'results'), 'myalg', info_file, str(tmp_path / 'out')).items()}
-    monkeypatch.setattr('utils.submission._RleCheck.BATCH', 4)
+    monkeypatch.setattr('utils.evaluation.submission._RleCheck.BATCH', 4)
     load = json.load
     monkeypatch.setattr('json.load', lambda f, **k: load(f, **k) if getattr(f, 'name', None) == info_file
                         else pytest.fail('a results file was loaded whole'))

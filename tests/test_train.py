@@ -19,16 +19,17 @@ import pytest
 from visualdl import LogReader
 
 import train
-from data.config import CONFIGS, get_config
+from data.config import CONFIGS, SHAPE_CLASSES, get_config
 from data.samplers import ResumableBatchSampler
 from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
-from tools.make_shapes_dataset import SHAPE_CLASSES, make_shapes_dataset
-from utils import checkpoint
-from utils.convert import save_params
-from utils.errors import run_cli
-from utils.lr_schedule import WarmupStepSchedule
-from utils.model_loader import init_for_finetuning
-from utils.trainer import NetLoss, Trainer, build_optimizer
+from tools.make_shapes_dataset import make_shapes_dataset
+from utils import files
+from utils.weights import checkpoint
+from utils.weights.convert import save_params
+from utils.errors import WeightsError, run_cli
+from utils.training.lr_schedule import WarmupStepSchedule
+from utils.weights.loader import init_for_finetuning
+from utils.training.trainer import NetLoss, Trainer, build_optimizer
 from yolact import Yolact
 
 CONFIG = 'train_test_tiny'
@@ -219,7 +220,7 @@ def test_keep_latest_never_deletes_a_file_it_did_not_name(tmp_path):
     """The weights a run resumed from under another name (a .pth, a renamed file) stay."""
     trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=10, keep_latest_interval=0)
     resumed = str(tmp_path / 'my_best_weights.pdparams')
-    checkpoint.save_checkpoint(resumed, trainer.net, trainer.optimizer, {'iteration': 5})
+    checkpoint.save_checkpoint(resumed, trainer.net, trainer.optimizer, checkpoint.CheckpointRecord(iteration=5))
     trainer.last_checkpoint, trainer.iteration = resumed, 10
     trainer.save()
     assert checkpoint.is_complete(resumed)
@@ -439,14 +440,30 @@ def test_optimizer_state_survives_new_parameter_names(tmp_path):
     for _ in range(3):
         step()
     path = checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
-    checkpoint.save_checkpoint(path, net, optimizer, {'iteration': 3})
+    checkpoint.save_checkpoint(path, net, optimizer, checkpoint.CheckpointRecord(iteration=3))
     expected = [step() for _ in range(3)]
 
     net2, optimizer2, step2 = small_net_and_optimizer()
     assert [p.name for p in net2.parameters()] != [p.name for p in net.parameters()]
-    state, has_optimizer = checkpoint.load_checkpoint(path, net2, optimizer2)
-    assert state == {'iteration': 3} and has_optimizer
+    record, has_optimizer = checkpoint.load_checkpoint(path, net2, optimizer2)
+    assert record == checkpoint.CheckpointRecord(iteration=3) and has_optimizer
     assert [step2() for _ in range(3)] == expected
+
+
+def test_checkpoint_record_round_trip_and_malformed_records(tmp_path):
+    record = checkpoint.CheckpointRecord(config='yolact_shapes', iteration=7, epoch=1, class_names=('a', 'b'),
+                                         schedule={'warmup_iters': 3}, freeze_bn=False)
+    weights = str(tmp_path / 'yolact_shapes_1_7.pdparams')
+    with open(checkpoint.sidecar_paths(weights)[1], 'w') as f:
+        f.write(record.to_json())
+    assert checkpoint.read_record(weights) == record
+    assert checkpoint.read_record(str(tmp_path / 'none_0_0.pdparams')) is None
+    for text, message in (('[1, 2]', 'holds a list, not a JSON object'), ('{"iteration": "7"}', '"iteration" is a str'),
+                          ('{not json', 'not valid JSON')):
+        with open(checkpoint.sidecar_paths(weights)[1], 'w') as f:
+            f.write(text)
+        with pytest.raises(WeightsError, match=message):
+            checkpoint.read_record(weights)
 
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
@@ -454,7 +471,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     net, optimizer, step = small_net_and_optimizer()
     folder = str(tmp_path)
     good = checkpoint.SavePath('m', 0, 3).path(folder)
-    checkpoint.save_checkpoint(good, net, optimizer, {'iteration': 3})
+    checkpoint.save_checkpoint(good, net, optimizer, checkpoint.CheckpointRecord(iteration=3))
     saved = {k: v.numpy() for k, v in net.state_dict().items()}
     step()
 
@@ -462,15 +479,15 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         f.write(data[:len(data) // 2])
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(checkpoint, '_write_all', partial_write)
+    monkeypatch.setattr(files, '_write_all', partial_write)
     bad = checkpoint.SavePath('m', 0, 6).path(folder)
     with pytest.raises(OSError):
-        checkpoint.save_checkpoint(bad, net, optimizer, {'iteration': 6})
+        checkpoint.save_checkpoint(bad, net, optimizer, checkpoint.CheckpointRecord(iteration=6))
     assert sorted(os.listdir(folder)) == ['m_0_3.json', 'm_0_3.pdopt', 'm_0_3.pdparams']
     assert checkpoint.latest_checkpoint(folder, 'm') == good
 
     fresh, fresh_optimizer, _ = small_net_and_optimizer()
-    assert checkpoint.load_checkpoint(good, fresh, fresh_optimizer) == ({'iteration': 3}, True)
+    assert checkpoint.load_checkpoint(good, fresh, fresh_optimizer) == (checkpoint.CheckpointRecord(iteration=3), True)
     for key, value in fresh.state_dict().items():
         np.testing.assert_array_equal(value.numpy(), saved[key])
 
@@ -481,18 +498,19 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
         import os, sys
         sys.path.insert(0, {ROOT!r})
         from tests.test_train import small_net_and_optimizer
-        from utils import checkpoint
+        from utils import files
+        from utils.weights import checkpoint
         net, optimizer, step = small_net_and_optimizer()
         checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 3).path({str(tmp_path)!r}), net, optimizer,
-                                   {{'iteration': 3}})
+                                   checkpoint.CheckpointRecord(iteration=3))
         step()
         def die_midway(f, data):
             f.write(data[:len(data) // 2])
             f.flush()
             os._exit(9)     # no cleanup, as with SIGKILL
-        checkpoint._write_all = die_midway
+        files._write_all = die_midway
         checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 6).path({str(tmp_path)!r}), net, optimizer,
-                                   {{'iteration': 6}})
+                                   checkpoint.CheckpointRecord(iteration=6))
     """)
     result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 9, result.stderr
@@ -501,7 +519,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path):
     good = checkpoint.latest_checkpoint(str(tmp_path), 'm')
     assert good == checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
     net, optimizer, _ = small_net_and_optimizer()
-    assert checkpoint.load_checkpoint(good, net, optimizer) == ({'iteration': 3}, True)
+    assert checkpoint.load_checkpoint(good, net, optimizer) == (checkpoint.CheckpointRecord(iteration=3), True)
 
 
 # ------------------------------------------------------------------ training --
@@ -556,9 +574,9 @@ def test_fine_tuning_lowers_the_loss(tiny_config, shapes, coco_weights, tmp_path
     assert end < 0.9 * start, totals
 
     final = checkpoint.SavePath(CONFIG, 7, iters).path(str(tmp_path / 'weights'))
-    state, _ = checkpoint.load_checkpoint(final, Yolact.from_config(
+    record, _ = checkpoint.load_checkpoint(final, Yolact.from_config(
         dataclasses.replace(tiny_config, num_classes=len(SHAPE_CLASSES) + 1)))
-    assert state['iteration'] == iters and state['class_names'] == list(SHAPE_CLASSES)
+    assert record.iteration == iters and record.class_names == SHAPE_CLASSES
     # Batch 2 per device: BatchNorm frozen (no statistics update, no gradient, no weight decay).
     trained, initial = paddle.load(final, return_numpy=True), paddle.load(coco_weights, return_numpy=True)
     for key in ('backbone.bn1.weight', 'backbone.bn1._mean', 'backbone.layers.3.2.bn3._variance'):

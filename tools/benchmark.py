@@ -15,7 +15,7 @@ on a full set of detections as with a real model on a busy image.
     python tools/benchmark.py --config yolact_base --onnx --alternate --no_dygraph   # vs onnxruntime
     python tools/benchmark.py --trained_model weights/yolact_base_54_800000.pth --image photo.jpg
 
---pipeline N also runs a dataset evaluation of N images (utils.evaluation.evaluate)
+--pipeline N also runs a dataset evaluation of N images (utils.evaluation.loop.evaluate)
 with a stand-in network that sleeps for the measured network time and returns the
 measured final detections, as a GPU leaves the host free while it works: the
 host-side work per image (RLE encoding and JSON of the results) then runs in the
@@ -55,14 +55,14 @@ import paddle  # noqa: E402
 
 from data.config import get_config  # noqa: E402
 from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
-from utils import coco_eval  # noqa: E402
+from utils.evaluation import coco_eval  # noqa: E402
 from utils.errors import MissingFileError, YolactError, run_cli  # noqa: E402
-from utils.evaluation import evaluate  # noqa: E402
-from utils.inference import OnnxYolact, export_onnx, export_yolact  # noqa: E402
-from utils.model_loader import load_model  # noqa: E402
+from utils.evaluation.loop import evaluate  # noqa: E402
+from utils.deploy.inference import OnnxYolact, export_onnx, export_yolact  # noqa: E402
+from utils.weights.loader import load_model  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
-from utils.trainer import build_optimizer  # noqa: E402
+from utils.training.trainer import build_optimizer  # noqa: E402
 from yolact import Yolact  # noqa: E402
 
 logger = logging.getLogger('benchmark')
@@ -116,10 +116,10 @@ def synthetic_image(path, width=640, height=480, seed=0):
     return path
 
 
-def run_chain(predictor, image_path, top_k=None):
+def run_chain(predictor, image_path, max_drawn=None):
     """One pass decode -> postprocess through a Predictor's stages; returns ({stage: seconds}, number of detections).
 
-    top_k: postprocess only the k best detections (eval.py's drawing path); None: all.
+    max_drawn: postprocess only the k best detections (eval.py's drawing path); None: all.
     """
     times = {}
     t = time.perf_counter()
@@ -140,12 +140,12 @@ def run_chain(predictor, image_path, top_k=None):
     times['detect'] = time.perf_counter() - t
 
     t = time.perf_counter()
-    out = predictor.finish(det, width, height, max_detections=top_k)
+    out = predictor.finish(det, width, height, max_num_detections=max_drawn)
     times['postprocess'] = time.perf_counter() - t
     return times, len(out['scores'])
 
 
-def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None, alternate=False):
+def benchmark(chains, cfg, image_path, runs=5, warmup=1, max_drawn=None, alternate=False):
     """Median stage times of each chain.
 
     chains: {label: Predictor} (dygraph Yolact, StaticYolact or OnnxYolact network),
@@ -153,7 +153,7 @@ def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None, alternate=F
     network while the other's CPU threads are still spinning down.
     alternate: run the chains in turn, one run each, instead; fairer on a
     machine whose load changes, for runtimes that do not spin (Paddle
-    Inference and onnxruntime as utils.inference sets it up). top_k: see
+    Inference and onnxruntime as utils.deploy.inference sets it up). max_drawn: see
     run_chain. Returns {label: {stage or 'total': median seconds}} and logs the table.
     """
     samples = {label: [] for label in chains}
@@ -164,7 +164,7 @@ def benchmark(chains, cfg, image_path, runs=5, warmup=1, top_k=None, alternate=F
         order = [(run, label) for label in chains for run in range(warmup + runs)]
     with paddle.no_grad():
         for run, label in order:
-            times, detections[label] = run_chain(chains[label], image_path, top_k)
+            times, detections[label] = run_chain(chains[label], image_path, max_drawn)
             if run >= warmup:
                 samples[label].append(times)
                 logger.info('run %d %-9s %.3f s', run - warmup + 1, label, sum(times.values()))
@@ -201,7 +201,7 @@ class _StandInPredictor:
     def __init__(self, cfg, detections, seconds):
         self.cfg, self.detections, self.seconds = cfg, detections, seconds
 
-    def predict_preprocessed(self, x, width, height, max_detections=None):
+    def predict_preprocessed(self, x, width, height, max_num_detections=None):
         time.sleep(self.seconds)
         return self.detections
 
@@ -276,7 +276,7 @@ def synthetic_training_batch(batch_size, side, num_objects=4, seed=0):
 
 
 class TrainStep:
-    """This project's training step (utils.trainer's components) on a fixed batch, timed by stage."""
+    """This project's training step (utils.training.trainer's components) on a fixed batch, timed by stage."""
 
     def __init__(self, cfg, batch, seed=0):
         self.net = Yolact.from_config(cfg)

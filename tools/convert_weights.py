@@ -20,8 +20,9 @@ from utils.runtime import quiet_paddle_import  # noqa: E402
 quiet_paddle_import()
 
 from data.config import config_name_from_weights, get_config  # noqa: E402
-from utils.convert import convert_backbone, convert_checkpoint, imagenet_backbone, save_params  # noqa: E402
-from utils.errors import MissingFileError, OutputError, run_cli  # noqa: E402
+from utils.weights.convert import convert_backbone, convert_checkpoint, imagenet_backbone, save_params  # noqa: E402
+from utils.errors import OutputError, run_cli  # noqa: E402
+from utils.weights.checkpoint import require_weights_file  # noqa: E402
 
 EPILOG = """examples:
   %(prog)s weights/yolact_base_54_800000.pth weights/yolact_base_54_800000.pdparams
@@ -53,8 +54,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isfile(args.src):
-        raise MissingFileError(f'weights file not found: {args.src}')
+    require_weights_file(args.src)
     if args.backbone:
         backbone_cfg = get_config(args.config).backbone if args.config else imagenet_backbone(args.src)
         params, report = convert_backbone(args.src, backbone_cfg)

@@ -31,11 +31,9 @@ from pycocotools import mask as mask_utils
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.config import DatasetConfig  # noqa: E402
+from data.config import SHAPE_CLASSES, DatasetConfig  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-SHAPE_CLASSES = ('circle', 'square', 'triangle', 'star')
 
 # Object radius (centre to farthest point) as a fraction of the image side.
 _RADIUS_RANGE = (0.09, 0.22)

@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.errors import run_cli  # noqa: E402
-from utils.submission import write_submission  # noqa: E402
+from utils.evaluation.submission import write_submission  # noqa: E402
 
 
 def parse_args(argv=None):

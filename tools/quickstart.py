@@ -36,7 +36,7 @@ import paddle  # noqa: E402
 
 from data.config import get_config  # noqa: E402
 from tools.make_shapes_dataset import make_shapes_dataset  # noqa: E402
-from utils.checkpoint import latest_checkpoint  # noqa: E402
+from utils.weights.checkpoint import latest_checkpoint  # noqa: E402
 
 CONFIG = 'yolact_shapes'
 # Images per SGD step, over all training processes. The config's lr and
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument('--procs', type=int, default=None,
                    help='training processes sharing the %d images of a step (default: 2 on a CPU with at least '
                         'two cores, else 1). The small network cannot keep two cores busy from one process: '
-                        'two single-threaded data-parallel processes train ~1.7x faster' % BATCH_SIZE)
+                        'two single-threaded data-parallel processes train faster (README)' % BATCH_SIZE)
     p.add_argument('--num_workers', type=int, default=None,
                    help='DataLoader worker processes per training process (default 1; 0 with --quick, whose '
                         'epoch is one step: workers would start anew for every step)')

@@ -11,9 +11,9 @@ import paddle
 
 from layers.functions import Detect
 from layers.output_utils import PostProcess
-from utils.augmentations import FastBaseTransform
-from utils.inference import StaticYolact, cached_export
-from utils.model_loader import load_exported, load_model, model_config
+from data.transforms import FastBaseTransform
+from utils.deploy.inference import StaticYolact, cached_export
+from utils.weights.loader import load_exported, load_model, model_config
 from utils.runtime import select_device
 
 logger = logging.getLogger(__name__)
@@ -27,10 +27,10 @@ class Predictor:
     name; ``Predictor('yolact_base', 'weights/yolact_base_54_800000.pth')``
     (config first) still works. ``.pth`` files are converted on the fly.
 
-    On a CPU the network runs through Paddle Inference (oneDNN), 3-4x faster
-    than dygraph there: it is exported on first use into a cache keyed by the
+    On a CPU the network runs through Paddle Inference (oneDNN), faster than
+    dygraph there (README "Speed and deployment"): it is exported on first use into a cache keyed by the
     weights' content, the config and Paddle's version
-    (utils.inference.cached_export; ``$YOLACT_CACHE``, default
+    (utils.deploy.inference.cached_export; ``$YOLACT_CACHE``, default
     ``~/.cache/yolact/exported``) and reused afterwards. ``dygraph=True``
     keeps the dygraph network (and so does a GPU).
 
@@ -54,11 +54,13 @@ class Predictor:
         if weights_path is not None:
             config, weights = weights, weights_path
         device = select_device(device)
-        cfg = model_config(weights, config)
         if device == 'cpu' and not dygraph:
+            # The config only: a cache hit builds no network and reads no weights but a record-less
+            # .pdparams's class count.
+            cfg = model_config(weights, config)
             net = StaticYolact(cached_export(lambda: load_model(weights, cfg=cfg)[1], cfg, weights), device='cpu')
         else:
-            net = load_model(weights, cfg=cfg)[1]
+            cfg, net = load_model(weights, config)
         self._setup(cfg, net, score_threshold, detect_overrides)
         logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 
@@ -94,12 +96,12 @@ class Predictor:
         return self.cfg.dataset.class_names
 
     @paddle.no_grad()
-    def __call__(self, image, max_detections=None):
+    def __call__(self, image, max_num_detections=None):
         """Detect the instances in one image.
 
         Args:
             image: [H, W, 3] uint8 BGR (as cv2.imread gives it).
-            max_detections: keep only this many best detections (None: all), before the score threshold.
+            max_num_detections: keep only this many best detections (None: all), before the score threshold.
         Returns:
             a dict of numpy arrays in Detect's order (best first): 'classes' [N]
             int64 (0-based, background excluded), 'labels' (a list of N class
@@ -111,15 +113,16 @@ class Predictor:
             raise ValueError(f'expected an [H, W, 3] BGR image, got shape {image.shape}')
         height, width = image.shape[:2]
         x = self.transform(paddle.to_tensor(np.ascontiguousarray(image)[None]))
-        return self.predict_preprocessed(x, width, height, max_detections)
+        return self.predict_preprocessed(x, width, height, max_num_detections)
 
     @paddle.no_grad()
-    def predict_preprocessed(self, x, width, height, max_detections=None):
+    def predict_preprocessed(self, x, width, height, max_num_detections=None):
         """Detections of one preprocessed image [1, 3, S, S] at its original size; see __call__."""
-        return self.finish(self.detect(self.net(x))[0], width, height, max_detections)
+        return self.finish(self.detect(self.net(x))[0], width, height, max_num_detections)
 
-    def finish(self, det, width, height, max_detections=None):
+    def finish(self, det, width, height, max_num_detections=None):
         """The final detections (see __call__) from one image's Detect output."""
-        out = self.postprocess(det, width, height, maskiou_net=self.net.maskiou_net, max_detections=max_detections)
+        out = self.postprocess(det, width, height, maskiou_net=self.net.maskiou_net,
+                               max_num_detections=max_num_detections)
         out['labels'] = [self.class_names[c] for c in out['classes']]
         return out

@@ -12,6 +12,7 @@ import warnings
 import zipfile
 
 from utils.errors import ConfigError, DatasetError
+from utils.files import staging_folder
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ def dygraph_threads_restored(num_threads=None):
     """Around a Paddle Inference CPU run: set dygraph's thread count back afterwards.
 
     A CPU predictor run leaves this process's dygraph operators on one thread
-    (Paddle 3.3.1), and Detect and postprocess run in dygraph next (68 ms
-    instead of 57 ms for yolact_base). Paddle has no getter for the count, so
+    (Paddle 3.3.1), and Detect and postprocess run in dygraph next, slower on
+    one thread. Paddle has no getter for the count, so
     it is restored to ``num_threads`` or, when None, default_cpu_threads
     (what select_device sets by default).
     """
@@ -165,8 +166,8 @@ def unpack_zips(zip_dir, dest, names):
 
     Idempotent: a zip whose every file already exists in ``dest`` with its
     size is skipped ('present'). Otherwise it is extracted into a temporary
-    folder inside ``dest`` and its entries renamed into place, so no file
-    appears under its final name before it is complete (an interrupted run
+    folder inside ``dest`` (utils.files.staging_folder) and its entries renamed
+    into place, so no file appears under its final name before it is complete (an interrupted run
     leaves only the temporary folder, removed the next time). Zips missing
     from ``zip_dir`` are 'absent'. Made for AI Studio's COCO dataset (data7122,
     :data:`data.config.COCO_LAYOUT` names its zips) and a ``dest`` outside the
@@ -188,13 +189,15 @@ def unpack_zips(zip_dir, dest, names):
             if all(_same_file(os.path.join(dest, i.filename), i.file_size) for i in files):
                 status[name] = 'present'
                 continue
-            tmp = os.path.join(dest, f'.unpacking-{name}')
-            shutil.rmtree(tmp, ignore_errors=True)
+            staging = f'.unpacking-{name}'
+            for leftover in os.listdir(dest):
+                if leftover.startswith(staging):    # of a killed run
+                    shutil.rmtree(os.path.join(dest, leftover), ignore_errors=True)
             logger.info('unpacking %s (%d files) into %s', src, len(files), dest)
-            zf.extractall(tmp)
-        for entry in sorted(os.listdir(tmp)):
-            _move_into(os.path.join(tmp, entry), os.path.join(dest, entry))
-        shutil.rmtree(tmp)
+            with staging_folder(dest, staging, f'the files of {src}') as tmp:
+                zf.extractall(tmp)
+                for entry in sorted(os.listdir(tmp)):
+                    _move_into(os.path.join(tmp, entry), os.path.join(dest, entry))
         status[name] = 'unpacked'
     return status
 

@@ -365,10 +365,10 @@ def _max_iou_with_better(boxes):
 
     boxes: [n, k, 4] float32 numpy point form -> [n, k] (0 for the first box).
     The pairwise IoU is ``layers.box_utils.jaccard``'s, operation for operation
-    in float32. numpy computes the [n, k, k] matrix several times faster than
-    Paddle's CPU broadcasting kernels (about 35 ms instead of 190 ms for 80
-    classes x 200 boxes) and divides correctly rounded, as PyTorch (the
-    reference) does; Paddle's CPU division is at times 1 ulp off.
+    in float32. numpy computes the [n, k, k] matrix faster than Paddle's CPU
+    broadcasting kernels (tools/benchmark.py times Detect) and divides
+    correctly rounded, as PyTorch (the reference) does; Paddle's CPU division
+    is at times 1 ulp off.
     """
     x1, y1, x2, y2 = (boxes[:, :, i] for i in range(4))
     iw = np.minimum(x2[:, :, None], x2[:, None, :]) - np.maximum(x1[:, :, None], x1[:, None, :])

@@ -9,8 +9,8 @@ same dict as ``Yolact.forward`` in eval mode. An export ``<prefix>`` consists of
 * ``<prefix>_maskiou.*`` (YOLACT++ only): the mask-IoU net, [N, 1, h, w] prototype-sized masks -> [N, C-1];
 * ``<prefix>.yolact.json``: which config and input size the export was made for.
 
-On CPU Paddle Inference runs the graph with oneDNN, about 6x faster than
-dygraph for ResNet-101 at 550x550 on a 2-core machine (0.48 s vs 2.9 s).
+On CPU Paddle Inference runs the graph with oneDNN, much faster than dygraph
+(README "Speed and deployment" and tools/benchmark.py give the measurements).
 
 Paddle 3.3's oneDNN executor cannot run the ``bilinear_interp`` op of a PIR
 program (PaddlePaddle/Paddle#79749), which YOLACT's FPN and ProtoNet use, so
@@ -21,6 +21,7 @@ Paddle version into a cache folder; :func:`export_onnx` writes an ONNX file
 (paddle2onnx) run by :class:`OnnxYolact` (onnxruntime).
 """
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -31,13 +32,15 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
+from typing import Tuple
 
 import numpy as np
 import paddle
 
 from utils.errors import ConfigError, MissingFileError, OutputError
+from utils.files import staging_folder
+from utils.weights.checkpoint import require_weights_file
 from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
 from yolact import Resize
 
@@ -47,6 +50,43 @@ logger = logging.getLogger(__name__)
 OUTPUT_KEYS = ('loc', 'conf', 'mask', 'priors', 'proto')
 META_SUFFIX = '.yolact.json'
 MASKIOU_SUFFIX = '_maskiou'
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportMeta:
+    """``<prefix>.yolact.json``, what an export records beside its graph (written and read only here).
+
+    config: the config name; max_size: S of the [batch_size, 3, S, S] input;
+    format: 'paddle' or 'onnx'; num_classes: with background; class_names: the
+    C - 1 names; outputs: the graph's outputs in order (:data:`OUTPUT_KEYS`);
+    maskiou: whether a ``<prefix>_maskiou`` mask-IoU net goes with it.
+    """
+    config: str
+    max_size: int
+    batch_size: int
+    format: str
+    num_classes: int
+    class_names: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    maskiou: bool
+
+    def write(self, path_prefix):
+        data = dataclasses.asdict(self)
+        data.update(class_names=list(self.class_names), outputs=list(self.outputs))
+        with open(path_prefix + META_SUFFIX, 'w') as f:
+            json.dump(data, f, indent=2)
+
+    @classmethod
+    def read(cls, path_prefix):
+        """The metadata of the export ``path_prefix``; MissingFileError when there is none."""
+        path = path_prefix + META_SUFFIX
+        if not os.path.isfile(path):
+            raise MissingFileError(f'{path!r} not found: is {path_prefix!r} the prefix of a model '
+                                   'written by tools/export_model.py?')
+        with open(path) as f:
+            data = json.load(f)
+        data.update(class_names=tuple(data['class_names']), outputs=tuple(data['outputs']))
+        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
 class _ForwardOutputs(paddle.nn.Layer):
@@ -70,7 +110,7 @@ def export_yolact(net, cfg, path_prefix, batch_size=1):
         path_prefix: output path without extension; folders are created.
         batch_size: the fixed batch dimension of the input spec.
     Returns:
-        the metadata dict written to ``<path_prefix>.yolact.json``.
+        the ExportMeta written to ``<path_prefix>.yolact.json``.
 
     Files are written in a temporary folder beside the output and then moved
     to their names, the metadata last: an interrupted export leaves no file
@@ -96,27 +136,16 @@ def _save_static(net, cfg, path_prefix, batch_size, export_format='paddle'):
         # The number of masks varies per image; the side is the prototypes' (138 at 550).
         paddle.jit.save(net.maskiou_net, path_prefix + MASKIOU_SUFFIX, input_spec=[
             paddle.static.InputSpec([None, 1, None, None], 'float32', 'masks')])
-    meta = {'config': cfg.name, 'max_size': size, 'batch_size': batch_size, 'format': export_format,
-            'num_classes': cfg.num_classes, 'class_names': list(cfg.dataset.class_names),
-            'outputs': list(OUTPUT_KEYS), 'maskiou': has_maskiou}
-    with open(path_prefix + META_SUFFIX, 'w') as f:
-        json.dump(meta, f, indent=2)
+    meta = ExportMeta(config=cfg.name, max_size=size, batch_size=batch_size, format=export_format,
+                      num_classes=cfg.num_classes, class_names=tuple(cfg.dataset.class_names),
+                      outputs=OUTPUT_KEYS, maskiou=has_maskiou)
+    meta.write(path_prefix)
     return meta
 
 
-@contextlib.contextmanager
 def _staging_folder(path_prefix):
-    """A temporary folder beside ``path_prefix`` (same file system, so moves are atomic), removed on exit."""
-    folder = os.path.dirname(os.path.abspath(path_prefix))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        stage = tempfile.mkdtemp(prefix='.export-', dir=folder)
-    except OSError as e:
-        raise OutputError(f'cannot write the export to {folder}: {e.strerror}') from e
-    try:
-        yield stage
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    """A utils.files.staging_folder beside ``path_prefix`` (moves from it are atomic), removed on exit."""
+    return staging_folder(os.path.dirname(os.path.abspath(path_prefix)), '.export-', 'the export')
 
 
 def _move_export(source_prefix, path_prefix):
@@ -162,7 +191,7 @@ def export_onnx(net, cfg, path_prefix, batch_size=1):
         meta = _save_static(net, cfg, paddle_prefix, batch_size, export_format='onnx')
         onnx_prefix = os.path.join(stage, 'model')
         _paddle2onnx(paddle_prefix, onnx_prefix + ONNX_SUFFIX, cfg.name)
-        if meta['maskiou']:
+        if meta.maskiou:
             _paddle2onnx(paddle_prefix + MASKIOU_SUFFIX, onnx_prefix + MASKIOU_SUFFIX + ONNX_SUFFIX,
                          cfg.name + ' mask-IoU net')
         os.replace(paddle_prefix + META_SUFFIX, onnx_prefix + META_SUFFIX)
@@ -222,12 +251,9 @@ def export_cache_key(cfg, weights_path, batch_size=1):
     their bytes, not their name or date.
     """
     digest = hashlib.sha256()
-    try:
-        with open(weights_path, 'rb') as f:
-            for chunk in iter(lambda: f.read(1 << 20), b''):
-                digest.update(chunk)
-    except FileNotFoundError as e:
-        raise MissingFileError(f'weights file {weights_path!r} not found') from e
+    with open(require_weights_file(weights_path), 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
     parts = {'weights': digest.hexdigest(), 'config': repr(cfg), 'num_classes': cfg.num_classes,
              'paddle': paddle.__version__, 'batch_size': batch_size, 'format': CACHE_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -263,10 +289,9 @@ def cached_export(load_net, cfg, weights_path, cache_dir=None, batch_size=1):
     try:
         os.makedirs(cache_dir, exist_ok=True)
         _remove_dead_partials(cache_dir)
-        stage = tempfile.mkdtemp(prefix=f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-', dir=cache_dir)
     except OSError as e:
         raise OutputError(f'cannot write the export cache {cache_dir}: {e.strerror}') from e
-    try:
+    with staging_folder(cache_dir, f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-', 'the export cache') as stage:
         _save_static(load_net(), cfg, os.path.join(stage, cfg.name), batch_size)
         try:
             os.rename(stage, entry)
@@ -274,8 +299,6 @@ def cached_export(load_net, cfg, weights_path, cache_dir=None, batch_size=1):
             if not os.path.isfile(prefix + META_SUFFIX):
                 raise
             logger.info('%s was exported concurrently; using that copy', entry)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     logger.info('exported %s (%dx%d, batch %d) to the cache %s', cfg.name, cfg.max_size, cfg.max_size,
                 batch_size, entry)
     return prefix
@@ -324,16 +347,6 @@ def _resize_as_matmul(net):
     finally:
         for layer, value in zip(layers, previous):
             layer.as_matmul = value
-
-
-def read_export_meta(path_prefix):
-    """The metadata :func:`export_yolact` wrote for ``path_prefix``."""
-    path = path_prefix + META_SUFFIX
-    if not os.path.isfile(path):
-        raise MissingFileError(f'{path!r} not found: is {path_prefix!r} the prefix of a model '
-                               'written by tools/export_model.py?')
-    with open(path) as f:
-        return json.load(f)
 
 
 def _model_file(path_prefix):
@@ -424,20 +437,20 @@ class StaticYolact:
 
     def __init__(self, path_prefix, device='cpu', num_threads=None, use_onednn=True,
                  use_tensorrt=False, gpu_id=0):
-        self.meta = read_export_meta(path_prefix)
+        self.meta = ExportMeta.read(path_prefix)
         options = dict(device=device, num_threads=num_threads, use_onednn=use_onednn,
                        use_tensorrt=use_tensorrt, gpu_id=gpu_id)
         self.predictor = create_predictor(path_prefix, **options)
         self.maskiou_net = None
-        if self.meta['maskiou']:
+        if self.meta.maskiou:
             maskiou = create_predictor(path_prefix + MASKIOU_SUFFIX, onednn_cache_capacity=16, **options)
-            self.maskiou_net = ExportedMaskIoU(lambda masks: _run(maskiou, masks)[0], self.meta['num_classes'],
+            self.maskiou_net = ExportedMaskIoU(lambda masks: _run(maskiou, masks)[0], self.meta.num_classes,
                                                tensors=True)
-        logger.info('loaded exported %s from %s (%s%s)', self.meta['config'], path_prefix, device,
+        logger.info('loaded exported %s from %s (%s%s)', self.meta.config, path_prefix, device,
                     ', oneDNN' if device == 'cpu' and use_onednn else '')
 
     def __call__(self, x):
-        return dict(zip(self.meta['outputs'], _run(self.predictor, x)))
+        return dict(zip(self.meta.outputs, _run(self.predictor, x)))
 
 
 def create_onnx_session(onnx_path, num_threads=None):
@@ -470,18 +483,18 @@ class OnnxYolact:
     """
 
     def __init__(self, path_prefix, num_threads=None):
-        self.meta = read_export_meta(path_prefix)
+        self.meta = ExportMeta.read(path_prefix)
         self.session = create_onnx_session(path_prefix + ONNX_SUFFIX, num_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.maskiou_net = None
-        if self.meta['maskiou']:
+        if self.meta.maskiou:
             maskiou = create_onnx_session(path_prefix + MASKIOU_SUFFIX + ONNX_SUFFIX, num_threads)
             feed_name = maskiou.get_inputs()[0].name
             self.maskiou_net = ExportedMaskIoU(lambda masks: maskiou.run(None, {feed_name: masks})[0],
-                                               self.meta['num_classes'])
-        logger.info('loaded ONNX %s from %s (onnxruntime, CPU)', self.meta['config'], path_prefix)
+                                               self.meta.num_classes)
+        logger.info('loaded ONNX %s from %s (onnxruntime, CPU)', self.meta.config, path_prefix)
 
     def __call__(self, x):
         array = x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x)
         outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(array, dtype=np.float32)})
-        return {k: paddle.to_tensor(v) for k, v in zip(self.meta['outputs'], outputs)}
+        return {k: paddle.to_tensor(v) for k, v in zip(self.meta.outputs, outputs)}

@@ -2,7 +2,7 @@
 
 ``ImageDetector`` turns a BGR image into a drawn BGR image with a
 ``utils.predictor.Predictor``, and can hand every image's detections to a
-``utils.results.InferenceResults`` (COCO results, labelme files);
+``utils.evaluation.results.InferenceResults`` (COCO results, labelme files);
 ``eval_image``, ``eval_images`` and ``eval_video`` feed it and write or show the result.
 """
 import logging
@@ -15,9 +15,9 @@ import paddle
 from tqdm import tqdm
 
 from data.coco import read_image
-from utils.drawing import draw_detections
+from utils.visual.drawing import draw_detections
 from utils.errors import ConfigError, MissingFileError, OutputError, UnreadableFileError, YolactError
-from utils.results import keep_classes
+from utils.evaluation.results import keep_classes
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +44,18 @@ class ImageDetector:
 
     Args:
         predictor: the Predictor.
-        top_k: draw at most ``top_k`` detections (only their masks are assembled), those above the
+        max_drawn: draw at most ``max_drawn`` detections (only their masks are assembled), those above the
             predictor's score threshold.
         class_color: one colour per class (videos: stable from frame to frame) instead of per detection.
-        results: a utils.results.InferenceResults receiving every detection of each image (not only
-            the top_k drawn), or None.
+        results: a utils.evaluation.results.InferenceResults receiving every detection of each image (not only
+            the max_drawn drawn), or None.
         class_filter: 0-based classes to keep (None: all); the others are neither drawn nor recorded.
-        **draw_options: utils.drawing.draw_detections's draw_masks, draw_boxes, draw_text, draw_scores.
+        **draw_options: utils.visual.drawing.draw_detections's draw_masks, draw_boxes, draw_text, draw_scores.
     """
 
-    def __init__(self, predictor, top_k=5, class_color=False, results=None, class_filter=None, **draw_options):
+    def __init__(self, predictor, max_drawn=5, class_color=False, results=None, class_filter=None, **draw_options):
         self.predictor = predictor
-        self.top_k = top_k
+        self.max_drawn = max_drawn
         self.class_color = class_color
         self.results = results
         self.class_filter = class_filter
@@ -69,7 +69,7 @@ class ImageDetector:
         """
         # Only what is drawn needs assembling, unless every detection is recorded or some are filtered out.
         every = self.results is not None or self.class_filter is not None
-        out = self.predictor(image, max_detections=None if every else self.top_k)
+        out = self.predictor(image, max_num_detections=None if every else self.max_drawn)
         if self.class_filter is not None:
             out = keep_classes(out, self.class_filter)
         if self.results is not None:
@@ -80,7 +80,7 @@ class ImageDetector:
         """The drawn image (see :meth:`detect` for the arguments)."""
         out = self.detect(image, source, frame)
         return draw_detections(image, out['classes'], out['scores'], out['boxes'], out['masks'], out['labels'],
-                               top_k=self.top_k, class_color=self.class_color, **self.draw_options)
+                               max_drawn=self.max_drawn, class_color=self.class_color, **self.draw_options)
 
 
 def _write_image(path, image):

@@ -4,7 +4,6 @@
 ``run()`` trains to ``cfg.max_iter``, resumable at any iteration.
 """
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -17,13 +16,13 @@ import paddle.distributed as dist
 from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
 from data.samplers import ResumableBatchSampler, SeededSamples
 from layers.modules.multibox_loss import MultiBoxLoss
-from utils import checkpoint
-from utils.augmentations import BaseTransform, SSDAugmentation
+from utils.weights import checkpoint
+from data.transforms import BaseTransform, SSDAugmentation
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, YolactError
-from utils.evaluation import evaluate
-from utils.logger import TrainingLogger
-from utils.lr_schedule import WarmupStepSchedule
-from utils.model_loader import init_for_finetuning, load_weights_file
+from utils.evaluation.loop import evaluate
+from utils.training.logger import TrainingLogger
+from utils.training.lr_schedule import WarmupStepSchedule
+from utils.weights.loader import init_for_finetuning, load_weights_file
 from utils.predictor import Predictor
 from utils.runtime import dataloader_shared_memory, training_batch_bytes
 from yolact import Yolact
@@ -40,7 +39,7 @@ class TrainOptions:
     """The settings of a run that are not the model's config (train.py's flags of the same names).
 
     batch_size is the total over all devices. resume: a checkpoint path,
-    'interrupt' or 'latest' (see utils.checkpoint.find_resume_checkpoint);
+    'interrupt' or 'latest' (see utils.weights.checkpoint.find_resume_checkpoint);
     start_iter -1 reads the iteration from it. trained_model: weights to
     fine-tune; backbone_weights: ImageNet weights ('none': random
     initialisation; None: <save_folder>/<the config's backbone file>). strict: stop at a bad
@@ -186,7 +185,7 @@ class Trainer:
         self.iteration = self._starting_point()
 
         self.rng = np.random.RandomState()
-        train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng), train=True,
+        train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng),
                                               strict=opts.strict, include_background=opts.include_background_images)
         if opts.include_background_images:
             negatives = sum(1 for i in train_set.ids if not train_set.coco.imgToAnns.get(i))
@@ -223,23 +222,23 @@ class Trainer:
             if resume.endswith('.pth'):
                 # A checkpoint of the reference's own training: weights only.
                 load_weights_file(self.net, resume, cfg)
-                state, has_optimizer = None, False
+                record, has_optimizer = None, False
             else:
-                state, has_optimizer = checkpoint.load_checkpoint(resume, self.net, self.optimizer, self.scaler)
-            if state is not None and state.get('config') != cfg.name:
-                raise ConfigError(f"{resume} was trained with config {state.get('config')}, not {cfg.name}: "
-                                  f"resume with --config {state.get('config')}")
-            if state is not None and state.get('freeze_bn', cfg.freeze_bn) != cfg.freeze_bn:
+                record, has_optimizer = checkpoint.load_checkpoint(resume, self.net, self.optimizer, self.scaler)
+            if record is not None and record.config != cfg.name:
+                raise ConfigError(f"{resume} was trained with config {record.config}, not {cfg.name}: "
+                                  f"resume with --config {record.config}")
+            if record is not None and record.freeze_bn is not None and record.freeze_bn != cfg.freeze_bn:
                 # The run keeps the BatchNorm rule it started with (see batch_norm_frozen).
-                self.cfg = cfg = dataclasses.replace(cfg, freeze_bn=state['freeze_bn'])
+                self.cfg = cfg = dataclasses.replace(cfg, freeze_bn=record.freeze_bn)
                 self.net.freeze_bn(cfg.freeze_bn)
                 logger.info('BatchNorm %s, as in the run being resumed', 'frozen' if cfg.freeze_bn else 'trained')
             if not has_optimizer:
                 logger.warning('%s has no optimizer state next to it: SGD momentum restarts from zero', resume)
             if opts.start_iter >= 0:
                 return opts.start_iter
-            if state is not None:
-                return state['iteration']
+            if record is not None and record.iteration is not None:
+                return record.iteration
             return checkpoint.SavePath.from_path(resume).iteration
 
         if opts.trained_model is not None:
@@ -341,13 +340,13 @@ class Trainer:
 
     # ------------------------------------------------------ checkpoints, eval --
     def _state(self):
-        """The JSON record of a checkpoint of the current iteration."""
+        """The checkpoint record (CheckpointRecord) of the current iteration."""
         cfg, opts = self.cfg, self.opts
-        return {'config': cfg.name, 'iteration': self.iteration, 'epoch': self.epoch,
-                'lr': self.schedule.lr_at(self.iteration), 'schedule': dataclasses.asdict(self.schedule),
-                'batch_size': opts.batch_size, 'seed': opts.seed, 'num_classes': cfg.num_classes,
-                'class_names': list(cfg.dataset.class_names), 'dataset': cfg.dataset.name,
-                'freeze_bn': cfg.freeze_bn}
+        return checkpoint.CheckpointRecord(
+            config=cfg.name, iteration=self.iteration, epoch=self.epoch, lr=self.schedule.lr_at(self.iteration),
+            schedule=dataclasses.asdict(self.schedule), batch_size=opts.batch_size, seed=opts.seed,
+            num_classes=cfg.num_classes, class_names=tuple(cfg.dataset.class_names), dataset=cfg.dataset.name,
+            freeze_bn=cfg.freeze_bn)
 
     def save(self, interrupt=False):
         """Write the checkpoint of the current iteration (rank 0); returns its path."""
@@ -357,10 +356,10 @@ class Trainer:
         path = checkpoint.SavePath(cfg.name, self.epoch, self.iteration, interrupt).path(opts.save_folder)
         if self.saved_iteration == self.iteration and not interrupt:
             return path
-        state = self._state()
+        record = self._state()
         logger.info('saving %s', path)
         try:
-            checkpoint.save_checkpoint(path, self.net, self.optimizer, state, self.scaler)
+            checkpoint.save_checkpoint(path, self.net, self.optimizer, record, self.scaler)
         except OSError as err:
             raise OutputError(f'cannot save checkpoint {path}: {err.strerror or err}; kept: '
                               f'{self.last_checkpoint or "no earlier checkpoint of this run"}') from err
@@ -415,11 +414,10 @@ class Trainer:
 
     def _recorded_best(self):
         """The mask AP of the best checkpoint a resumed run kept (-1 for a new run: any AP beats it)."""
-        state_path = checkpoint.sidecar_paths(self.best_path)[1]
         if self.opts.resume is None or not checkpoint.is_complete(self.best_path):
             return -1.0
-        with open(state_path) as f:
-            return float(json.load(f).get('mask_AP', -1.0))
+        best = checkpoint.read_record(self.best_path).mask_AP
+        return -1.0 if best is None else float(best)
 
     def _keep_if_best(self, results):
         """Save the weights as the best checkpoint when this validation's mask AP beats the best so far."""
@@ -428,9 +426,9 @@ class Trainer:
             logger.info('mask AP %.2f is not above the best %.2f: %s kept', 100 * mask_ap,
                         100 * self.best_mask_ap, self.best_path)
             return
-        state = dict(self._state(), mask_AP=mask_ap, box_AP=results['bbox']['AP'])
+        record = dataclasses.replace(self._state(), mask_AP=mask_ap, box_AP=results['bbox']['AP'])
         try:
-            checkpoint.save_checkpoint(self.best_path, self.net, None, state)
+            checkpoint.save_checkpoint(self.best_path, self.net, None, record)
         except OSError as err:
             raise OutputError(f'cannot save the best checkpoint {self.best_path}: {err.strerror or err}') from err
         logger.info('best mask AP so far, %.2f at iteration %d (previous best %s): saved %s', 100 * mask_ap,

@@ -1,6 +1,6 @@
 """Drawing detections on images: masks, boxes, class names and scores.
 
-Follows the reference's ``prep_display``: the first ``top_k`` detections above
+Follows the reference's ``prep_display``: the first ``max_drawn`` detections above
 the score threshold are drawn; mask colours blend with alpha 0.45 and the
 highest-scoring detection ends up on top; a 1 px box and a filled label with
 ``class: score`` in white. Colours come from ``data.config.COLORS``, chosen
@@ -22,15 +22,15 @@ def detection_color(index):
     return b, g, r
 
 
-def num_to_draw(scores, top_k, score_threshold):
-    """How many leading detections to draw: at most top_k, stopping at the first
+def num_to_draw(scores, max_drawn, score_threshold):
+    """How many leading detections to draw: at most max_drawn, stopping at the first
     score under the threshold (scores are sorted, highest first)."""
-    n = min(top_k, len(scores))
+    n = min(max_drawn, len(scores))
     below = np.nonzero(np.asarray(scores[:n]) < score_threshold)[0]
     return int(below[0]) if below.size else n
 
 
-def draw_detections(image, classes, scores, boxes, masks, labels, top_k=5, score_threshold=0.0,
+def draw_detections(image, classes, scores, boxes, masks, labels, max_drawn=5, score_threshold=0.0,
                     draw_masks=True, draw_boxes=True, draw_text=True, draw_scores=True,
                     class_color=False, mask_alpha=0.45):
     """Draw detections on a copy of an image.
@@ -41,14 +41,14 @@ def draw_detections(image, classes, scores, boxes, masks, labels, top_k=5, score
         boxes: [N, 4] int pixel (x1, y1, x2, y2) in ``image``.
         masks: [N, H, W] 0/1 masks of the image size, or None.
         labels: [N] class names of the detections (Predictor's 'labels').
-        top_k, score_threshold: draw at most ``top_k`` detections with a score
+        max_drawn, score_threshold: draw at most ``max_drawn`` detections with a score
             of at least ``score_threshold``.
         class_color: one colour per class (True) or per detection (False).
 
     Returns:
         [H, W, 3] uint8 BGR image.
     """
-    n = num_to_draw(scores, top_k, score_threshold)
+    n = num_to_draw(scores, max_drawn, score_threshold)
     colors = [detection_color(int(classes[j]) if class_color else j) for j in range(n)]
 
     if draw_masks and masks is not None and n > 0:

@@ -4,7 +4,7 @@
 and writes
 
 * to ``results_dir``: ``bbox_detections.json`` and ``mask_detections.json``
-  (utils.coco_eval.CocoResultsWriter: boxes, RLE masks, scores) and
+  (utils.evaluation.coco_eval.CocoResultsWriter: boxes, RLE masks, scores) and
   ``image_info.json``, the COCO image-info file of the images seen (ids,
   file names, sizes; the categories are the model's classes, ids 1..C). The
   three together can be scored against ground truth with COCOeval, or the
@@ -21,7 +21,7 @@ import os
 import cv2
 import numpy as np
 
-from utils.coco_eval import CocoResultsWriter, write_json_atomic
+from utils.evaluation.coco_eval import CocoResultsWriter, write_json_atomic
 from utils.errors import ConfigError, OutputError
 
 logger = logging.getLogger(__name__)

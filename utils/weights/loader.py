@@ -16,28 +16,27 @@ its preset's name. Reference ``.pth`` files are converted on the fly, strictly.
 """
 import dataclasses
 import logging
-import os
 
 import paddle
 
 from data.config import config_name_from_weights, get_config
-from utils.checkpoint import load_weights, read_record, read_state_dict, sidecar_paths
-from utils.convert import convert_checkpoint
-from utils.errors import ConfigError, MissingFileError
-from utils.inference import StaticYolact, read_export_meta
+from utils.weights.checkpoint import load_weights, read_record, read_state_dict, require_weights_file, sidecar_paths
+from utils.weights.convert import convert_checkpoint
+from utils.errors import ConfigError
+from utils.deploy.inference import ExportMeta, StaticYolact
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
 
 
 def weights_record(weights_path):
-    """The JSON record train.py writes beside a ``.pdparams`` checkpoint, or None.
+    """The CheckpointRecord train.py writes beside a ``.pdparams`` checkpoint, or None.
 
-    Raises WeightsError naming the record when it is malformed (utils.checkpoint.read_record).
+    Raises WeightsError naming the record when it is malformed (utils.weights.checkpoint.read_record).
     """
     if not weights_path.endswith('.pdparams'):
         return None
-    return read_record(sidecar_paths(weights_path)[1])
+    return read_record(weights_path)
 
 
 def with_classes(cfg, class_names):
@@ -52,20 +51,21 @@ def with_classes(cfg, class_names):
 def resolve_config(config_name=None, weights_path=None, record=None, record_source=None):
     """The config of a model: explicit name, else the record's, else the weights' file name.
 
-    ``record``: a checkpoint record or export metadata ({'config', 'class_names'}),
-    read from ``weights_path`` when None; ``record_source`` names where it was
-    read (for the error of an unknown config it names). Its class names apply
+    ``record``: a CheckpointRecord or ExportMeta (both have ``config`` and
+    ``class_names``), read from ``weights_path`` when None; ``record_source``
+    names where it was read (for the error of an unknown config it names). Its class names apply
     whatever the name's source.
     """
     if record is None and weights_path is not None:
         record = weights_record(weights_path)
         record_source = sidecar_paths(weights_path)[1]
-    record = record or {}
+    recorded_name = record.config if record is not None else None
+    recorded_classes = record.class_names if record is not None else None
     if config_name is not None:
         cfg = get_config(config_name)
-    elif record.get('config'):
+    elif recorded_name:
         try:
-            cfg = get_config(record['config'])
+            cfg = get_config(recorded_name)
         except ConfigError as err:
             raise ConfigError(f'{record_source or "the model record"}: {err}; '
                               'give the config with --config') from None
@@ -75,8 +75,8 @@ def resolve_config(config_name=None, weights_path=None, record=None, record_sour
         cfg = get_config(name)
     else:
         raise ConfigError('no config: name one with --config')
-    if record.get('class_names'):
-        cfg = with_classes(cfg, record['class_names'])
+    if recorded_classes:
+        cfg = with_classes(cfg, recorded_classes)
     return cfg
 
 
@@ -85,8 +85,7 @@ def load_weights_file(net, path, cfg, state=None):
 
     state: the ``.pdparams`` state dict when the caller has read it already.
     """
-    if not os.path.isfile(path):
-        raise MissingFileError(f'weights file not found: {path}')
+    require_weights_file(path)
     if path.endswith('.pth'):
         params, report = convert_checkpoint(path, cfg)
         load_weights(net, params)
@@ -102,11 +101,10 @@ def model_config(weights_path, config_name=None, state=None):
     A ``.pdparams`` whose record names no classes is read (or ``state``, its
     state dict, is used) for the class count its weights have.
     """
-    if not os.path.isfile(weights_path):
-        raise MissingFileError(f'weights file not found: {weights_path}')
+    require_weights_file(weights_path)
     record = weights_record(weights_path)
     cfg = resolve_config(config_name, weights_path, record, sidecar_paths(weights_path)[1])
-    if weights_path.endswith('.pdparams') and not (record or {}).get('class_names'):
+    if weights_path.endswith('.pdparams') and not (record is not None and record.class_names):
         cfg = _with_class_count_of(cfg, state if state is not None else read_state_dict(weights_path))
     return cfg
 
@@ -124,8 +122,7 @@ def load_model(weights_path, config_name=None, cfg=None):
     Raises:
         MissingFileError, WeightsError naming every key that does not fit, ConfigError.
     """
-    if not os.path.isfile(weights_path):
-        raise MissingFileError(f'weights file not found: {weights_path}')
+    require_weights_file(weights_path)
     # Read once: for the class count (when no record names the classes) and for the weights.
     state = read_state_dict(weights_path) if weights_path.endswith('.pdparams') else None
     cfg = cfg if cfg is not None else model_config(weights_path, config_name, state)
@@ -153,11 +150,11 @@ def _with_class_count_of(cfg, state):
 def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=False):
     """A static network exported by tools/export_model.py, and its config (classes from its metadata).
 
-    Returns (cfg, utils.inference.StaticYolact), called like the dygraph network.
+    Returns (cfg, utils.deploy.inference.StaticYolact), called like the dygraph network.
     """
-    meta = read_export_meta(path_prefix)
+    meta = ExportMeta.read(path_prefix)
     cfg = resolve_config(config_name, record=meta, record_source=f'the export metadata of {path_prefix}')
-    exported, configured = (meta['max_size'], meta['num_classes']), (cfg.max_size, cfg.num_classes)
+    exported, configured = (meta.max_size, meta.num_classes), (cfg.max_size, cfg.num_classes)
     if exported != configured:
         raise ConfigError(f'{path_prefix} was exported for {exported[0]}x{exported[0]} inputs and {exported[1] - 1} '
                           f'classes; config {cfg.name} has {configured[0]}x{configured[0]} and {configured[1] - 1}')
@@ -188,8 +185,7 @@ def init_for_finetuning(net, path, cfg):
     ``net``'s fresh initialisation when the counts differ; every other tensor
     must match. Returns the re-initialised keys.
     """
-    if not os.path.isfile(path):
-        raise MissingFileError(f'weights file not found: {path}')
+    require_weights_file(path)
     if path.endswith('.pth'):
         source, report = convert_checkpoint(path, get_config(cfg.name))
         logger.info('%s', report.summary())

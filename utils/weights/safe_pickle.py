@@ -5,8 +5,8 @@ the unpickler resolves through ``find_class`` and then calls; a ``__reduce__``
 payload is nothing but such a global (``os.system``, ``builtins.exec``, ...).
 :class:`RestrictedUnpickler` resolves only the globals of an allow-list, each
 to a stand-in written here, and refuses every other one with one line naming
-the file and the object. Readers of a format (utils.pth_reader for torch.save
-files, utils.paddle_reader for paddle.save files) subclass it with their
+the file and the object. Readers of a format (utils.weights.pth_reader for torch.save
+files, utils.weights.paddle_reader for paddle.save files) subclass it with their
 allow-list; :func:`unpickle` turns every failure into the same one-line error.
 """
 import os

@@ -12,7 +12,7 @@ A results file is a JSON array of records
 ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` (bbox, pixels)
 or ``{"image_id", "category_id", "segmentation": {"size": [h, w], "counts": str}, "score"}``
 (segm, COCO compressed RLE), as ``eval.py`` writes them
-(``bbox_detections.json``, ``mask_detections.json``, see utils/coco_eval.py).
+(``bbox_detections.json``, ``mask_detections.json``, see utils/evaluation/coco_eval.py).
 The server evaluates at most 100 detections per image and only the 20,288
 test-dev image ids (``image_info_test-dev2017.json``); ``test2017/`` holds
 40,670 images, so results of the whole folder are filtered.
@@ -24,18 +24,18 @@ import logging
 import math
 import os
 import re
-import tempfile
 import zipfile
 from collections import defaultdict
 from typing import List
 
 from data.validation import load_annotations, rle_strings_valid
-from utils.coco_eval import BBOX_FILE, MASK_FILE
+from utils.evaluation.coco_eval import BBOX_FILE, MASK_FILE
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError
+from utils.files import AtomicFile
 
 logger = logging.getLogger(__name__)
 
-MAX_DETECTIONS = 100
+MAX_NUM_DETECTIONS = 100
 TEST_SET = 'test-dev2017'
 # Letters, digits and '-': an underscore would make <alg> ambiguous in the
 # server's '_'-separated name fields.
@@ -121,7 +121,7 @@ def _top_indices(scored, limit):
     return set(keep)
 
 
-def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_detections=MAX_DETECTIONS):
+def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_num_detections=MAX_NUM_DETECTIONS):
     """Write the two server zips from ``eval.py``'s results files.
 
     Args:
@@ -129,7 +129,7 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
         alg_name: the algorithm name in the file name (letters, digits, '-').
         test_dev_info_file: ``image_info_test-dev2017.json``; only its image ids are kept.
         out_dir: the zips go to ``out_dir/bbox/`` and ``out_dir/segm/``.
-        max_detections: per image, the highest-scoring ones across classes are kept.
+        max_num_detections: per image, the highest-scoring ones across classes are kept.
 
     Returns:
         {'bbox': SubmissionReport, 'segm': SubmissionReport} (a kind whose
@@ -157,17 +157,16 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
             else:
                 foreign += 1
         total = sum(len(v) for v in scored.values())
-        keep = _top_indices(scored, max_detections)
+        keep = _top_indices(scored, max_num_detections)
         folder = os.path.join(out_dir, kind)
         final = os.path.join(folder, name + '.zip')
         try:
             os.makedirs(folder, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix='.' + name, suffix='.zip.part', dir=folder)
-            os.close(fd)
+            out = AtomicFile(final)
         except OSError as e:
             raise OutputError(f'cannot write to {folder}: {e.strerror}') from e
         try:
-            with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as zf, \
+            with zipfile.ZipFile(out.file, 'w', zipfile.ZIP_DEFLATED) as zf, \
                     zf.open(name + '.json', 'w') as member:
                 written = 0
                 member.write(b'[')
@@ -176,17 +175,18 @@ def write_submission(results_dir, alg_name, test_dev_info_file, out_dir, max_det
                         member.write((b',\n' if written else b'\n') + json.dumps(rec).encode())
                         written += 1
                 member.write(b'\n]\n')
-            report = check_submission(tmp, test_dev_info_file, max_detections, upload_path=final)
+            out.file.flush()
+            # Checked under its temporary name: a zip that fails never appears under its upload name.
+            report = check_submission(out.tmp_path, test_dev_info_file, max_num_detections, upload_path=final)
             if report.ok:
-                os.replace(tmp, final)
+                out.commit()
         except OSError as e:
             raise OutputError(f'cannot write {final} (nothing kept): {e.strerror}') from e
         finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            out.discard()
         logger.info('%s: %d detections on %d of %d test-dev images; dropped %d of other images '
                     'and %d over %d per image', final, written, len(scored), len(images), foreign,
-                    total - written, max_detections)
+                    total - written, max_num_detections)
         if not report.ok:
             logger.warning('%s not written: it fails the check (%s)%s', final, ', '.join(report.failed()),
                            '; the file of that name is from an earlier run' if os.path.exists(final) else '')
@@ -281,7 +281,7 @@ def _finite(values):
         return False
 
 
-def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS, upload_path=None):
+def check_submission(zip_path, test_dev_info_file, max_num_detections=MAX_NUM_DETECTIONS, upload_path=None):
     """Verify a server zip against the test-dev image-info file; returns a :class:`SubmissionReport`.
 
     upload_path: the path the zip will have (write_submission checks its
@@ -291,7 +291,7 @@ def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS
     ``json name`` (one member, the same name with ``.json``), ``json`` (an array of
     bbox or of segm records), ``foreign ids`` (image ids not in the info file),
     ``coverage`` (test-dev images with no detection are counted, not failed),
-    ``per-image limit`` (at most ``max_detections``), ``category ids`` (those of the
+    ``per-image limit`` (at most ``max_num_detections``), ``category ids`` (those of the
     info file's categories), ``scores`` (finite numbers), ``bbox`` (4 finite numbers,
     bbox kind) and ``segmentation`` (RLE decodable to the image's height x width, segm kind).
     """
@@ -334,9 +334,9 @@ def check_submission(zip_path, test_dev_info_file, max_detections=MAX_DETECTIONS
                f'(e.g. {sorted(t.foreign_ids, key=str)[:3]})' if t.foreign else 'every image id is in the info file')
     empty = len(images) - len(t.per_image)
     report.add('coverage', True, f'{len(t.per_image)} of {len(images)} images have detections, {empty} empty')
-    over = {i: n for i, n in t.per_image.items() if n > max_detections}
+    over = {i: n for i, n in t.per_image.items() if n > max_num_detections}
     report.add('per-image limit', not over,
-               f'{len(over)} images over {max_detections} detections (e.g. '
+               f'{len(over)} images over {max_num_detections} detections (e.g. '
                + ', '.join(f'image {i}: {n}' for i, n in sorted(over.items())[:3]) + ')'
                if over else f'at most {max(t.per_image.values(), default=0)} per image')
     report.add('category ids', not t.bad_cats,

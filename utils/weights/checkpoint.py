@@ -10,24 +10,26 @@ A checkpoint is up to three files sharing one stem, ``<config>_<epoch>_<iteratio
   network whose automatic Paddle tensor names differ, plus the AMP loss-scaler state;
 - ``<stem>.json``: iteration, epoch, learning rate, schedule and run settings.
 
-Every file is written to a temporary file in the same folder and moved into
-place with ``os.replace``, so a file either has its old content or its new
-one. The JSON is written last: a checkpoint whose JSON exists is complete,
-and ``latest_checkpoint``/``interrupt_checkpoint`` only return complete ones.
-A save that dies midway therefore never hides or damages the previous checkpoint.
+Every file is written atomically (utils/files.py), so a file either has its
+old content or its new one. The JSON is written last: a checkpoint whose JSON
+exists is complete, and ``latest_checkpoint``/``interrupt_checkpoint`` only
+return complete ones. A save that dies midway therefore never hides or damages
+the previous checkpoint.
 """
-import io
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Tuple
 
 import paddle
 
-from utils.convert import DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES, convert_state_dict
+from utils.weights.convert import (DCN_INIT_KEYS, IMAGENET_CLASSIFIER_DROP, TORCHVISION_RENAMES,
+                                   convert_state_dict)
 from utils.errors import MissingFileError, WeightsError
-from utils.paddle_reader import load_paddle_file
+from utils.files import atomic_paddle_save, atomic_write
+from utils.weights.paddle_reader import load_paddle_file
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,69 @@ class SavePath:
         return cls(m['name'], int(m['epoch']), int(m['iteration']), bool(m['interrupt']))
 
 
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """``<stem>.json``, the record train.py writes beside a checkpoint's weights.
+
+    Written by :func:`save_checkpoint` and read by :func:`read_record` only.
+    Loading a model takes ``config`` and ``class_names`` from it (utils.weights.loader);
+    resuming takes ``iteration`` and ``freeze_bn`` and checks ``config``. Every
+    field may be absent from a file (None); unknown keys are ignored.
+    """
+    config: Optional[str] = None
+    iteration: Optional[int] = None
+    epoch: Optional[int] = None
+    lr: Optional[float] = None
+    schedule: Optional[dict] = None
+    batch_size: Optional[int] = None
+    seed: Optional[int] = None
+    num_classes: Optional[int] = None
+    class_names: Optional[Tuple[str, ...]] = None
+    dataset: Optional[str] = None
+    freeze_bn: Optional[bool] = None
+    # The validation APs (0..1) of a --keep_best checkpoint.
+    mask_AP: Optional[float] = None
+    box_AP: Optional[float] = None
+
+    def to_json(self):
+        """The file's text: the fields that are set, sorted."""
+        data = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.class_names is not None:
+            data['class_names'] = list(self.class_names)
+        return json.dumps(data, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text, source):
+        """Parse a record's text (str or bytes); WeightsError naming ``source`` when it is not a record."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise WeightsError(f'{source}: the checkpoint record is not valid JSON ({err}); '
+                               'restore it or delete it') from None
+        if not isinstance(data, dict):
+            raise WeightsError(f'{source}: the checkpoint record holds a {type(data).__name__}, '
+                               'not a JSON object; restore it or delete it')
+        values = {f.name: data[f.name] for f in fields(cls) if data.get(f.name) is not None}
+        expected = {'config': (str, 'config name'), 'iteration': (int, 'int'), 'class_names': (list, 'list')}
+        for name, (kind, what) in expected.items():
+            if name in values and not isinstance(values[name], kind):
+                raise WeightsError(f'{source}: "{name}" is a {type(values[name]).__name__}, not a {what}')
+        if 'class_names' in values:
+            if not all(isinstance(n, str) for n in values['class_names']):
+                raise WeightsError(f'{source}: "class_names" is not a list of names')
+            values['class_names'] = tuple(values['class_names'])
+        return cls(**values)
+
+
+def read_record(weights_path):
+    """The :class:`CheckpointRecord` beside ``weights_path``, or None when it has none."""
+    path = sidecar_paths(weights_path)[1]
+    if not os.path.isfile(path):
+        return None
+    with open(path, 'rb') as f:
+        return CheckpointRecord.from_json(f.read(), path)
+
+
 def sidecar_paths(weights_path):
     """(optimizer path, state path) belonging to a weights path."""
     stem = weights_path[:-len(WEIGHTS_EXT)] if weights_path.endswith(WEIGHTS_EXT) else weights_path
@@ -86,14 +151,14 @@ def is_complete(weights_path):
     return os.path.isfile(weights_path) and os.path.isfile(sidecar_paths(weights_path)[1])
 
 
-def save_checkpoint(weights_path, net, optimizer=None, state=None, scaler=None):
-    """Write a checkpoint atomically: weights, then optimizer, then the JSON state.
+def save_checkpoint(weights_path, net, optimizer=None, record=None, scaler=None):
+    """Write a checkpoint atomically: weights, then optimizer, then the JSON record.
 
     Args:
         weights_path: ``<folder>/<stem>.pdparams`` (see SavePath.path).
         net: the paddle.nn.Layer to save (not a DataParallel wrapper).
         optimizer: its optimizer, or None for a weights-only checkpoint.
-        state: JSON-serialisable dict (iteration, epoch, ...), or None.
+        record: its :class:`CheckpointRecord`, or None.
         scaler: a paddle.amp.GradScaler whose state goes with the optimizer's.
     """
     folder = os.path.dirname(os.path.abspath(weights_path))
@@ -102,15 +167,14 @@ def save_checkpoint(weights_path, net, optimizer=None, state=None, scaler=None):
     if os.path.exists(state_path):
         # Rewriting a checkpoint of the same name: incomplete until its new state lands.
         os.remove(state_path)
-    _atomic_write(weights_path, _to_bytes(net.state_dict()))
+    atomic_paddle_save(net.state_dict(), weights_path)
     if optimizer is not None:
         opt_state = {'accumulators': optimizer_state_by_name(optimizer, net)}
         if scaler is not None:
             opt_state['grad_scaler'] = scaler.state_dict()
-        _atomic_write(opt_path, _to_bytes(opt_state))
-    if state is not None:
-        _atomic_write(state_path, json.dumps(state, indent=1, sort_keys=True).encode())
-    _fsync_dir(folder)
+        atomic_paddle_save(opt_state, opt_path)
+    if record is not None:
+        atomic_write(state_path, record.to_json())
 
 
 def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
@@ -120,12 +184,12 @@ def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
     The optimizer and scaler states are loaded when given and present.
 
     Returns:
-        (state dict from the JSON or None when absent, whether optimizer state was loaded).
+        (its CheckpointRecord or None when absent, whether optimizer state was loaded).
     Raises:
-        WeightsError naming the keys that do not match, or the file that cannot be read.
+        WeightsError naming the keys that do not match, the file that cannot be read, or a malformed record.
     """
     load_weights(net, weights_path)
-    opt_path, state_path = sidecar_paths(weights_path)
+    opt_path = sidecar_paths(weights_path)[0]
     loaded_opt = False
     if optimizer is not None and os.path.isfile(opt_path):
         opt_state = load_paddle_file(opt_path)
@@ -140,47 +204,28 @@ def load_checkpoint(weights_path, net, optimizer=None, scaler=None):
         if scaler is not None and opt_state.get('grad_scaler'):
             scaler.load_state_dict(opt_state['grad_scaler'])
         loaded_opt = True
-    return read_record(state_path), loaded_opt
+    return read_record(weights_path), loaded_opt
+
+
+def require_weights_file(path):
+    """``path``, when it names a file: the one check of every weights input (MissingFileError otherwise)."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f'weights file not found: {path}')
+    return path
 
 
 def read_state_dict(path, return_numpy=False):
     """The {key: tensor} state dict of a ``.pdparams`` file.
 
-    Read by utils.paddle_reader, which runs no code from the file. Raises
+    Read by utils.weights.paddle_reader, which runs no code from the file. Raises
     MissingFileError when it does not exist, WeightsError when it cannot be
     read or holds something other than a state dict.
     """
-    if not os.path.isfile(path):
-        raise MissingFileError(f'weights file not found: {path}')
+    require_weights_file(path)
     state = load_paddle_file(path, return_numpy=return_numpy)
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise WeightsError(f'{path}: holds a {type(state).__name__}, not a state dict of named tensors')
     return state
-
-
-def read_record(state_path):
-    """The JSON record of a checkpoint (``<stem>.json``, see save_checkpoint), or None when absent.
-
-    Raises WeightsError naming the record when it is not valid JSON, not a
-    JSON object, or has a ``config`` / ``class_names`` entry of the wrong type.
-    """
-    if not os.path.isfile(state_path):
-        return None
-    try:
-        with open(state_path, encoding='utf-8') as f:
-            record = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise WeightsError(f'{state_path}: the checkpoint record is not valid JSON ({err}); '
-                           'restore it or delete it') from None
-    if not isinstance(record, dict):
-        raise WeightsError(f'{state_path}: the checkpoint record holds a {type(record).__name__}, '
-                           'not a JSON object; restore it or delete it')
-    if not isinstance(record.get('config', ''), str):
-        raise WeightsError(f'{state_path}: "config" is a {type(record["config"]).__name__}, not a config name')
-    names = record.get('class_names', [])
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise WeightsError(f'{state_path}: "class_names" is not a list of names')
-    return record
 
 
 def load_weights(net, source, skip=lambda key: False):
@@ -229,9 +274,9 @@ def load_backbone_weights(backbone, path):
     """Strictly load ImageNet weights (.pdparams) into a backbone, in place.
 
     Every backbone parameter must be in the file except the DCN extras
-    (utils.convert.DCN_INIT_KEYS), which ImageNet models do not have and which
+    (utils.weights.convert.DCN_INIT_KEYS), which ImageNet models do not have and which
     then keep their reference initialisation; every tensor in the file must be
-    used, except an ImageNet classifier. Raises utils.convert.ConversionError
+    used, except an ImageNet classifier. Raises utils.weights.convert.ConversionError
     naming each key that does not fit.
     """
     source = read_state_dict(path, return_numpy=True)
@@ -378,44 +423,3 @@ def _split_accumulator_key(key, tensor_names):
         if key.startswith(name + '_'):
             return name, key[len(name) + 1:]
     raise ValueError(f'optimizer state {key!r} belongs to no parameter of the model')
-
-
-def _to_bytes(obj):
-    buf = io.BytesIO()
-    paddle.save(obj, buf)
-    return buf.getvalue()
-
-
-def _atomic_write(path, data):
-    """Replace ``path`` with ``data`` so that it never holds a partial write."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            _write_all(f, data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_all(f, data):
-    """Write ``data`` to the open file ``f`` (a separate step so tests can interrupt it)."""
-    f.write(data)
-
-
-def _fsync_dir(folder):
-    """Persist the renames themselves (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

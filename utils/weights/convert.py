@@ -34,7 +34,8 @@ import paddle
 from backbone import construct_backbone
 from data.config import CONFIGS
 from utils.errors import ConfigError, WeightsError
-from utils.pth_reader import load_pth
+from utils.files import atomic_paddle_save
+from utils.weights.pth_reader import load_pth
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def convert_checkpoint(src_path, cfg):
     Returns:
         ({paddle key: float32 np.ndarray}, ConversionReport).
     Raises:
-        utils.pth_reader.PthError if the file cannot be read; ConversionError
+        utils.weights.pth_reader.PthError if the file cannot be read; ConversionError
         naming every key that does not fit (e.g. the wrong config).
     """
     source = load_pth(src_path)
@@ -186,9 +187,9 @@ def convert_backbone(src_path, backbone_cfg):
             leaves its deformable extras (DCN_INIT_KEYS) at initialisation.
     Returns:
         ({backbone key: float32 np.ndarray}, ConversionReport) -- keys without
-        the ``backbone.`` prefix, as ``utils.checkpoint.load_backbone_weights`` loads them.
+        the ``backbone.`` prefix, as ``utils.weights.checkpoint.load_backbone_weights`` loads them.
     Raises:
-        utils.pth_reader.PthError or ConversionError as convert_checkpoint.
+        utils.weights.pth_reader.PthError or ConversionError as convert_checkpoint.
     """
     if backbone_cfg.kind == 'resnet':
         renames, drops = TORCHVISION_RENAMES, [IMAGENET_CLASSIFIER_DROP]
@@ -226,18 +227,11 @@ def imagenet_backbone(path):
 def save_params(params, path):
     """Write {key: np.ndarray} as a ``.pdparams`` of float32 Paddle tensors.
 
-    Written to a temporary file next to ``path`` and renamed over it, so an
-    interrupted conversion never leaves a partial file under the final name.
+    Written atomically (utils/files.py): an interrupted conversion never
+    leaves a partial file under the final name.
     Load with ``net.set_state_dict(paddle.load(path))``.
     """
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.{os.getpid()}.tmp')
-    try:
-        paddle.save({k: paddle.to_tensor(v, dtype='float32') for k, v in params.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_paddle_save({k: paddle.to_tensor(v, dtype='float32') for k, v in params.items()}, path)
     logger.info('wrote %d tensors to %s', len(params), path)
 
 

@@ -16,7 +16,7 @@ pickle then names only: ``numpy.ndarray``, ``numpy.dtype``,
 ``numpy[._]core.multiarray._reconstruct`` / ``.scalar`` (numpy 1.x writes
 ``numpy.core``, 2.x ``numpy._core``), ``builtins.tuple`` (``__builtin__`` under
 protocol 2), ``_codecs.encode`` (bytes under protocol 2) and
-``collections.OrderedDict``. Those are the allow-list (utils.safe_pickle).
+``collections.OrderedDict``. Those are the allow-list (utils.weights.safe_pickle).
 
 numpy's own unpickling hooks are not run on the file's data either: the
 dtype and array globals resolve to stand-ins that record their arguments,
@@ -31,7 +31,7 @@ import collections
 import numpy as np
 import paddle
 
-from utils.safe_pickle import PickleFileError, RestrictedUnpickler, StandIn, unpickle
+from utils.weights.safe_pickle import PickleFileError, RestrictedUnpickler, StandIn, unpickle
 
 _NAME_TABLE = 'StructuredToParameterName@@'
 _BIG_PARAM_TABLE = 'UnpackBigParamInfor@@'  # paddle's spelling

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -30,7 +29,9 @@ import pycocotools.mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from data.coco import load_coco
 from utils.errors import OutputError
+from utils.files import AtomicFile
 
 logger = logging.getLogger(__name__)
 
@@ -146,29 +147,37 @@ def encode_rle(masks):
     return mask_util.frPyObjects(uncompressed, h, w) if uncompressed else []
 
 
-class JsonArrayWriter:
+class _ClosedOrDiscarded:
+    """The writers' ``with`` protocol: :meth:`close` on success, :meth:`discard` on an exception."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+
+class JsonArrayWriter(_ClosedOrDiscarded):
     """A JSON array written one record at a time, so memory does not grow with the file.
 
-    Records stream into a temporary file beside ``path`` (unique to this
-    writer); :meth:`close` completes the array and renames it to ``path`` in
-    one atomic step. A run that dies or is killed midway therefore leaves no
-    file under ``path`` (or the previous complete one), and concurrent runs
+    Records stream into a utils.files.AtomicFile (a temporary file beside
+    ``path``, unique to this writer); :meth:`close` completes the array and
+    renames it to ``path`` in one atomic step. A run that dies or is killed
+    midway therefore leaves no file under ``path`` (or the previous complete one), and concurrent runs
     writing the same ``path`` cannot interleave: the last to finish wins
     whole. :meth:`discard` (or leaving the ``with`` block on an exception)
     removes the temporary file.
     """
 
     def __init__(self, path):
-        folder, name = os.path.split(os.path.abspath(path))
         try:
-            fd, self._tmp_path = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
+            self._out = AtomicFile(path, 'w')
         except OSError as e:
             raise OutputError(f'cannot write results file {path!r}: {e.strerror}') from e
-        # mkstemp creates the file private; results files get the usual permissions.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp_path, 0o666 & ~umask)
-        self._file = os.fdopen(fd, 'w')
+        self._file = self._out.file
         self.path = path
         self.count = 0
         self._file.write('[')
@@ -184,33 +193,18 @@ class JsonArrayWriter:
             return
         try:
             self._file.write('\n]\n')
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._tmp_path, self.path)
+            self._out.commit()
         except OSError as e:
-            self.discard()
+            self._out.discard()
             raise OutputError(f'cannot write results file {self.path!r}: {e.strerror}; nothing was written '
                               'under that name') from e
 
     def discard(self):
         """Drop the partial file; ``path`` keeps whatever it had before."""
-        if not self._file.closed:
-            self._file.close()
-        if os.path.exists(self._tmp_path):
-            os.remove(self._tmp_path)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.discard()
+        self._out.discard()
 
 
-class CocoResultsWriter:
+class CocoResultsWriter(_ClosedOrDiscarded):
     """Streams detections into ``bbox_detections.json`` and ``mask_detections.json``.
 
     Use as a context manager; call :meth:`add` once per image right after
@@ -257,21 +251,6 @@ class CocoResultsWriter:
         """Drop both partial files (an interrupted or failed evaluation)."""
         self._bbox.discard()
         self._mask.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.discard()
-
-
-def load_coco(annotation_file):
-    """A pycocotools COCO object, with its chatter sent to the debug log."""
-    with _quiet():
-        return COCO(annotation_file)
 
 
 def load_results(coco_gt, results):

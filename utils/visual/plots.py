@@ -18,7 +18,7 @@ KIND_LABELS = {'bbox': 'box', 'segm': 'mask'}
 def plot_per_class(scores, path, title=''):
     """Write ``path`` (PNG): per-class AP bars and, per IoU type, precision-recall curves per class.
 
-    scores: a utils.coco_eval.CocoScores. The bars are AP at IoU 0.5:0.95 (box
+    scores: a utils.evaluation.coco_eval.CocoScores. The bars are AP at IoU 0.5:0.95 (box
     and mask side by side; classes without ground truth are left out); the
     curves are COCOeval's interpolated precision at IoU 0.5 against recall,
     all areas, 100 detections per image. Written to a temporary file and

@@ -12,7 +12,7 @@ Two on-disk formats exist and both are read:
   ids ``('storage', storage_type, key, location, numel)``, and
   ``<archive>/data/<key>`` the raw bytes of each storage.
 
-Unpickling is restricted (utils.safe_pickle) to an allow-list of globals
+Unpickling is restricted (utils.weights.safe_pickle) to an allow-list of globals
 (tensor rebuild functions, ``OrderedDict``, storage types), so a ``.pth`` can
 never run code here; any other object in the file is reported as unsupported. Storages are read with
 one ``readinto`` each into numpy buffers (no per-element Python), and tensors
@@ -30,7 +30,7 @@ from typing import Tuple
 
 import numpy as np
 
-from utils.safe_pickle import PickleFileError, RestrictedUnpickler, StandIn, unpickle
+from utils.weights.safe_pickle import PickleFileError, RestrictedUnpickler, StandIn, unpickle
 
 logger = logging.getLogger(__name__)
 

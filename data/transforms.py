@@ -21,6 +21,7 @@ import paddle
 import paddle.nn.functional as F
 
 from data.config import MEANS, STD
+from layers.interpolate import resize_bilinear
 
 # Channel order of images as cv2.imread returns them.
 _INPUT_CHANNEL_ORDER = 'BGR'
@@ -75,50 +76,6 @@ class FastBaseTransform(paddle.nn.Layer):
         x = F.interpolate(x, size=[self.max_size, self.max_size], mode='bilinear', align_corners=False)
         x = _normalize(x, self.mean, self.std, self.transform)
         return paddle.index_select(x, self.channel_index, axis=1)
-
-
-def linear_taps(in_size, out_size):
-    """Source indices and weights of half-pixel linear resampling along one axis.
-
-    Sample positions are PyTorch's (bit-identical on ramp images): the scale is
-    the float32 quotient in/out, the position scale * (i + 0.5) - 0.5 is rounded
-    to float32 and clamped at 0. Paddle's kernel agrees within 1.5e-5 px.
-    cv2.resize keeps the scale in double precision, which moves the positions by
-    up to 4e-5 px on a 640 -> 550 resize and the values of the reference fixture
-    image by up to 0.01 (1.7e-4 after normalisation).
-    Returns (i0 [out], i1 [out], w0 [out], w1 [out]).
-    """
-    scale = np.float64(np.float32(in_size) / np.float32(out_size))
-    src = (scale * (np.arange(out_size) + 0.5) - 0.5).astype(np.float32)
-    src = np.maximum(src, np.float32(0))
-    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-    w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
-    i1 = np.minimum(i0 + 1, in_size - 1)
-    return i0, i1, np.float32(1) - w1, w1
-
-
-def resize_bilinear(img, height, width):
-    """[H, W, C] float32 -> [height, width, C] float32, bilinear with align_corners=False.
-
-    Numerically what ``F.interpolate(..., mode='bilinear', align_corners=False)``
-    gives in Paddle and PyTorch (no antialiasing when downscaling), computed
-    separably: along the width first, then the height.
-    """
-    return sample_taps(img, linear_taps(img.shape[0], height), linear_taps(img.shape[1], width))
-
-
-def sample_taps(img, taps_y, taps_x):
-    """[H, W, ...] -> [len(taps_y), len(taps_x), ...]: the linear samples ``linear_taps`` describes.
-
-    taps_y, taps_x: (i0, i1, w0, w1) as linear_taps returns them, or slices
-    of them (a window of the output), with i0 and i1 indexing ``img``. Along
-    the width first, then the height, as PyTorch computes it.
-    """
-    x0, x1, wx0, wx1 = taps_x
-    y0, y1, wy0, wy1 = taps_y
-    tail = (1,) * (img.ndim - 2)
-    rows = img[:, x0] * wx0.reshape((-1,) + tail) + img[:, x1] * wx1.reshape((-1,) + tail)
-    return rows[y0] * wy0.reshape((-1, 1) + tail) + rows[y1] * wy1.reshape((-1, 1) + tail)
 
 
 class BaseTransform:

@@ -16,7 +16,8 @@ import paddle
 from tqdm import tqdm
 
 from data.coco import check_batches, eval_collate
-from utils import coco_eval, plots
+from utils.visual import plots
+from utils.evaluation import coco_eval
 from utils.errors import DatasetError
 from utils.runtime import dataloader_shared_memory, eval_sample_bytes
 
@@ -31,7 +32,7 @@ class EvalSummary:
     """What a dataset evaluation did.
 
     results: {'bbox'|'segm': {metric: value}} (COCOeval fractions) or None when
-    mAP was not computed; per_class: utils.coco_eval.CocoScores.per_class (or
+    mAP was not computed; per_class: utils.evaluation.coco_eval.CocoScores.per_class (or
     None); image_ids: the images scored; skipped: ids of unreadable images;
     files: {'bbox'|'segm': results file}; log_path: the saved table;
     plot_path: the per-class AP and precision-recall PNG beside it;
