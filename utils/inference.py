@@ -344,6 +344,27 @@ def _model_file(path_prefix):
     raise MissingFileError(f'no {path_prefix}.json or {path_prefix}.pdmodel found')
 
 
+# Paddle 3.3's oneDNN pass fusing conv2d + activation reads leaky_relu's
+# negative_slope as a float attribute, but the op holds a double: building the
+# fused op dereferences a null attribute (SIGSEGV in FusedConv2dOp::Build while
+# the predictor is created). DarkNet-53's conv + BN + LeakyReLU(0.1) blocks hit
+# it. Graphs with leaky_relu skip that pass only, so the other configs keep
+# every fusion. Paddle runs its oneDNN CPU passes even without enable_onednn().
+# The pass is listed as ``conv_activation_onednn_fuse_pass`` (its log name is
+# ``conv_activation_mkldnn_fuse_pass``, which delete_pass does not match).
+_LEAKY_RELU_CRASHING_PASSES = ('conv_activation_onednn_fuse_pass',)
+
+
+def _crashing_cpu_passes(path_prefix):
+    """The CPU passes to delete for the graph of ``path_prefix`` (see _LEAKY_RELU_CRASHING_PASSES).
+
+    Looks for the op's name in the graph file (a PIR ``.json`` or a ``.pdmodel``
+    protobuf both store op names as plain text).
+    """
+    with open(_model_file(path_prefix), 'rb') as f:
+        return _LEAKY_RELU_CRASHING_PASSES if b'leaky_relu' in f.read() else ()
+
+
 def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=True,
                      use_tensorrt=False, gpu_id=0, onednn_cache_capacity=0):
     """A Paddle Inference predictor for one exported graph.
@@ -372,6 +393,8 @@ def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=Tru
             config.enable_onednn()
             if onednn_cache_capacity > 0:
                 config.set_onednn_cache_capacity(onednn_cache_capacity)
+        for name in _crashing_cpu_passes(path_prefix):
+            config.delete_pass(name)
     else:
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     config.switch_ir_optim(True)
