@@ -447,10 +447,11 @@ def check_export(net, path_prefix):
         return None
     if result.returncode < 0:
         return f'Paddle Inference crashed with {_signal_name(-result.returncode)} running the export'
-    lines = [line.strip() for line in _strip_ansi(result.stdout + result.stderr).splitlines() if line.strip()]
     if result.returncode == 3 and result.stdout.strip():
         return result.stdout.strip().splitlines()[-1]
-    return f'Paddle Inference failed running the export: {lines[-1] if lines else f"exit status {result.returncode}"}'
+    lines = [line.strip() for line in _strip_ansi(result.stdout + result.stderr).splitlines() if line.strip()]
+    last = lines[-1][:300] if lines else f'exit status {result.returncode}'
+    return f'Paddle Inference failed running the export: {last}'
 
 
 def _signal_name(number):
