@@ -40,7 +40,8 @@ SIDE = 128
 # of at least 63 pixels, a side of 252: at 128 it has an empty output.
 PLUS_SIDE = 256
 # Two configs at a time: on 2 cores much of a child's time is single-threaded
-# (tracing, paddle2onnx, weights files), so two children overlap well.
+# (tracing, paddle2onnx, weights files), so two children overlap well. The
+# whole matrix: 3 min 51 s wall, 3 min 45 s CPU on 2 cores (Intel Xeon, Paddle 3.3.1).
 WORKERS = 2
 # Marks a child's result lines among Paddle's own output on stdout.
 TAG = 'MATRIX '
