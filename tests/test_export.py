@@ -40,6 +40,12 @@ def _entries(cache):
     return sorted(n for n in os.listdir(cache) if not n.startswith('.'))
 
 
+@pytest.fixture
+def unchecked(monkeypatch):
+    """New cache entries skip the child-process check (its own tests run it): ~5 s less per export."""
+    monkeypatch.setattr(inference, 'check_export', lambda net, path_prefix: None)
+
+
 # ----------------------------------------------------------------- Resize --
 def test_resize_matmul_mode_equals_bilinear_op():
     x = paddle.rand([2, 3, 35, 18])
@@ -85,7 +91,7 @@ def test_an_export_loaded_with_another_config_is_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------ cache --
-def test_cached_export_reuses_and_keys_on_weights_and_config(tmp_path, monkeypatch):
+def test_cached_export_reuses_and_keys_on_weights_and_config(tmp_path, monkeypatch, unchecked):
     cache = str(tmp_path / 'cache')
     cfg, net = _small_net()
     weights = _weights(tmp_path, net)
@@ -128,7 +134,7 @@ def test_cached_export_reuses_and_keys_on_weights_and_config(tmp_path, monkeypat
     assert cached_export(lambda: net, cfg, weights) == prefix and len(calls) == 3
 
 
-def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path, monkeypatch):
+def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path, monkeypatch, unchecked):
     cache = str(tmp_path / 'cache')
     cfg, net = _small_net()
     weights = _weights(tmp_path, net)
@@ -161,7 +167,7 @@ def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path,
     assert StaticYolact(prefix).meta.config == cfg.name
 
 
-def test_concurrent_exporter_that_loses_the_rename_uses_the_winner(tmp_path, monkeypatch):
+def test_concurrent_exporter_that_loses_the_rename_uses_the_winner(tmp_path, monkeypatch, unchecked):
     cache = str(tmp_path / 'cache')
     cfg, net = _small_net()
     weights = _weights(tmp_path, net)
@@ -253,3 +259,159 @@ def test_export_tool_format_onnx_and_a_failing_conversion(tmp_path, monkeypatch)
         export_onnx(net, cfg, str(tmp_path / 'fail' / 'shapes'))
     assert '\n' not in str(err.value)
     assert os.listdir(tmp_path / 'fail') == []
+
+
+# ------------------------------------------------- DarkNet's LeakyReLU --
+def _small_darknet(seed=0):
+    """yolact_shapes on a one-block-per-stage DarkNet-53: conv + BN + LeakyReLU(0.1), as yolact_darknet53."""
+    darknet = dataclasses.replace(get_config('yolact_darknet53').backbone, layers=(1, 1, 1, 1, 1))
+    return _small_net(seed, backbone=darknet)
+
+
+def test_a_darknet_export_runs_in_paddle_inference_like_dygraph(tmp_path):
+    """Paddle 3.3's conv + activation oneDNN fusion segfaulted on leaky_relu (FusedConv2dOp::Build).
+
+    Run in a child process, so that the crash fails this test instead of killing pytest.
+    """
+    cfg, net = _small_darknet()
+    prefix = str(tmp_path / 'darknet')
+    export_yolact(net, cfg, prefix)
+    x = np.random.RandomState(0).standard_normal([1, 3, cfg.max_size, cfg.max_size]).astype(np.float32)
+    with paddle.no_grad():
+        expected = net(paddle.to_tensor(x))
+    np.save(tmp_path / 'x.npy', x)
+    child = ('import sys, numpy as np\nfrom utils.deploy.inference import StaticYolact\n'
+             'out = StaticYolact(sys.argv[1])(np.load(sys.argv[2]))\n'
+             'np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()})\n')
+    result = subprocess.run([sys.executable, '-c', child, prefix, str(tmp_path / 'x.npy'), str(tmp_path / 'out.npz')],
+                            capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert result.returncode == 0, f'exit status {result.returncode}: {result.stderr[-2000:]}'
+    with np.load(tmp_path / 'out.npz') as got:
+        for key in expected:
+            np.testing.assert_allclose(got[key], expected[key].numpy(), rtol=0, atol=1e-4, err_msg=key)
+
+
+@pytest.mark.skipif(any(__import__('importlib').util.find_spec(m) is None for m in ('paddle2onnx', 'onnxruntime')),
+                    reason='paddle2onnx / onnxruntime not installed (requirements-test.txt)')
+def test_onnx_export_of_a_darknet_keeps_the_leaky_relu_slope(tmp_path):
+    """paddle2onnx 2.1 turned leaky_relu's slope (a double in Paddle 3.3) into NaN: every output was NaN."""
+    cfg, net = _small_darknet()
+    prefix = str(tmp_path / 'darknet')
+    leaky = [layer for layer in net.sublayers() if isinstance(layer, paddle.nn.LeakyReLU)]
+    export_onnx(net, cfg, prefix)
+    assert leaky and [layer for layer in net.sublayers() if 'LeakyReLU' in type(layer).__name__] == leaky
+    x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
+    with paddle.no_grad():
+        expected = net(x)
+    got = OnnxYolact(prefix)(x)
+    for key in expected:
+        np.testing.assert_allclose(got[key].numpy(), expected[key].numpy(), rtol=0, atol=1e-4, err_msg=key)
+
+
+# ------------------------------------------- first-use check and damage --
+def _shapes_weights(tmp_path, net):
+    """The network's weights under a published-style name, so Predictor resolves yolact_shapes from it."""
+    return _weights(tmp_path, net, 'yolact_shapes_1_10.pdparams')
+
+
+def _inference_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.name == 'utils.deploy.inference' and r.levelname == 'WARNING']
+
+
+def test_an_export_that_crashes_in_its_check_falls_back_to_dygraph_once_per_paddle(tmp_path, monkeypatch, caplog):
+    from utils.predictor import Predictor
+
+    cfg, net = _small_net()
+    weights = _shapes_weights(tmp_path, net)
+    cache = str(tmp_path / 'cache')
+    monkeypatch.setenv('YOLACT_CACHE', cache)
+    runs = tmp_path / 'check_runs.txt'
+    real_child = inference._CHECK_CHILD
+    # The check's child dies as Paddle Inference did on yolact_darknet53.
+    monkeypatch.setattr(inference, '_CHECK_CHILD', f'import os, signal\nopen({str(runs)!r}, "a").write("run\\n")\n'
+                                                   'os.kill(os.getpid(), signal.SIGSEGV)\n')
+    image = np.random.RandomState(0).randint(0, 255, (90, 120, 3)).astype(np.uint8)
+    expected = Predictor(weights, dygraph=True)(image)
+
+    caplog.set_level('WARNING')
+    predictor = Predictor(weights)
+    assert isinstance(predictor.net, Yolact)   # this process survived and runs dygraph
+    warnings = _inference_warnings(caplog)
+    assert len(warnings) == 1 and 'crashed with SIGSEGV' in warnings[0] and cfg.name in warnings[0], warnings
+    got = predictor(image)
+    np.testing.assert_array_equal(got['boxes'], expected['boxes'])
+    np.testing.assert_array_equal(got['scores'], expected['scores'])
+    assert [n[-len(inference.FAILED_SUFFIX):] for n in _entries(cache)] == [inference.FAILED_SUFFIX]   # no entry
+    assert len(runs.read_text().split()) == 1
+
+    # The verdict is kept: no second check, the same one warning naming the cause.
+    caplog.clear()
+    assert isinstance(Predictor(weights).net, Yolact)
+    assert len(runs.read_text().split()) == 1
+    warnings = _inference_warnings(caplog)
+    assert len(warnings) == 1 and 'crashed with SIGSEGV' in warnings[0]
+
+    # Another Paddle version checks again (and, with a working check, uses the export).
+    monkeypatch.setattr(paddle, '__version__', paddle.__version__ + '.post1')
+    Predictor(weights)
+    assert len(runs.read_text().split()) == 2
+    monkeypatch.setattr(paddle, '__version__', paddle.__version__ + '.post2')
+    monkeypatch.setattr(inference, '_CHECK_CHILD', real_child)
+    assert isinstance(Predictor(weights).net, StaticYolact)
+
+
+def test_an_export_that_differs_from_dygraph_is_not_cached(tmp_path, monkeypatch, caplog):
+    cache = str(tmp_path / 'cache')
+    cfg, net = _small_net()
+    _, other = _small_net(seed=1)
+    weights = _weights(tmp_path, net)
+    save = inference._save_static
+    # The graph written is another network's: the real child's comparison must catch it.
+    monkeypatch.setattr(inference, '_save_static', lambda net_, *a, **k: save(other, *a, **k))
+    caplog.set_level('WARNING')
+    assert cached_export(lambda: net, cfg, weights, cache_dir=cache) is None
+    warnings = _inference_warnings(caplog)
+    assert len(warnings) == 1 and 'differs from dygraph' in warnings[0], warnings
+    names = _entries(cache)   # no entry, only the verdict
+    assert len(names) == 1 and names[0].endswith(inference.FAILED_SUFFIX), names
+
+
+@pytest.mark.parametrize('damage', ['truncate_params', 'truncate_program', 'delete_meta', 'flip_params'])
+def test_a_damaged_cache_entry_is_found_and_exported_again(tmp_path, caplog, unchecked, damage):
+    cache = str(tmp_path / 'cache')
+    cfg, net = _small_net()
+    weights = _weights(tmp_path, net)
+    calls = []
+
+    def load_net():
+        calls.append(1)
+        return net
+
+    prefix = cached_export(load_net, cfg, weights, cache_dir=cache)
+    name, change = {'truncate_params': ('.pdiparams', 'truncate'), 'truncate_program': ('.json', 'truncate'),
+                    'delete_meta': (META_SUFFIX, 'delete'), 'flip_params': ('.pdiparams', 'flip')}[damage]
+    path = prefix + name
+    if change == 'truncate':
+        with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif change == 'delete':
+        os.remove(path)
+    else:   # same size, other bytes, later mtime
+        with open(path, 'r+b') as f:
+            f.seek(100)
+            byte = f.read(1)
+            f.seek(100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
+    caplog.set_level('WARNING')
+    assert cached_export(load_net, cfg, weights, cache_dir=cache) == prefix
+    assert len(calls) == 2
+    warnings = _inference_warnings(caplog)
+    assert len(warnings) == 1 and 'damaged' in warnings[0] and os.path.basename(path) in warnings[0], warnings
+    x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
+    with paddle.no_grad():
+        expected = net(x)
+    np.testing.assert_allclose(StaticYolact(prefix)(x)['conf'].numpy(), expected['conf'].numpy(), rtol=0, atol=1e-4)
+    assert _entries(cache) == [os.path.basename(os.path.dirname(prefix))]
+    # Intact now: a hit, no export.
+    assert cached_export(load_net, cfg, weights, cache_dir=cache) == prefix and len(calls) == 2

@@ -4,6 +4,7 @@
 preprocessing, Detect and post-processing. eval.py, training validation,
 tools/benchmark.py and users' code all run images through it.
 """
+import functools
 import logging
 
 import numpy as np
@@ -31,8 +32,11 @@ class Predictor:
     dygraph there (README "Speed and deployment"): it is exported on first use into a cache keyed by the
     weights' content, the config and Paddle's version
     (utils.deploy.inference.cached_export; ``$YOLACT_CACHE``, default
-    ``~/.cache/yolact/exported``) and reused afterwards. ``dygraph=True``
-    keeps the dygraph network (and so does a GPU).
+    ``~/.cache/yolact/exported``) and reused afterwards, once Paddle Inference
+    has run it in a child process with the dygraph network's results; an
+    export that crashes or disagrees there is not used (one warning names the
+    cause) and the dygraph network runs. ``dygraph=True`` keeps the dygraph
+    network (and so does a GPU).
 
     Args:
         weights: a weights path, or a config name when ``weights_path`` is given.
@@ -54,13 +58,11 @@ class Predictor:
         if weights_path is not None:
             config, weights = weights, weights_path
         device = select_device(device)
-        if device == 'cpu' and not dygraph:
-            # The config only: a cache hit builds no network and reads no weights but a record-less
-            # .pdparams's class count.
-            cfg = model_config(weights, config)
-            net = StaticYolact(cached_export(lambda: load_model(weights, cfg=cfg)[1], cfg, weights), device='cpu')
-        else:
-            cfg, net = load_model(weights, config)
+        cfg = model_config(weights, config)
+        load_net = functools.cache(lambda: load_model(weights, cfg=cfg)[1])
+        # cached_export returns None when the export failed its first-use check (it warns): dygraph then.
+        prefix = cached_export(load_net, cfg, weights) if device == 'cpu' and not dygraph else None
+        net = StaticYolact(prefix, device='cpu') if prefix is not None else load_net()
         self._setup(cfg, net, score_threshold, detect_overrides)
         logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 

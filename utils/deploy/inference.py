@@ -29,9 +29,11 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Tuple
 
@@ -39,7 +41,7 @@ import numpy as np
 import paddle
 
 from utils.errors import ConfigError, MissingFileError, OutputError
-from utils.files import staging_folder
+from utils.files import atomic_write, staging_folder
 from utils.weights.checkpoint import require_weights_file
 from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
 from yolact import Resize
@@ -128,7 +130,8 @@ def _save_static(net, cfg, path_prefix, batch_size, export_format='paddle'):
     """paddle.jit.save of the network (and mask-IoU net) plus the metadata file, in place."""
     net.eval()
     size = cfg.max_size
-    with _resize_as_matmul(net):
+    leaky = _leaky_relu_as_maximum(net) if export_format == 'onnx' else contextlib.nullcontext()
+    with _resize_as_matmul(net), leaky:
         paddle.jit.save(_ForwardOutputs(net), path_prefix, input_spec=[
             paddle.static.InputSpec([batch_size, 3, size, size], 'float32', 'x')])
     has_maskiou = getattr(net, 'maskiou_net', None) is not None
@@ -233,9 +236,17 @@ def _strip_ansi(text):
     return re.sub(r'\x1b\[[0-9;]*m', '', text)
 
 
-# Part of every cache key: bump it when the exported graph changes for the same weights and config.
-CACHE_FORMAT = 1
+# Part of every cache key: bump it when the exported graph, the predictor's
+# options or the check of a new entry change for the same weights and config
+# (2: entries carry a file list and passed the child-process check).
+CACHE_FORMAT = 2
 _PARTIAL = '.partial-'
+# In an entry: every file's size, mtime and SHA-256, written when it is complete.
+FILES_SUFFIX = '.files.json'
+# Beside an entry's name: the verdict of an export that failed its check.
+FAILED_SUFFIX = '.failed.json'
+# The first-use check runs the export in a child process; a hang there is a failure too.
+CHECK_TIMEOUT = 900
 
 
 def default_cache_dir():
@@ -250,28 +261,45 @@ def export_cache_key(cfg, weights_path, batch_size=1):
     anchors, head layout) changes the key; the weights enter by a SHA-256 of
     their bytes, not their name or date.
     """
-    digest = hashlib.sha256()
-    with open(require_weights_file(weights_path), 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    parts = {'weights': digest.hexdigest(), 'config': repr(cfg), 'num_classes': cfg.num_classes,
+    parts = {'weights': _sha256(require_weights_file(weights_path)), 'config': repr(cfg),
+             'num_classes': cfg.num_classes,
              'paddle': paddle.__version__, 'batch_size': batch_size, 'format': CACHE_FORMAT}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def cached_export(load_net, cfg, weights_path, cache_dir=None, batch_size=1):
-    """The prefix of the cached export of ``weights_path`` for ``cfg``, exporting it on first use.
+    """The prefix of the cached export of ``weights_path`` for ``cfg``, exporting it on first use; or None.
 
     Args:
         load_net: no arguments -> a ``Yolact`` for ``cfg`` with the weights of
             ``weights_path`` loaded; called only when the entry is missing, so a
-            cache hit builds no network.
+            cache hit builds no network. The caller may call it again for the
+            same network (e.g. ``functools.cache``d) when None is returned.
         cfg: its YolactConfig.
         weights_path: the file those weights came from (its bytes enter the key).
         cache_dir: default :func:`default_cache_dir`.
         batch_size: as for :func:`export_yolact`.
     Returns:
-        ``<cache_dir>/<config>-<key>/<config>``, a prefix for :class:`StaticYolact`.
+        ``<cache_dir>/<config>-<key>/<config>``, a prefix for :class:`StaticYolact`;
+        None when the export failed its check: run the dygraph network instead
+        (a warning names the cause).
+
+    A new export becomes an entry only after it has proven itself
+    (:func:`check_export`: Paddle Inference runs it in a child process, so a
+    crash there cannot take this process down, on a fixed input, against the
+    network it came from). A failed check is remembered in
+    ``<entry>.failed.json`` and not repeated; the key holds Paddle's version,
+    so another Paddle checks again. An entry records every file's size and
+    SHA-256 (``<config>.files.json``): a damaged entry (truncated, edited,
+    missing file) is found on the next use and exported again.
 
     An entry is exported into its own ``.partial-<host>-<pid>-*`` folder and
     renamed to its final name when complete, so a killed export leaves no
@@ -283,25 +311,202 @@ def cached_export(load_net, cfg, weights_path, cache_dir=None, batch_size=1):
     key = export_cache_key(cfg, weights_path, batch_size)
     entry = os.path.join(cache_dir, f'{cfg.name}-{key[:24]}')
     prefix = os.path.join(entry, cfg.name)
-    if os.path.isfile(prefix + META_SUFFIX):
-        logger.info('using the cached export %s', entry)
-        return prefix
+    failed = _read_verdict(entry + FAILED_SUFFIX)
+    if failed is not None:
+        _warn_check_failed(cfg, failed, entry + FAILED_SUFFIX)
+        return None
+    if os.path.lexists(entry):
+        problem = _entry_problem(prefix)
+        if problem is None:
+            logger.info('using the cached export %s', entry)
+            return prefix
+        logger.warning('the cached export %s is damaged (%s); exporting it again', entry, problem)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         _remove_dead_partials(cache_dir)
     except OSError as e:
         raise OutputError(f'cannot write the export cache {cache_dir}: {e.strerror}') from e
     with staging_folder(cache_dir, f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-', 'the export cache') as stage:
-        _save_static(load_net(), cfg, os.path.join(stage, cfg.name), batch_size)
+        net = load_net()
+        stage_prefix = os.path.join(stage, cfg.name)
+        _save_static(net, cfg, stage_prefix, batch_size)
+        cause = check_export(net, stage_prefix)
+        if cause is not None:
+            _write_verdict(entry + FAILED_SUFFIX, cause)
+            _warn_check_failed(cfg, {'cause': cause}, entry + FAILED_SUFFIX)
+            return None
+        _write_file_list(stage_prefix)
+        if os.path.lexists(entry):
+            _discard(entry, cache_dir)
         try:
             os.rename(stage, entry)
         except OSError:
-            if not os.path.isfile(prefix + META_SUFFIX):
+            if _entry_problem(prefix) is not None:
                 raise
             logger.info('%s was exported concurrently; using that copy', entry)
     logger.info('exported %s (%dx%d, batch %d) to the cache %s', cfg.name, cfg.max_size, cfg.max_size,
                 batch_size, entry)
     return prefix
+
+
+def _warn_check_failed(cfg, verdict, path):
+    logger.warning('the Paddle Inference export of %s failed its check on Paddle %s (%s): running the dygraph '
+                   'network instead, slower on a CPU (verdict kept in %s; another Paddle version checks again)',
+                   cfg.name, paddle.__version__, verdict.get('cause', 'no cause recorded'), path)
+
+
+def _write_verdict(path, cause):
+    """Write a failed check's verdict atomically."""
+    verdict = {'cause': cause, 'paddle': paddle.__version__, 'time': time.strftime('%Y-%m-%dT%H:%M:%S')}
+    atomic_write(path, json.dumps(verdict, indent=2))
+
+
+def _read_verdict(path):
+    """A failed check's verdict dict, or None (none, or unreadable: then the check runs again)."""
+    try:
+        with open(path) as f:
+            verdict = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return verdict if isinstance(verdict, dict) else None
+
+
+def _write_file_list(path_prefix):
+    """Record size, mtime and SHA-256 of every file of the export ``path_prefix`` in its FILES_SUFFIX file."""
+    folder = os.path.dirname(path_prefix)
+    files = {}
+    for name in sorted(os.listdir(folder)):
+        stat = os.stat(os.path.join(folder, name))
+        files[name] = {'size': stat.st_size, 'mtime_ns': stat.st_mtime_ns,
+                       'sha256': _sha256(os.path.join(folder, name))}
+    with open(path_prefix + FILES_SUFFIX, 'w') as f:
+        json.dump(files, f, indent=1)
+
+
+def _entry_problem(path_prefix):
+    """What is wrong with the cache entry of ``path_prefix`` (a short phrase), or None when it is intact.
+
+    Sizes are compared on every use; a file's SHA-256 only when its mtime
+    differs from the recorded one, so an intact entry costs no reading.
+    """
+    folder = os.path.dirname(path_prefix)
+    try:
+        with open(path_prefix + FILES_SUFFIX) as f:
+            files = json.load(f)
+        if not isinstance(files, dict) or not files:
+            raise ValueError
+    except (OSError, ValueError):
+        return f'no valid {os.path.basename(path_prefix) + FILES_SUFFIX}'
+    for name, record in files.items():
+        path = os.path.join(folder, name)
+        try:
+            stat = os.stat(path)
+            if stat.st_size != record['size']:
+                return f'{name} has {stat.st_size} bytes, {record["size"]} were written'
+            if stat.st_mtime_ns != record['mtime_ns'] and _sha256(path) != record['sha256']:
+                return f'{name} was modified'
+        except FileNotFoundError:
+            return f'{name} is missing'
+        except (OSError, KeyError, TypeError) as e:
+            return f'{name} cannot be checked ({e})'
+    return None
+
+
+def _discard(entry, cache_dir):
+    """Remove a damaged entry: renamed to a partial name first, so no reader sees it half-deleted."""
+    doomed = tempfile.mkdtemp(prefix=f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-', dir=cache_dir)
+    try:
+        os.rename(entry, os.path.join(doomed, 'entry'))
+    except OSError:
+        pass   # another process replaced or removed it first
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# The check of a new export, run in a child process (argv: project root, export prefix,
+# .npz of the input and the expected outputs); see check_export.
+_CHECK_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from utils.deploy.inference import _compare_export_outputs
+problem = _compare_export_outputs(sys.argv[2], sys.argv[3])
+if problem:
+    print(problem)
+    sys.exit(3)
+"""
+# utils/deploy/inference.py -> the project root.
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def check_export(net, path_prefix):
+    """Run the export ``path_prefix`` of ``net`` in a child process on a fixed input; None if it agrees.
+
+    The child creates the CPU predictor the way :class:`StaticYolact` does by
+    default (oneDNN) and compares its outputs, and the mask-IoU net's, with
+    ``net``'s on the same input. Returns the cause of a failure as a short
+    phrase: a crash (the signal), an error (its last line), a timeout, or the
+    first output that differs.
+    """
+    meta = ExportMeta.read(path_prefix)
+    rng = np.random.RandomState(0)
+    size = meta.max_size
+    arrays = {'x': rng.standard_normal([meta.batch_size, 3, size, size]).astype(np.float32)}
+    with paddle.no_grad():
+        out = net(paddle.to_tensor(arrays['x']))
+        arrays.update({f'out_{k}': out[k].numpy() for k in meta.outputs})
+        if meta.maskiou:
+            side = arrays['out_proto'].shape[1]
+            arrays['masks'] = (rng.rand(2, 1, side, side) > 0.5).astype(np.float32)
+            arrays['out_maskiou'] = net.maskiou_net(paddle.to_tensor(arrays['masks'])).numpy()
+    with tempfile.TemporaryDirectory(prefix='.check-', dir=os.path.dirname(path_prefix)) as folder:
+        inputs = os.path.join(folder, 'check.npz')
+        np.savez(inputs, **arrays)
+        command = [sys.executable, '-c', _CHECK_CHILD, _PROJECT_ROOT, path_prefix, inputs]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=CHECK_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return f'Paddle Inference did not finish within {CHECK_TIMEOUT} s'
+    if result.returncode == 0:
+        return None
+    if result.returncode < 0:
+        return f'Paddle Inference crashed with {_signal_name(-result.returncode)} running the export'
+    if result.returncode == 3 and result.stdout.strip():
+        return result.stdout.strip().splitlines()[-1]
+    lines = [line.strip() for line in _strip_ansi(result.stdout + result.stderr).splitlines() if line.strip()]
+    last = lines[-1][:300] if lines else f'exit status {result.returncode}'
+    return f'Paddle Inference failed running the export: {last}'
+
+
+def _signal_name(number):
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f'signal {number}'
+
+
+def _compare_export_outputs(path_prefix, inputs_path):
+    """In check_export's child: the first output of the export that differs from the expected one, or None.
+
+    Agreement: every value finite and within 1e-3 x (1 + the output's largest
+    magnitude). Float reordering in oneDNN's kernels moves YOLACT's outputs by
+    ~1e-5; a broken graph (a wrong fusion, a lost attribute) by far more.
+    """
+    with np.load(inputs_path) as z:
+        arrays = {k: z[k] for k in z.files}
+    runner = StaticYolact(path_prefix)
+    got = {k: v.numpy() for k, v in runner(arrays['x']).items()}
+    if runner.maskiou_net is not None:
+        got['maskiou'] = runner.maskiou_net(paddle.to_tensor(arrays['masks'])).numpy()
+    for key in sorted(k[len('out_'):] for k in arrays if k.startswith('out_')):
+        expected, value = arrays['out_' + key], got.get(key)
+        if value is None or value.shape != expected.shape:
+            return f'output {key} has shape {None if value is None else value.shape}, expected {expected.shape}'
+        bound = 1e-3 * (1 + float(np.abs(expected).max(initial=0)))
+        if not np.isfinite(value).all():
+            return f'output {key} is not finite'
+        worst = float(np.abs(value - expected).max(initial=0))
+        if worst > bound:
+            return f'output {key} differs from dygraph by {worst:.3g} (allowed {bound:.3g})'
+    return None
 
 
 def _remove_dead_partials(cache_dir, max_age=24 * 3600):
@@ -349,12 +554,68 @@ def _resize_as_matmul(net):
             layer.as_matmul = value
 
 
+class _MaximumLeakyReLU(paddle.nn.Layer):
+    """LeakyReLU with a slope in [0, 1] as ``maximum(x, slope * x)``: no leaky_relu op in the graph."""
+
+    def __init__(self, negative_slope):
+        super().__init__()
+        self.negative_slope = negative_slope
+
+    def forward(self, x):
+        return paddle.maximum(x, x * self.negative_slope)
+
+
+@contextlib.contextmanager
+def _leaky_relu_as_maximum(net):
+    """While tracing for ONNX, ``net``'s LeakyReLU layers are replaced by :class:`_MaximumLeakyReLU` (and back).
+
+    paddle2onnx 2.1 reads the leaky_relu op's negative_slope, a double in
+    Paddle 3.3's programs, as a float: the ONNX LeakyRelu nodes got alpha NaN
+    or 0.014 instead of 0.1 (DarkNet-53: every output NaN). Max and Mul carry
+    the slope as a tensor. Nothing outside ``net`` changes.
+    """
+    swapped = []
+    for parent in net.sublayers(include_self=True):
+        for name, child in parent.named_children():
+            # LeakyReLU keeps its slope in a private attribute; it has no public accessor.
+            if isinstance(child, paddle.nn.LeakyReLU) and 0 <= child._negative_slope <= 1:
+                swapped.append((parent, name, child))
+    for parent, name, child in swapped:
+        setattr(parent, name, _MaximumLeakyReLU(child._negative_slope))
+    try:
+        yield
+    finally:
+        for parent, name, child in swapped:
+            setattr(parent, name, child)
+
+
 def _model_file(path_prefix):
     """The graph file of an export: ``.json`` (PIR, Paddle >= 3) or ``.pdmodel`` (older programs)."""
     for ext in ('.json', '.pdmodel'):
         if os.path.isfile(path_prefix + ext):
             return path_prefix + ext
     raise MissingFileError(f'no {path_prefix}.json or {path_prefix}.pdmodel found')
+
+
+# Paddle 3.3's oneDNN pass fusing conv2d + activation reads leaky_relu's
+# negative_slope as a float attribute, but the op holds a double: building the
+# fused op dereferences a null attribute (SIGSEGV in FusedConv2dOp::Build while
+# the predictor is created). DarkNet-53's conv + BN + LeakyReLU(0.1) blocks hit
+# it. Graphs with leaky_relu skip that pass only, so the other configs keep
+# every fusion. Paddle runs its oneDNN CPU passes even without enable_onednn().
+# The pass is listed as ``conv_activation_onednn_fuse_pass`` (its log name is
+# ``conv_activation_mkldnn_fuse_pass``, which delete_pass does not match).
+_LEAKY_RELU_CRASHING_PASSES = ('conv_activation_onednn_fuse_pass',)
+
+
+def _crashing_cpu_passes(path_prefix):
+    """The CPU passes to delete for the graph of ``path_prefix`` (see _LEAKY_RELU_CRASHING_PASSES).
+
+    Looks for the op's name in the graph file (a PIR ``.json`` or a ``.pdmodel``
+    protobuf both store op names as plain text).
+    """
+    with open(_model_file(path_prefix), 'rb') as f:
+        return _LEAKY_RELU_CRASHING_PASSES if b'leaky_relu' in f.read() else ()
 
 
 def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=True,
@@ -385,6 +646,8 @@ def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=Tru
             config.enable_onednn()
             if onednn_cache_capacity > 0:
                 config.set_onednn_cache_capacity(onednn_cache_capacity)
+        for name in _crashing_cpu_passes(path_prefix):
+            config.delete_pass(name)
     else:
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     config.switch_ir_optim(True)
