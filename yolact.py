@@ -16,6 +16,7 @@ import paddle.nn.functional as F
 
 from backbone import construct_backbone
 from utils.augmentations import linear_taps
+from utils.compat import layer_train
 
 
 def interpolation_matrix(in_size, out_size):
@@ -88,7 +89,8 @@ class Conv2D(nn.Conv2D):
     def forward(self, x):
         if (self.bias is None or x.shape[0] == 1 or not paddle.in_dynamic_mode()
                 or not x.place.is_cpu_place()):
-            return super().forward(x)
+            # Not super(): Paddle 2.6's dy2static cannot compile a zero-argument super().
+            return nn.Conv2D.forward(self, x)
         out = F.conv2d(x, self.weight, None, stride=self._stride, padding=self._padding,
                        dilation=self._dilation, groups=self._groups, data_format=self._data_format)
         return out + self.bias.reshape([1, -1, 1, 1]).expand(out.shape)
@@ -431,7 +433,7 @@ class Yolact(nn.Layer):
 
     def train(self, mode=True):
         """Training (or eval) mode; frozen BatchNorm layers stay in eval mode."""
-        super().train(mode)
+        layer_train(self, mode)
         if self._bn_frozen:
             for bn in self._batch_norms():
                 bn.training = False

@@ -2,9 +2,9 @@
 
     programs (train.py, eval.py, tools/*)  ->  library (data/, utils/)  ->  model (backbone.py, yolact.py, layers/)
 
-* The model imports only the model and three leaf modules that import no project code but
-  each other: data.config, utils.augmentations, utils.errors. So the converter, the loader and
-  the checkpoint code (utils/convert.py, utils/model_loader.py, utils/checkpoint.py) import the
+* The model imports only the model and four leaf modules that import no project code but
+  each other: data.config, utils.augmentations, utils.compat (the Paddle version shims),
+  utils.errors. So the converter, the loader and the checkpoint code (utils/convert.py, utils/model_loader.py, utils/checkpoint.py) import the
   model, never the reverse.
 * The library imports no program.
 * Nothing imports train.py or eval.py: they are parse_args(), main() and wiring. (Tests run
@@ -18,7 +18,7 @@ import os
 from tests.conftest import ROOT
 
 MODEL = ('backbone', 'yolact', 'layers')
-MODEL_MAY_ALSO_IMPORT = ('data.config', 'utils.augmentations', 'utils.errors')
+MODEL_MAY_ALSO_IMPORT = ('data.config', 'utils.augmentations', 'utils.compat', 'utils.errors')
 LIBRARY = ('data', 'utils')
 PROGRAMS = ('train', 'eval', 'tools')
 PROJECT = MODEL + LIBRARY + PROGRAMS

@@ -21,6 +21,7 @@ import paddle
 import paddle.nn.functional as F
 
 from data.config import MEANS, STD
+from utils.compat import BILINEAR_AS_TORCH
 
 # Channel order of images as cv2.imread returns them.
 _INPUT_CHANNEL_ORDER = 'BGR'
@@ -52,6 +53,9 @@ class FastBaseTransform(paddle.nn.Layer):
     Resizes to max_size x max_size with bilinear interpolation (align_corners=False,
     no antialiasing, aspect ratio not preserved), normalises per ``transform`` and
     reorders channels. Pure Paddle ops, so it can be part of an exported graph.
+    Before Paddle 3.3, whose bilinear kernel is off PyTorch's (utils.compat),
+    dygraph resizes with the exact taps of :func:`linear_taps`; a traced graph
+    there keeps the kernel (the taps need the image size when tracing).
     """
 
     def __init__(self, max_size, transform, means=MEANS, std=STD):
@@ -72,7 +76,11 @@ class FastBaseTransform(paddle.nn.Layer):
     def forward(self, img):
         """img: [B, H, W, 3] BGR, uint8 or float in 0..255 -> [B, 3, S, S] float32."""
         x = img.astype('float32').transpose([0, 3, 1, 2])
-        x = F.interpolate(x, size=[self.max_size, self.max_size], mode='bilinear', align_corners=False)
+        if BILINEAR_AS_TORCH or not paddle.in_dynamic_mode():
+            x = F.interpolate(x, size=[self.max_size, self.max_size], mode='bilinear', align_corners=False)
+        else:
+            x = sample_taps_tensor(x, taps_tensors(x.shape[2], self.max_size, x.place),
+                                   taps_tensors(x.shape[3], self.max_size, x.place))
         x = _normalize(x, self.mean, self.std, self.transform)
         return paddle.index_select(x, self.channel_index, axis=1)
 
@@ -119,6 +127,25 @@ def sample_taps(img, taps_y, taps_x):
     tail = (1,) * (img.ndim - 2)
     rows = img[:, x0] * wx0.reshape((-1,) + tail) + img[:, x1] * wx1.reshape((-1,) + tail)
     return rows[y0] * wy0.reshape((-1, 1) + tail) + rows[y1] * wy1.reshape((-1, 1) + tail)
+
+
+def taps_tensors(in_size, out_size, place):
+    """:func:`linear_taps` as Paddle tensors on ``place``: (i0, i1 int64, w0, w1 float32), each [out_size]."""
+    return tuple(paddle.to_tensor(a, place=place) for a in linear_taps(in_size, out_size))
+
+
+def sample_taps_tensor(x, taps_y, taps_x):
+    """:func:`sample_taps` in Paddle ops over the last two axes: [..., H, W] -> [..., len(taps_y), len(taps_x)].
+
+    taps_y, taps_x: (i0, i1, w0, w1) tensors (:func:`taps_tensors`). The same
+    operations in the same order as :func:`sample_taps`, so the same float32 results.
+    """
+    x0, x1, wx0, wx1 = taps_x
+    y0, y1, wy0, wy1 = taps_y
+    h_axis, w_axis = x.ndim - 2, x.ndim - 1
+    rows = paddle.gather(x, x0, axis=w_axis) * wx0 + paddle.gather(x, x1, axis=w_axis) * wx1
+    return (paddle.gather(rows, y0, axis=h_axis) * wy0.unsqueeze(1)
+            + paddle.gather(rows, y1, axis=h_axis) * wy1.unsqueeze(1))
 
 
 class BaseTransform:

@@ -37,6 +37,7 @@ import time
 import numpy as np
 import paddle
 
+from utils.compat import enable_onednn, predictor_run
 from utils.errors import ConfigError, MissingFileError, OutputError
 from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
 from yolact import Resize
@@ -369,9 +370,7 @@ def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=Tru
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(predictor_cpu_threads(num_threads))
         if use_onednn:
-            config.enable_onednn()
-            if onednn_cache_capacity > 0:
-                config.set_onednn_cache_capacity(onednn_cache_capacity)
+            enable_onednn(config, onednn_cache_capacity)
     else:
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     config.switch_ir_optim(True)
@@ -388,7 +387,7 @@ def _run(predictor, x):
     """
     x = x if isinstance(x, paddle.Tensor) else paddle.to_tensor(np.asarray(x, dtype=np.float32))
     with dygraph_threads_restored():
-        return predictor.run([x.astype('float32')])
+        return predictor_run(predictor, [x.astype('float32')])
 
 
 class ExportedMaskIoU:
