@@ -1,5 +1,6 @@
 """Export without global patches, the export cache, and the ONNX export run by onnxruntime."""
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -222,6 +223,11 @@ def test_onnx_export_of_a_small_yolact_plus_with_dcn_and_mask_iou(tmp_path):
     cfg, net = _small_net(backbone=backbone, use_maskiou=True, maskiou_net=plus.maskiou_net)
     assert any(type(layer).__name__ == 'ModulatedDeformConv2D' for layer in net.sublayers())
     prefix = str(tmp_path / 'plus')
+    if inference.PADDLE_VERSION < (3, 0):
+        # paddle2onnx 1.x, the one for Paddle 2.6, stops at opset 18: DCNv2 cannot be converted.
+        with pytest.raises(ConfigError, match='deformable_conv, requires opset_version >= 19'):
+            export_onnx(net, cfg, prefix)
+        return
     export_onnx(net, cfg, prefix)
     runner = OnnxYolact(prefix)
     x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
@@ -253,3 +259,15 @@ def test_export_tool_format_onnx_and_a_failing_conversion(tmp_path, monkeypatch)
         export_onnx(net, cfg, str(tmp_path / 'fail' / 'shapes'))
     assert '\n' not in str(err.value)
     assert os.listdir(tmp_path / 'fail') == []
+
+
+def test_onnx_export_on_paddle_2_names_the_paddle2onnx_it_needs(tmp_path, monkeypatch):
+    """paddle2onnx 2.x refuses Paddle < 3 at import; on Paddle 2.6 the export says which paddle2onnx works."""
+    if importlib.util.find_spec('paddle2onnx') is None:
+        pytest.skip('paddle2onnx not installed')
+    cfg, net = _small_net()
+    monkeypatch.setattr(inference, 'PADDLE_VERSION', (2, 6))
+    monkeypatch.setattr(inference, '_paddle2onnx_version', lambda: '2.1.0')
+    with pytest.raises(ConfigError, match=r'paddle2onnx 2\.1\.0 needs Paddle >= 3.*"paddle2onnx>=1\.3,<2"'):
+        export_onnx(net, cfg, str(tmp_path / 'onnx' / 'shapes'))
+    assert not os.path.exists(tmp_path / 'onnx')

@@ -37,7 +37,7 @@ import time
 import numpy as np
 import paddle
 
-from utils.compat import enable_onednn, predictor_run
+from utils.compat import PADDLE_VERSION, enable_onednn, predictor_run
 from utils.errors import ConfigError, MissingFileError, OutputError
 from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
 from yolact import Resize
@@ -133,10 +133,14 @@ def _move_export(source_prefix, path_prefix):
 # requested opset it aborts the whole process (SIGABRT from C++), and it calls
 # sys.exit on other failures. Its "[Paddle2ONNX]" lines name the problem.
 _PADDLE2ONNX_CHILD = """
+import inspect
 import sys
 import paddle2onnx
-paddle2onnx.export(sys.argv[1], sys.argv[2], sys.argv[3], opset_version=int(sys.argv[4]),
-                   auto_upgrade_opset=True, optimize_tool='onnxoptimizer')
+options = dict(opset_version=int(sys.argv[4]), auto_upgrade_opset=True)
+# paddle2onnx 2.x (Paddle >= 3) lets us pick the optimiser; 1.x (Paddle 2.6's) has no choice.
+if 'optimize_tool' in inspect.signature(paddle2onnx.export).parameters:
+    options['optimize_tool'] = 'onnxoptimizer'
+paddle2onnx.export(sys.argv[1], sys.argv[2], sys.argv[3], **options)
 """
 # The lowest ONNX opset that has every operator YOLACT uses; paddle2onnx raises
 # it when a graph needs more (DeformConv of YOLACT++'s DCNv2 needs 19).
@@ -158,6 +162,10 @@ def export_onnx(net, cfg, path_prefix, batch_size=1):
     """
     if importlib.util.find_spec('paddle2onnx') is None:
         raise ConfigError('ONNX export needs paddle2onnx, which is not installed (pip install paddle2onnx)')
+    if PADDLE_VERSION < (3, 0) and not _paddle2onnx_version().startswith('1.'):
+        # paddle2onnx 2.x refuses to run on Paddle < 3; 1.x reads the .pdmodel programs of Paddle 2.6.
+        raise ConfigError(f'paddle2onnx {_paddle2onnx_version()} needs Paddle >= 3 (this is {paddle.__version__}); '
+                          'with Paddle 2.6 install paddle2onnx 1.x: pip install "paddle2onnx>=1.3,<2"')
     with _staging_folder(path_prefix) as stage:
         paddle_prefix = os.path.join(stage, 'paddle')
         meta = _save_static(net, cfg, paddle_prefix, batch_size, export_format='onnx')
