@@ -15,6 +15,7 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from backbone import add_channel_bias, construct_backbone
+from layers.compat import layer_train
 from layers.interpolate import interpolation_matrix
 
 
@@ -75,7 +76,8 @@ class Conv2D(nn.Conv2D):
     def forward(self, x):
         if (self.bias is None or x.shape[0] == 1 or not paddle.in_dynamic_mode()
                 or not x.place.is_cpu_place()):
-            return super().forward(x)
+            # Not super(): Paddle 2.6's dy2static cannot compile a zero-argument super().
+            return nn.Conv2D.forward(self, x)
         out = F.conv2d(x, self.weight, None, stride=self._stride, padding=self._padding,
                        dilation=self._dilation, groups=self._groups, data_format=self._data_format)
         return add_channel_bias(out, self.bias)
@@ -418,7 +420,7 @@ class Yolact(nn.Layer):
 
     def train(self, mode=True):
         """Training (or eval) mode; frozen BatchNorm layers stay in eval mode."""
-        super().train(mode)
+        layer_train(self, mode)
         if self._bn_frozen:
             for bn in self._batch_norms():
                 bn.training = False

@@ -21,7 +21,8 @@ import paddle
 import paddle.nn.functional as F
 
 from data.config import MEANS, STD
-from layers.interpolate import resize_bilinear
+from layers.compat import BILINEAR_AS_TORCH
+from layers.interpolate import resize_bilinear, sample_taps_tensor, taps_tensors
 
 # Channel order of images as cv2.imread returns them.
 _INPUT_CHANNEL_ORDER = 'BGR'
@@ -53,6 +54,9 @@ class FastBaseTransform(paddle.nn.Layer):
     Resizes to max_size x max_size with bilinear interpolation (align_corners=False,
     no antialiasing, aspect ratio not preserved), normalises per ``transform`` and
     reorders channels. Pure Paddle ops, so it can be part of an exported graph.
+    Before Paddle 3.3, whose bilinear kernel is off PyTorch's (layers.compat),
+    dygraph resizes with the exact taps of :func:`linear_taps`; a traced graph
+    there keeps the kernel (the taps need the image size when tracing).
     """
 
     def __init__(self, max_size, transform, means=MEANS, std=STD):
@@ -73,7 +77,11 @@ class FastBaseTransform(paddle.nn.Layer):
     def forward(self, img):
         """img: [B, H, W, 3] BGR, uint8 or float in 0..255 -> [B, 3, S, S] float32."""
         x = img.astype('float32').transpose([0, 3, 1, 2])
-        x = F.interpolate(x, size=[self.max_size, self.max_size], mode='bilinear', align_corners=False)
+        if BILINEAR_AS_TORCH or not paddle.in_dynamic_mode():
+            x = F.interpolate(x, size=[self.max_size, self.max_size], mode='bilinear', align_corners=False)
+        else:
+            x = sample_taps_tensor(x, taps_tensors(x.shape[2], self.max_size, x.place),
+                                   taps_tensors(x.shape[3], self.max_size, x.place))
         x = _normalize(x, self.mean, self.std, self.transform)
         return paddle.index_select(x, self.channel_index, axis=1)
 

@@ -5,9 +5,12 @@ indices and weights per output sample), serves every bilinear resize outside
 ``F.interpolate``: the evaluation preprocessing in numpy (``resize_bilinear``,
 data/transforms.py), PostProcess's exact mask windows (``sample_taps``,
 layers/output_utils.py) and the export's matrix form of ``yolact.Resize``
-(``interpolation_matrix``). numpy only: the model imports it, and it imports no project code.
+(``interpolation_matrix``), and the same taps in Paddle ops (``taps_tensors``,
+``sample_taps_tensor``: the device mask upsampling, and the preprocessing before Paddle 3.3).
+It imports no project code.
 """
 import numpy as np
+import paddle
 
 
 def linear_taps(in_size, out_size):
@@ -67,3 +70,22 @@ def interpolation_matrix(in_size, out_size):
     np.add.at(matrix, (rows, i0), w0)
     np.add.at(matrix, (rows, i1), w1)
     return matrix
+
+
+def taps_tensors(in_size, out_size, place):
+    """:func:`linear_taps` as Paddle tensors on ``place``: (i0, i1 int64, w0, w1 float32), each [out_size]."""
+    return tuple(paddle.to_tensor(a, place=place) for a in linear_taps(in_size, out_size))
+
+
+def sample_taps_tensor(x, taps_y, taps_x):
+    """:func:`sample_taps` in Paddle ops over the last two axes: [..., H, W] -> [..., len(taps_y), len(taps_x)].
+
+    taps_y, taps_x: (i0, i1, w0, w1) tensors (:func:`taps_tensors`). The same
+    operations in the same order as :func:`sample_taps`, so the same float32 results.
+    """
+    x0, x1, wx0, wx1 = taps_x
+    y0, y1, wy0, wy1 = taps_y
+    h_axis, w_axis = x.ndim - 2, x.ndim - 1
+    rows = paddle.gather(x, x0, axis=w_axis) * wx0 + paddle.gather(x, x1, axis=w_axis) * wx1
+    return (paddle.gather(rows, y0, axis=h_axis) * wy0.unsqueeze(1)
+            + paddle.gather(rows, y1, axis=h_axis) * wy1.unsqueeze(1))

@@ -6,7 +6,7 @@ import paddle.nn.functional as F
 
 from data.config import MEANS, STD
 from layers.box_utils import BACKENDS, crop, sanitize_coordinates, use_device_path
-from layers.interpolate import linear_taps, sample_taps
+from layers.interpolate import linear_taps, sample_taps, sample_taps_tensor, taps_tensors
 
 
 # cv2.resize places its bilinear samples within 1e-4 px of the exact (PyTorch /
@@ -273,17 +273,11 @@ def upsample_masks_device(masks, h, w, threshold=0.5):
     a 138 -> 480x640 test).
     """
     n, src_h, src_w = masks.shape
-    place = masks.place
-    x0, x1, wx0, wx1 = (paddle.to_tensor(a, place=place) for a in linear_taps(src_w, w))
-    y0, y1, wy0, wy1 = (paddle.to_tensor(a, place=place) for a in linear_taps(src_h, h))
-    wy0, wy1 = wy0.unsqueeze(1), wy1.unsqueeze(1)
+    taps_x, taps_y = taps_tensors(src_w, w, masks.place), taps_tensors(src_h, h, masks.place)
     chunk = max(1, _UPSAMPLE_CHUNK_PIXELS // (h * w))
     out = []
     for start in range(0, n, chunk):
-        part = masks[start:start + chunk]
-        rows = paddle.gather(part, x0, axis=2) * wx0 + paddle.gather(part, x1, axis=2) * wx1   # [n, S, w]
-        soft = paddle.gather(rows, y0, axis=1) * wy0 + paddle.gather(rows, y1, axis=1) * wy1   # [n, h, w]
-        out.append(soft > threshold)
+        out.append(sample_taps_tensor(masks[start:start + chunk], taps_y, taps_x) > threshold)
     return out[0] if len(out) == 1 else paddle.concat(out)
 
 

@@ -68,7 +68,7 @@ case "$PADDLE:$HAVE" in
     echo "setup.sh: paddlepaddle-gpu $HAVE_VERSION is installed; not replacing it with the CPU build" \
          "(pip uninstall paddlepaddle-gpu first if you mean it)" >&2; exit 1 ;;
   gpu:none|gpu:paddlepaddle-gpu)
-    "${PIP[@]}" ${PADDLE_GPU_INDEX:+--index-url "$PADDLE_GPU_INDEX"} 'paddlepaddle-gpu>=3.3,<4' ;;
+    "${PIP[@]}" ${PADDLE_GPU_INDEX:+--index-url "$PADDLE_GPU_INDEX"} 'paddlepaddle-gpu>=2.6,<4' ;;
   gpu:paddlepaddle)
     echo "setup.sh: the CPU paddlepaddle $HAVE_VERSION is installed; pip uninstall paddlepaddle," \
          "then run --paddle gpu again (both at once break each other)" >&2; exit 1 ;;
@@ -85,8 +85,9 @@ import warnings
 warnings.filterwarnings('ignore')
 import paddle
 version = tuple(int(v) for v in paddle.__version__.split('.')[:2] if v.isdigit())
-ok = (3, 3) <= version < (4, 0) or paddle.__version__.startswith('0.0.0')   # 0.0.0: a develop build
+ok = (2, 6) <= version < (4, 0) or paddle.__version__.startswith('0.0.0')   # 0.0.0: a develop build
 print(f"paddle {paddle.__version__} ({'CUDA' if paddle.is_compiled_with_cuda() else 'CPU'} build)"
-      + ('' if ok else ' -- OUTSIDE the supported range 3.3 <= version < 4: expect failures'))
+      + ('' if ok else ' -- OUTSIDE the supported range 2.6 <= version < 4 (README, "Paddle versions"):'
+                       ' expect failures; install a newer build (--paddle gpu after pip uninstall)'))
 PYEOF
 echo "environment ready: $PY"

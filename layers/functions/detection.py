@@ -27,6 +27,7 @@ import numpy as np
 import paddle
 
 from layers.box_utils import BACKENDS, decode, divide_rounded, use_device_path
+from layers.compat import argsort_stable
 
 
 class Detect:
@@ -301,8 +302,11 @@ def _best_pairs(scores, best_of_candidate, count):
 
 
 def _argsort_desc(x, axis):
-    """Descending argsort; equal values keep their index order (the module's tie rule)."""
-    return paddle.argsort(x, axis=axis, descending=True, stable=True)
+    """Descending argsort of x [R, M] along axis 1; equal values keep their index order (the module's tie rule).
+
+    (Paddle 2.6, which has no stable sort, sorts the unique _rank_keys instead.)
+    """
+    return argsort_stable(x, axis=axis, descending=True, keys=_rank_keys)
 
 
 def _top_k_desc(scores, k):

@@ -40,6 +40,7 @@ from typing import Tuple
 import numpy as np
 import paddle
 
+from layers.compat import PADDLE_VERSION, enable_onednn, predictor_run
 from utils.errors import ConfigError, MissingFileError, OutputError
 from utils.files import atomic_write, staging_folder
 from utils.weights.checkpoint import require_weights_file
@@ -164,10 +165,14 @@ def _move_export(source_prefix, path_prefix):
 # requested opset it aborts the whole process (SIGABRT from C++), and it calls
 # sys.exit on other failures. Its "[Paddle2ONNX]" lines name the problem.
 _PADDLE2ONNX_CHILD = """
+import inspect
 import sys
 import paddle2onnx
-paddle2onnx.export(sys.argv[1], sys.argv[2], sys.argv[3], opset_version=int(sys.argv[4]),
-                   auto_upgrade_opset=True, optimize_tool='onnxoptimizer')
+options = dict(opset_version=int(sys.argv[4]), auto_upgrade_opset=True)
+# paddle2onnx 2.x (Paddle >= 3) lets us pick the optimiser; 1.x (Paddle 2.6's) has no choice.
+if 'optimize_tool' in inspect.signature(paddle2onnx.export).parameters:
+    options['optimize_tool'] = 'onnxoptimizer'
+paddle2onnx.export(sys.argv[1], sys.argv[2], sys.argv[3], **options)
 """
 # The lowest ONNX opset that has every operator YOLACT uses; paddle2onnx raises
 # it when a graph needs more (DeformConv of YOLACT++'s DCNv2 needs 19).
@@ -189,6 +194,10 @@ def export_onnx(net, cfg, path_prefix, batch_size=1):
     """
     if importlib.util.find_spec('paddle2onnx') is None:
         raise ConfigError('ONNX export needs paddle2onnx, which is not installed (pip install paddle2onnx)')
+    if PADDLE_VERSION < (3, 0) and not _paddle2onnx_version().startswith('1.'):
+        # paddle2onnx 2.x refuses to run on Paddle < 3; 1.x reads the .pdmodel programs of Paddle 2.6.
+        raise ConfigError(f'paddle2onnx {_paddle2onnx_version()} needs Paddle >= 3 (this is {paddle.__version__}); '
+                          'with Paddle 2.6 install paddle2onnx 1.x: pip install "paddle2onnx>=1.3,<2"')
     with _staging_folder(path_prefix) as stage:
         paddle_prefix = os.path.join(stage, 'paddle')
         meta = _save_static(net, cfg, paddle_prefix, batch_size, export_format='onnx')
@@ -643,9 +652,7 @@ def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=Tru
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(predictor_cpu_threads(num_threads))
         if use_onednn:
-            config.enable_onednn()
-            if onednn_cache_capacity > 0:
-                config.set_onednn_cache_capacity(onednn_cache_capacity)
+            enable_onednn(config, onednn_cache_capacity)
         for name in _crashing_cpu_passes(path_prefix):
             config.delete_pass(name)
     else:
@@ -664,7 +671,7 @@ def _run(predictor, x):
     """
     x = x if isinstance(x, paddle.Tensor) else paddle.to_tensor(np.asarray(x, dtype=np.float32))
     with dygraph_threads_restored():
-        return predictor.run([x.astype('float32')])
+        return predictor_run(predictor, [x.astype('float32')])
 
 
 class ExportedMaskIoU:
