@@ -59,7 +59,7 @@ class Predictor:
             config, weights = weights, weights_path
         device = select_device(device)
         cfg = model_config(weights, config)
-        load_net = functools.cache(lambda: load_model(weights, cfg=cfg)[1])
+        load_net = functools.lru_cache(maxsize=None)(lambda: load_model(weights, cfg=cfg)[1])
         # cached_export returns None when the export failed its first-use check (it warns): dygraph then.
         prefix = cached_export(load_net, cfg, weights) if device == 'cpu' and not dygraph else None
         net = StaticYolact(prefix, device='cpu') if prefix is not None else load_net()
