@@ -62,6 +62,7 @@ from utils.deploy.inference import OnnxYolact, export_onnx, export_yolact  # noq
 from utils.weights.loader import load_model  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
+from tools.stage_clock import StageClock  # noqa: E402
 from utils.training.trainer import build_optimizer  # noqa: E402
 from yolact import Yolact  # noqa: E402
 
@@ -304,29 +305,6 @@ class TrainStep:
             self.optimizer.step()
             self.optimizer.clear_grad()
         return dict(clock.times, losses={k: float(v) for k, v in losses.items()})
-
-
-class StageClock:
-    """Wall and process CPU time of named stages: ``with clock('forward'): ...``; results in ``times``.
-
-    CPU time (all threads of this process) is the steadier measure on a
-    shared machine: other processes' load stretches wall time, not it.
-    """
-
-    def __init__(self):
-        self.times = {'wall': {}, 'cpu': {}}
-        self._stage = None
-
-    def __call__(self, stage):
-        self._stage = stage
-        return self
-
-    def __enter__(self):
-        self._start = time.perf_counter(), time.process_time()
-
-    def __exit__(self, *exc):
-        self.times['wall'][self._stage] = time.perf_counter() - self._start[0]
-        self.times['cpu'][self._stage] = time.process_time() - self._start[1]
 
 
 class ReferenceTrainStep:

@@ -21,8 +21,9 @@ decay; BatchNorm frozen as the reference freezes it below 6 images per GPU.
 """
 import json
 import sys
-import time
 import warnings
+
+from stage_clock import StageClock  # tools/ is sys.path[0] here; stage_clock imports nothing of the project
 
 
 def main(argv):
@@ -85,25 +86,6 @@ def main(argv):
         times = dict(clock.times, losses={k: v.item() for k, v in losses.items()})
         print(json.dumps(times), flush=True)
     return 0
-
-
-class StageClock:
-    """Wall and process CPU time of named stages (as tools/benchmark.py's, which this child cannot import)."""
-
-    def __init__(self):
-        self.times = {'wall': {}, 'cpu': {}}
-        self._stage = None
-
-    def __call__(self, stage):
-        self._stage = stage
-        return self
-
-    def __enter__(self):
-        self._start = time.perf_counter(), time.process_time()
-
-    def __exit__(self, *exc):
-        self.times['wall'][self._stage] = time.perf_counter() - self._start[0]
-        self.times['cpu'][self._stage] = time.process_time() - self._start[1]
 
 
 def _stand_in_torchvision():

@@ -147,7 +147,7 @@ def encode_rle(masks):
     return mask_util.frPyObjects(uncompressed, h, w) if uncompressed else []
 
 
-class _ClosedOrDiscarded:
+class ClosedOrDiscarded:
     """The writers' ``with`` protocol: :meth:`close` on success, :meth:`discard` on an exception."""
 
     def __enter__(self):
@@ -160,7 +160,7 @@ class _ClosedOrDiscarded:
             self.discard()
 
 
-class JsonArrayWriter(_ClosedOrDiscarded):
+class JsonArrayWriter(ClosedOrDiscarded):
     """A JSON array written one record at a time, so memory does not grow with the file.
 
     Records stream into a utils.files.AtomicFile (a temporary file beside
@@ -204,7 +204,7 @@ class JsonArrayWriter(_ClosedOrDiscarded):
         self._out.discard()
 
 
-class CocoResultsWriter(_ClosedOrDiscarded):
+class CocoResultsWriter(ClosedOrDiscarded):
     """Streams detections into ``bbox_detections.json`` and ``mask_detections.json``.
 
     Use as a context manager; call :meth:`add` once per image right after
@@ -391,23 +391,10 @@ def format_per_class_table(per_class):
 
 
 def write_json_atomic(path, obj, **dump_options):
-    """Write ``obj`` as JSON to ``path`` in one step: a temporary file beside it, then a rename.
-
-    A run that dies midway leaves ``path`` as it was (absent, or the previous complete file).
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f'.{name}.', suffix='.tmp', dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, 'w') as f:
-            json.dump(obj, f, **dump_options)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write ``obj`` as JSON to ``path`` in one step (utils.files.AtomicFile): a run that dies
+    midway leaves ``path`` as it was (absent, or the previous complete file)."""
+    with AtomicFile(path, 'w') as f:
+        json.dump(obj, f, **dump_options)
 
 
 def eval_log_path(log_dir, run_name):

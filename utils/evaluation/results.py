@@ -21,7 +21,7 @@ import os
 import cv2
 import numpy as np
 
-from utils.evaluation.coco_eval import CocoResultsWriter, write_json_atomic
+from utils.evaluation.coco_eval import ClosedOrDiscarded, CocoResultsWriter, write_json_atomic
 from utils.errors import ConfigError, OutputError
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def labelme_record(out, image_path, json_path, height, width):
             'imageData': None, 'imageHeight': int(height), 'imageWidth': int(width)}
 
 
-class InferenceResults:
+class InferenceResults(ClosedOrDiscarded):
     """COCO results files (and their image-info file) and/or labelme files of the images given to :meth:`add`.
 
     Args:
@@ -166,12 +166,3 @@ class InferenceResults:
     def discard(self):
         if self.coco is not None:
             self.coco.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            self.close()
-        else:
-            self.discard()
