@@ -504,12 +504,17 @@ def test_cli_image_and_images_write_drawings(shapes, weights, tmp_path):
     np.testing.assert_array_equal(drawn, cv2.imread(os.path.join(out_dir, '000001.png')))
 
 
-def test_cli_video_file_to_file(shapes, weights, tmp_path):
-    src = str(tmp_path / 'in.mp4')
-    writer = cv2.VideoWriter(src, cv2.VideoWriter_fourcc(*'mp4v'), 10, (SIDE, SIDE))
-    for name in sorted(os.listdir(shapes.valid_images))[:4]:
+def _write_video(shapes, path, num_frames):
+    """An mp4 at ``path`` of the first ``num_frames`` shapes validation images; returns ``path``."""
+    writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'mp4v'), 10, (SIDE, SIDE))
+    for name in sorted(os.listdir(shapes.valid_images))[:num_frames]:
         writer.write(cv2.imread(os.path.join(shapes.valid_images, name)))
     writer.release()
+    return path
+
+
+def test_cli_video_file_to_file(shapes, weights, tmp_path):
+    src = _write_video(shapes, str(tmp_path / 'in.mp4'), 4)
     out = str(tmp_path / 'out.mp4')
     _run_eval(['--trained_model', weights, '--video', f'{src}:{out}'])
     inputs, outputs = _video_frames(src), _video_frames(out)
@@ -636,11 +641,7 @@ def test_class_filter_keeps_the_named_classes(shapes, weights, tmp_path):
 
 
 def test_cli_video_frames_saved_as_coco_results(shapes, weights, tmp_path):
-    src = str(tmp_path / 'in.mp4')
-    writer = cv2.VideoWriter(src, cv2.VideoWriter_fourcc(*'mp4v'), 10, (SIDE, SIDE))
-    for name in sorted(os.listdir(shapes.valid_images))[:3]:
-        writer.write(cv2.imread(os.path.join(shapes.valid_images, name)))
-    writer.release()
+    src = _write_video(shapes, str(tmp_path / 'in.mp4'), 3)
     results_dir = str(tmp_path / 'results')
     _run_eval(['--trained_model', weights, '--video', src, '--output_coco_json', '--results_dir', results_dir])
     info = COCO(os.path.join(results_dir, 'image_info.json'))

@@ -107,12 +107,17 @@ def test_a_weights_payload_never_runs(capsys, shapes, tmp_path, entry, payload, 
     assert re.match(rf'^error: yolact_shapes_1_10\.pdparams: unsupported object {refused} in the pickle', line), line
 
 
-def test_an_optimizer_payload_never_runs_on_resume(capsys, shapes, tmp_path, good_weights):
+def _resumable_copy(tmp_path, good_weights):
+    """good_weights as <tmp_path>/run/yolact_shapes_1_10.pdparams; returns (weights, optimizer, record) paths."""
     folder = tmp_path / 'run'
     folder.mkdir()
     weights = folder / 'yolact_shapes_1_10.pdparams'
     weights.write_bytes(open(good_weights, 'rb').read())
-    opt_path, state_path = checkpoint.sidecar_paths(str(weights))
+    return (weights,) + checkpoint.sidecar_paths(str(weights))
+
+
+def test_an_optimizer_payload_never_runs_on_resume(capsys, shapes, tmp_path, good_weights):
+    weights, opt_path, state_path = _resumable_copy(tmp_path, good_weights)
     marker = tmp_path / 'MARKER'
     _write_payload(opt_path, _SystemPayload, str(marker), 'optimizer')
     with open(state_path, 'w') as f:
@@ -136,11 +141,7 @@ def test_a_real_eval_process_refuses_the_payload(tmp_path):
 
 
 def test_a_corrupt_optimizer_file_on_resume_is_one_line(capsys, shapes, tmp_path, good_weights):
-    folder = tmp_path / 'run'
-    folder.mkdir()
-    weights = folder / 'yolact_shapes_1_10.pdparams'
-    weights.write_bytes(open(good_weights, 'rb').read())
-    opt_path, state_path = checkpoint.sidecar_paths(str(weights))
+    weights, opt_path, state_path = _resumable_copy(tmp_path, good_weights)
     with open(state_path, 'w') as f:
         json.dump({'iteration': 10, 'epoch': 1, 'config': 'yolact_shapes'}, f)
     for content, message in [(b'\x80\x04garbage', 'yolact_shapes_1_10.pdopt: truncated'),

@@ -58,11 +58,17 @@ class Predictor:
         if weights_path is not None:
             config, weights = weights, weights_path
         device = select_device(device)
-        cfg = model_config(weights, config)
-        load_net = functools.lru_cache(maxsize=None)(lambda: load_model(weights, cfg=cfg)[1])
-        # cached_export returns None when the export failed its first-use check (it warns): dygraph then.
-        prefix = cached_export(load_net, cfg, weights) if device == 'cpu' and not dygraph else None
-        net = StaticYolact(prefix, device='cpu') if prefix is not None else load_net()
+        if device == 'cpu' and not dygraph:
+            # The config only: a cache hit builds no network and reads no weights but a record-less
+            # .pdparams's class count.
+            cfg = model_config(weights, config)
+            load_net = functools.lru_cache(maxsize=None)(lambda: load_model(weights, cfg=cfg)[1])
+            # cached_export returns None when the export failed its first-use check (it warns): dygraph then.
+            prefix = cached_export(load_net, cfg, weights)
+            net = StaticYolact(prefix, device='cpu') if prefix is not None else load_net()
+        else:
+            # load_model reads a .pdparams once, for its class count and its weights.
+            cfg, net = load_model(weights, config)
         self._setup(cfg, net, score_threshold, detect_overrides)
         logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 
