@@ -15,6 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # Predictor and eval.py export CPU models on first use into a cache: the tests' own one, not the user's.
 os.environ.setdefault('YOLACT_CACHE', tempfile.mkdtemp(prefix='yolact-test-cache-'))
+# The MKL kernels the programs use (utils.runtime.select_device), chosen before anything computes.
+from utils.runtime import use_mkl_avx2_on_amd  # noqa: E402
+
+use_mkl_avx2_on_amd()
 
 REFERENCE_DIR = os.environ.get(
     'YOLACT_REFERENCE_DIR', os.path.join(os.path.dirname(ROOT), 'shared', 'reference'))

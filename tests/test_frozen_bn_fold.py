@@ -1,14 +1,16 @@
-"""Training with frozen BatchNorm folds it into the preceding convolution (backbone.conv_bn).
+"""Speed measures of the training step: the same functions, the same gradients.
 
-The fold is a speed measure of the training step: the same function, the
-same gradients for the convolution and the input, and the reference's
-training-mode outputs.
+Training with frozen BatchNorm folds it into the preceding convolution
+(backbone.conv_bn), and the prediction head runs its three convolutions as
+one (yolact.PredictionModule._fused_heads): the same outputs and gradients
+for the parameters and the input, and the reference's training-mode outputs.
 """
 import numpy as np
 import paddle
 import pytest
 
 from backbone import ConvBN, conv_bn
+from yolact import PredictionModule
 from tests.conftest import needs_reference, reference_npz
 from tests.test_model import _reference_net, assert_matches_float16, preprocess
 
@@ -84,3 +86,31 @@ def test_training_forward_with_gradients_matches_reference():
     for key in ('loc', 'conf', 'mask', 'proto', 'segm'):
         assert not out[key].stop_gradient
         assert_matches_float16(out[key].numpy(), ref[f'pred_{key}'], key)
+
+
+@pytest.mark.parametrize('batch', [1, 2])
+def test_fused_head_convs_give_the_separate_convs_results_and_gradients(batch):
+    paddle.seed(0)
+    head = PredictionModule(16, num_priors=3, num_classes=5, mask_dim=4, extra_head_net=[(16, 3, 1, 1)])
+    x = paddle.to_tensor(np.random.default_rng(2).standard_normal((batch, 16, 7, 9)).astype('float32'),
+                         stop_gradient=False)
+    layers = (head.bbox_layer, head.conf_layer, head.mask_layer)
+
+    def run(training):
+        head.train() if training else head.eval()
+        outs = head(x)
+        loss = sum((o * paddle.arange(o.size, dtype='float32').reshape(o.shape) / o.size).sum() for o in outs)
+        loss.backward()
+        grads = [x.grad.numpy()] + [p.grad.numpy() for layer in layers for p in (layer.weight, layer.bias)]
+        x.clear_gradient()
+        head.clear_gradients()
+        return [o.numpy() for o in outs], grads
+
+    fused_calls = []
+    original = PredictionModule._fused_heads
+    head._fused_heads = lambda y: fused_calls.append(1) or original(head, y)
+    fused_out, fused_grads = run(training=True)
+    separate_out, separate_grads = run(training=False)
+    assert fused_calls == [1]   # training took the fused convolution, inference did not
+    for a, b in zip(fused_out + fused_grads, separate_out + separate_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -159,3 +159,72 @@ def test_unpack_zips_idempotent_and_merges_annotations(tmp_path):
     (zips / 'test2017.zip').write_bytes(b'not a zip')
     with pytest.raises(DatasetError, match='test2017.zip'):
         unpack_zips(str(zips), str(dest), ['test2017.zip'])
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+model name\t: {model}
+flags\t\t: fpu sse2 avx {avx2} fma
+
+processor\t: 1
+vendor_id\t: {vendor}
+flags\t\t: fpu sse2 avx avx2 fma
+"""
+
+
+@pytest.mark.parametrize('vendor, avx2, expected', [('AuthenticAMD', 'avx2', True), ('AuthenticAMD', '', False),
+                                                    ('GenuineIntel', 'avx2', False)])
+def test_mkl_avx2_only_on_amd_with_avx2(tmp_path, monkeypatch, vendor, avx2, expected):
+    monkeypatch.delenv(runtime.MKL_CPU_TYPE_VAR, raising=False)
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text(CPUINFO.format(vendor=vendor, model='Some CPU', avx2=avx2))
+    assert runtime.use_mkl_avx2_on_amd(str(cpuinfo)) is expected
+    assert os.environ.get(runtime.MKL_CPU_TYPE_VAR) == ('5' if expected else None)
+
+
+def test_mkl_cpu_type_set_by_the_user_is_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv(runtime.MKL_CPU_TYPE_VAR, '4')
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text(CPUINFO.format(vendor='AuthenticAMD', model='Some CPU', avx2='avx2'))
+    assert not runtime.use_mkl_avx2_on_amd(str(cpuinfo))
+    assert os.environ[runtime.MKL_CPU_TYPE_VAR] == '4'
+    assert not runtime.use_mkl_avx2_on_amd(str(tmp_path / 'missing'))
+
+
+# A convolution whose result differs between MKL's generic and AVX2 GEMM kernels (their
+# accumulation orders differ), printed bit for bit.
+CONV_PROBE = """
+import sys
+import numpy as np
+sys.path.insert(0, {root!r})
+from utils.runtime import select_device
+if sys.argv[1] == 'select_device':
+    select_device('cpu', cpu_threads=1)
+import paddle
+paddle.seed(0)
+x = paddle.to_tensor(np.random.RandomState(0).randn(2, 64, 33, 33).astype('float32'))
+conv = paddle.nn.Conv2D(64, 64, 3, padding=1)
+print(conv(x).numpy().astype(np.float64).sum().hex())
+"""
+
+
+def _conv_probe(mode, cpu_type):
+    env = {k: v for k, v in os.environ.items() if k != runtime.MKL_CPU_TYPE_VAR}
+    if cpu_type is not None:
+        env[runtime.MKL_CPU_TYPE_VAR] = cpu_type
+    env['OMP_NUM_THREADS'] = '1'
+    out = subprocess.run([sys.executable, '-c', CONV_PROBE.format(root=ROOT), mode], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    return out.stdout.split()[-1]
+
+
+def test_select_device_switches_mkl_before_its_first_call():
+    """On an AMD CPU, select_device's process computes what MKL's AVX2 kernels compute, not its generic ones."""
+    with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
+        cpuinfo = f.read(1 << 16)
+    if 'AuthenticAMD' not in cpuinfo or ' avx2' not in cpuinfo:
+        pytest.skip('MKL_DEBUG_CPU_TYPE is only set on an AMD CPU with AVX2')
+    generic = _conv_probe('plain', None)
+    avx2 = _conv_probe('plain', '5')
+    assert generic != avx2, 'the probe no longer tells the two kernels apart'
+    assert _conv_probe('select_device', None) == avx2

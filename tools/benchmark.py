@@ -61,7 +61,7 @@ from utils.evaluation.loop import evaluate  # noqa: E402
 from utils.deploy.inference import OnnxYolact, export_onnx, export_yolact  # noqa: E402
 from utils.weights.loader import load_model  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
-from utils.runtime import select_device  # noqa: E402
+from utils.runtime import default_cpu_threads, select_device  # noqa: E402
 from tools.stage_clock import StageClock  # noqa: E402
 from utils.training.trainer import build_optimizer  # noqa: E402
 from yolact import Yolact  # noqa: E402
@@ -417,7 +417,10 @@ def run_train_benchmark(args):
     steps = {'ours': TrainStep(cfg, batch, args.seed)}
     with tempfile.TemporaryDirectory() as tmp:
         if args.reference:
-            with ReferenceTrainStep(args.reference, cfg, batch, steps['ours'].net, tmp, args.threads) as reference:
+            # torch gets Paddle's thread count: left to itself it would read the OMP_NUM_THREADS=1
+            # that importing paddle set in this process's environment, and run on one core.
+            threads = args.threads or default_cpu_threads()
+            with ReferenceTrainStep(args.reference, cfg, batch, steps['ours'].net, tmp, threads) as reference:
                 steps['reference'] = reference
                 train_benchmark(steps, cfg, args.batch_size, args.runs, args.warmup)
         else:
@@ -462,7 +465,8 @@ def parse_args(argv=None):
                    help='with --train: also time the reference PyTorch code of this dbolya/yolact checkout')
     p.add_argument('--threads', default=None, type=int,
                    help="with --train: CPU threads of Paddle's operators and, with --reference, of torch's (default: "
-                        "utils.runtime's choice for Paddle, torch's own); 1 measures the work itself on a busy machine")
+                        "utils.runtime's choice, the machine's cores, for both); 1 measures the work itself on a busy "
+                        "machine")
     args = p.parse_args(argv)
     if (args.reference or args.batch_size != 2 or args.threads) and not args.train:
         p.error('--reference, --batch_size and --threads need --train')

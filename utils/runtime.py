@@ -49,8 +49,48 @@ def local_process_count():
     return 1
 
 
+# MKL, Paddle's CPU GEMM (under every dygraph convolution and matmul), runs its generic kernels on
+# a CPU that is not Intel's unless MKL_DEBUG_CPU_TYPE=5 tells it to use the AVX2 ones; the MKL in
+# Paddle's wheels still reads that switch. On an AMD EPYC (2 cores, 1 thread) a 256->256 3x3 conv
+# on [2, 256, 69, 69], forward and backward, takes 0.97 s without it, 0.44 s with it (PyTorch:
+# 0.33 s), and a yolact_resnet50 training step 2.8x the reference's CPU time -> 1.1x. MKL reads it
+# at its first call, so it must be set before the process computes anything.
+MKL_CPU_TYPE_VAR = 'MKL_DEBUG_CPU_TYPE'
+MKL_AVX2 = '5'
+
+
+def use_mkl_avx2_on_amd(cpuinfo_path='/proc/cpuinfo'):
+    """Have MKL use its AVX2 kernels on an AMD CPU with AVX2; True when this call set it.
+
+    Leaves a value the user set alone, and every other CPU (an Intel CPU
+    picks its own kernels, AVX-512 ones included). Child processes (DataLoader
+    workers, data-parallel trainers) inherit it through the environment.
+    """
+    if MKL_CPU_TYPE_VAR in os.environ:
+        return False
+    try:
+        with open(cpuinfo_path, encoding='utf-8', errors='replace') as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    fields = {}
+    for line in head.splitlines():
+        if not line.strip():
+            break  # the end of the first processor's block
+        key, _, value = line.partition(':')
+        fields[key.strip()] = value.strip()
+    if fields.get('vendor_id') != 'AuthenticAMD' or 'avx2' not in fields.get('flags', '').split():
+        return False
+    os.environ[MKL_CPU_TYPE_VAR] = MKL_AVX2
+    logger.info('AMD CPU with AVX2: MKL uses its AVX2 kernels (%s=%s)', MKL_CPU_TYPE_VAR, MKL_AVX2)
+    return True
+
+
 def select_device(device=None, cpu_threads=None):
     """Use ``device`` ('cpu', 'gpu', 'gpu:1', ...) or, when None, a GPU if there is one; returns its name.
+
+    Call it before the first computation: it also switches MKL to its AVX2
+    kernels on an AMD CPU (:func:`use_mkl_avx2_on_amd`).
 
     On CPU, dygraph operators get ``cpu_threads`` threads (default: the
     machine's cores shared evenly among the local training processes):
@@ -61,6 +101,7 @@ def select_device(device=None, cpu_threads=None):
     """
     import paddle
 
+    use_mkl_avx2_on_amd()
     device = device or ('gpu' if paddle.device.cuda.device_count() > 0 else 'cpu')
     paddle.set_device(device)
     if device == 'cpu':
