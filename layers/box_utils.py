@@ -107,14 +107,17 @@ def decode(loc, priors):
     return paddle.concat([mins, mins + sizes], axis=1)
 
 
-def match(pos_thresh, neg_thresh, crowd_iou_thresh, truths, priors, labels, crowd_boxes=None):
+def match(pos_thresh, neg_thresh, crowd_iou_thresh, truths, priors, labels, crowd_boxes=None, backend='auto'):
     """Assign each anchor a ground-truth box, as the reference ``match`` does.
 
     Args:
-        truths: [O, 4] point-form ground-truth boxes (non-crowd).
+        truths: [O, 4] point-form ground-truth boxes (non-crowd), O >= 1.
         priors: [P, 4] center-form anchors.
         labels: [O] int64 class labels, 0-based (background excluded).
         crowd_boxes: [K, 4] point-form crowd boxes or None.
+        backend: where the "every truth gets its best anchor" loop runs
+            ('auto': on the device when ``truths`` is on a GPU, else in numpy;
+            see ``use_device_path``). Both give the same assignment.
     Returns:
         loc_t  [P, 4] float: encoded regression targets of the matched truth,
         conf_t [P] int64: label+1 for positives, 0 for background, -1 for neutral,
@@ -129,22 +132,8 @@ def match(pos_thresh, neg_thresh, crowd_iou_thresh, truths, priors, labels, crow
     overlaps = jaccard(truths, decoded_priors)                   # [O, P]
     best_truth_overlap = overlaps.max(axis=0)
     best_truth_idx = overlaps.argmax(axis=0)
-
-    # The forcing loop runs on host copies: O is small and each step is a scalar decision.
-    ov = overlaps.numpy().copy()
-    bto = best_truth_overlap.numpy().copy()
-    bti = best_truth_idx.numpy().copy()
-    for _ in range(ov.shape[0]):
-        best_prior_overlap = ov.max(axis=1)
-        best_prior_idx = ov.argmax(axis=1)
-        j = int(best_prior_overlap.argmax())
-        i = int(best_prior_idx[j])
-        ov[:, i] = -1
-        ov[j, :] = -1
-        bto[i] = 2
-        bti[i] = j
-    best_truth_overlap = paddle.to_tensor(bto)
-    best_truth_idx = paddle.to_tensor(bti)
+    force = _force_best_priors_device if use_device_path(truths, backend) else _force_best_priors
+    best_truth_overlap, best_truth_idx = force(overlaps, best_truth_overlap, best_truth_idx)
 
     matches = paddle.gather(truths, best_truth_idx)
     conf = paddle.gather(labels, best_truth_idx).astype('int64') + 1
@@ -157,6 +146,60 @@ def match(pos_thresh, neg_thresh, crowd_iou_thresh, truths, priors, labels, crow
                             paddle.full_like(conf, -1), conf)
 
     return encode(matches, priors), conf, best_truth_idx
+
+
+def _force_best_priors(overlaps, best_truth_overlap, best_truth_idx):
+    """The reference's forcing loop, on host copies.
+
+    overlaps [O, P]; best_truth_overlap [P] float, best_truth_idx [P] int64 (each
+    anchor's best truth) -> the same two with every truth's best anchor forced
+    to it (overlap 2). O times: the largest remaining overlap (ties: the first
+    truth, then its first anchor, numpy's argmax rule) assigns anchor i to
+    truth j, and row j and column i leave the competition (set to -1). With
+    more truths than anchors, the surplus steps find only -1 and reassign
+    anchor 0 to truth 0, as the reference does.
+    """
+    # O is small and each step is a scalar decision: numpy is faster than Paddle's CPU kernels here.
+    ov = overlaps.numpy().copy()
+    bto = best_truth_overlap.numpy().copy()
+    bti = best_truth_idx.numpy().copy()
+    for _ in range(ov.shape[0]):
+        best_prior_overlap = ov.max(axis=1)
+        best_prior_idx = ov.argmax(axis=1)
+        j = int(best_prior_overlap.argmax())
+        i = int(best_prior_idx[j])
+        ov[:, i] = -1
+        ov[j, :] = -1
+        bto[i] = 2
+        bti[i] = j
+    return paddle.to_tensor(bto), paddle.to_tensor(bti)
+
+
+def _force_best_priors_device(overlaps, best_truth_overlap, best_truth_idx):
+    """``_force_best_priors`` in fixed-shape Paddle ops: no host copy, no Python decision on a value.
+
+    Same arguments and result, on the tensors' device. Each of the O steps is
+    one argmax over the flattened [O * P] matrix: Paddle's argmax returns the
+    first maximum (tested on the CPU; its GPU kernel reduces with cub's ArgMax,
+    which also keeps the lower index of a tie), and the first maximum in
+    row-major order is the host rule's choice: the first truth holding the
+    largest overlap and, in its row, the first anchor reaching it.
+    """
+    num_truths, num_priors = overlaps.shape
+    truth_ids = paddle.arange(num_truths, dtype='int64').unsqueeze(1)        # [O, 1]
+    prior_ids = paddle.arange(num_priors, dtype='int64')                      # [P]
+    removed = paddle.full_like(overlaps, -1)
+    forced = paddle.full_like(best_truth_overlap, 2)
+    ov = overlaps
+    for _ in range(num_truths):
+        flat = ov.flatten().argmax()                                          # [] int64
+        j = flat // num_priors
+        i = flat % num_priors
+        anchor = prior_ids == i                                               # [P], True at i only
+        ov = paddle.where((truth_ids == j) | anchor.unsqueeze(0), removed, ov)
+        best_truth_overlap = paddle.where(anchor, forced, best_truth_overlap)
+        best_truth_idx = paddle.where(anchor, j.expand_as(best_truth_idx), best_truth_idx)
+    return best_truth_overlap, best_truth_idx
 
 
 def sanitize_coordinates(x1, x2, img_size, padding=0):

@@ -9,12 +9,36 @@ loss and, for YOLACT++, the mask-IoU regression loss of the re-scoring net.
 Box formats: targets are point form (x1, y1, x2, y2) relative to the image;
 priors are center form (cx, cy, w, h) relative; ``loc`` predictions are
 offsets in the ``box_utils.encode`` convention.
+
+Two implementations give the same loss (``backend``, as for Detect):
+
+* host path (the CPU default): selects the positive and hard-negative anchors
+  with ``nonzero``/``gather`` and runs the matching's forcing loop in numpy,
+  which is fastest on a CPU.
+* device path (the default when the predictions are on a GPU): fixed-shape
+  Paddle ops only, so a training step never waits for the device: no copy to
+  the host, no ``nonzero``, no Python decision on a tensor value between the
+  predictions and the returned terms. Selections become 0/1 weights over all
+  anchors (``where`` on per-anchor losses); the lincomb mask loss works on a
+  fixed ``min(masks_to_train, P)`` candidate anchors per image, the
+  positives first, invalid candidates weighted 0; the mask-IoU net sees all
+  of them, the invalid and the discarded ones weighted 0. Its sums run in a
+  different order, so terms agree with the host path to float32 rounding, not
+  bit for bit. Only Python data feeds its control flow: shapes and the
+  ``num_crowds`` ints.
+
+Random subsets (more positives than ``masks_to_train``, more mask-IoU samples
+than ``maskious_to_train``) are uniform on both paths and drawn from ``rng``;
+the host path permutes the selected indices in numpy, the device path ranks
+random keys from ``paddle.uniform`` seeded by ``rng``, so the same ``rng``
+gives different (equally distributed) subsets on the two paths.
 """
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from layers.box_utils import center_size, crop, jaccard, log_sum_exp, match, point_form
+from layers.box_utils import (BACKENDS, center_size, crop, divide_rounded, jaccard, log_sum_exp, match, point_form,
+                              use_device_path)
 
 
 def _select(x, mask):
@@ -25,6 +49,26 @@ def _select(x, mask):
     """
     index = paddle.nonzero(mask.flatten()).flatten()
     return paddle.gather(x.reshape([-1] + list(x.shape[2:])), index)
+
+
+def _masked_sum(x, mask):
+    """Sum of x [...] where the bool mask (broadcastable to x) is True, in fixed-shape ops -> scalar.
+
+    ``where``, not a 0/1 product: a NaN or infinite value where the mask is
+    False (an unselected anchor's loss) must not reach the sum, and its
+    gradient there is exactly 0.
+    """
+    return paddle.where(paddle.broadcast_to(mask, x.shape), x, paddle.zeros_like(x)).sum()
+
+
+def _top_weighted(weight, k, uniform):
+    """k entries, those with weight first, a uniform random choice among them (fixed-shape ops).
+
+    weight [N] bool, uniform [N] float32 keys in [0, 1), k <= N -> (their keys [k],
+    with -1 for an entry without weight, and indices [k] int64, in descending key order).
+    """
+    keys = paddle.where(weight, uniform, paddle.full_like(uniform, -1.0))
+    return paddle.topk(keys, k)
 
 
 class MultiBoxLoss:
@@ -59,6 +103,9 @@ class MultiBoxLoss:
             is not above this do not train the mask-IoU net; <= 0 keeps all.
         rng: ``numpy.random.Generator`` used for the random subsets, so that
             sampling can be seeded; a fresh unseeded generator by default.
+        backend: 'auto' computes on the device path when the predictions are on
+            a GPU and on the host path otherwise; 'device' / 'host' force one
+            (tests force 'device' to check the GPU path on a CPU).
     """
 
     def __init__(self, num_classes, pos_threshold=0.5, neg_threshold=0.4, crowd_iou_threshold=0.7,
@@ -66,7 +113,9 @@ class MultiBoxLoss:
                  semantic_segmentation_alpha=1.0, masks_to_train=100, mask_proto_crop=True,
                  binarize_downsampled_gt=True, normalize_emulate_roi_pooling=True,
                  use_semantic_segmentation_loss=True, use_maskiou=False, maskiou_alpha=1.0,
-                 maskious_to_train=-1, discard_mask_area=-1, rng=None):
+                 maskious_to_train=-1, discard_mask_area=-1, rng=None, backend='auto'):
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         self.num_classes = num_classes
         self.pos_threshold = pos_threshold
         self.neg_threshold = neg_threshold
@@ -86,10 +135,11 @@ class MultiBoxLoss:
         self.maskious_to_train = maskious_to_train
         self.discard_mask_area = discard_mask_area
         self.rng = rng if rng is not None else np.random.default_rng()
+        self.backend = backend
 
     @classmethod
-    def from_config(cls, cfg, rng=None):
-        """The loss of a ``YolactConfig``; ``rng`` as in the constructor."""
+    def from_config(cls, cfg, rng=None, backend='auto'):
+        """The loss of a ``YolactConfig``; ``rng`` and ``backend`` as in the constructor."""
         return cls(num_classes=cfg.num_classes,
                    pos_threshold=cfg.positive_iou_threshold,
                    neg_threshold=cfg.negative_iou_threshold,
@@ -108,7 +158,7 @@ class MultiBoxLoss:
                    maskiou_alpha=cfg.maskiou_alpha,
                    maskious_to_train=cfg.maskious_to_train,
                    discard_mask_area=cfg.discard_mask_area,
-                   rng=rng)
+                   rng=rng, backend=backend)
 
     def __call__(self, net, predictions, targets, masks, num_crowds):
         """Compute the loss terms of one batch.
@@ -130,20 +180,27 @@ class MultiBoxLoss:
         conf = predictions['conf']
         priors = predictions['priors']
         batch_size = loc.shape[0]
+        on_device = use_device_path(loc, self.backend)
 
-        gt = [self._image_targets(targets[b], masks[b], int(num_crowds[b]), priors)
+        gt = [self._image_targets(targets[b], masks[b], int(num_crowds[b]), priors, on_device)
               for b in range(batch_size)]
         loc_t = paddle.stack([g['loc_t'] for g in gt])          # [B, P, 4]
         conf_t = paddle.stack([g['conf_t'] for g in gt])        # [B, P]
         pos = conf_t > 0
         # The reference divides by the batch's positive count; the guard only
         # matters for a batch without any non-crowd object, where that count is 0.
-        total_num_pos = max(int(pos.astype('int64').sum()), 1)
-
-        loss_box = F.smooth_l1_loss(_select(loc, pos), _select(loc_t, pos), reduction='sum') * self.bbox_alpha
-        loss_conf = self._ohem_conf_loss(conf, conf_t, pos)
-        loss_mask, maskiou_samples = self._lincomb_mask_loss(predictions['proto'], predictions['mask'],
-                                                             pos, gt)
+        if on_device:
+            total_num_pos = paddle.clip(pos.astype('int64').sum(), min=1).astype(loc.dtype)
+            box_loss = F.smooth_l1_loss(loc, loc_t, reduction='none')                  # [B, P, 4]
+            loss_box = _masked_sum(box_loss, pos.unsqueeze(2)) * self.bbox_alpha
+            loss_mask, maskiou_samples = self._lincomb_mask_loss_device(predictions['proto'], predictions['mask'],
+                                                                        pos, gt)
+        else:
+            total_num_pos = max(int(pos.astype('int64').sum()), 1)
+            loss_box = F.smooth_l1_loss(_select(loc, pos), _select(loc_t, pos), reduction='sum') * self.bbox_alpha
+            loss_mask, maskiou_samples = self._lincomb_mask_loss(predictions['proto'], predictions['mask'],
+                                                                 pos, gt)
+        loss_conf = self._ohem_conf_loss(conf, conf_t, pos, on_device)
 
         losses = {'loss_box': loss_box / total_num_pos,
                   'loss_conf': loss_conf / total_num_pos,
@@ -151,12 +208,15 @@ class MultiBoxLoss:
         if self.use_semantic_segmentation_loss:
             losses['loss_segm'] = self._semantic_segmentation_loss(predictions['segm'], gt) / batch_size
         if self.use_maskiou:
-            losses['loss_maskiou'] = self._mask_iou_loss(net, maskiou_samples) / total_num_pos
+            mask_iou_loss = self._mask_iou_loss_device if on_device else self._mask_iou_loss
+            losses['loss_maskiou'] = mask_iou_loss(net, maskiou_samples) / total_num_pos
         return losses
 
     # ----------------------------------------------------------- targets --
-    def _image_targets(self, target, mask, num_crowd, priors):
+    def _image_targets(self, target, mask, num_crowd, priors, on_device):
         """Anchor targets of one image with its crowd annotations split off.
+
+        ``on_device`` picks the device implementation of ``match``'s forcing loop.
 
         Returns a dict: loc_t [P, 4], conf_t [P] (label+1 / 0 background / -1 neutral),
         idx_t [P] matched truth index, boxes_t [P, 4] matched point-form truth box,
@@ -170,7 +230,8 @@ class MultiBoxLoss:
 
         if num_objects > 0:
             loc_t, conf_t, idx_t = match(self.pos_threshold, self.neg_threshold, self.crowd_iou_threshold,
-                                         truths, priors, labels, crowd_boxes)
+                                         truths, priors, labels, crowd_boxes,
+                                         backend='device' if on_device else 'host')
             boxes_t = paddle.gather(truths, idx_t)
         else:
             # No non-crowd object (the reference's matching fails on such an image):
@@ -186,10 +247,13 @@ class MultiBoxLoss:
                 'labels': labels, 'masks': mask[:num_objects]}
 
     # -------------------------------------------------------------- conf --
-    def _ohem_conf_loss(self, conf, conf_t, pos):
+    def _ohem_conf_loss(self, conf, conf_t, pos, on_device=False):
         """Softmax cross entropy over positives and the hardest background anchors.
 
         conf [B, P, C] logits, conf_t [B, P], pos [B, P] bool -> scalar (summed, times conf_alpha).
+        The host path gathers the kept anchors; the device path weights every
+        anchor's cross entropy by 0/1 (the same per-anchor values, summed in
+        another order).
         Negatives are ranked by -log softmax(background); per image the top
         ``negpos_ratio * num_pos`` of them are kept. Neutral anchors never count.
         An image without positives (no non-crowd object, which the reference
@@ -212,6 +276,11 @@ class MultiBoxLoss:
             neg = (rank < num_neg) & (conf_t == 0)
 
         keep = pos | neg
+        if on_device:
+            # Neutral anchors (label -1) are never kept; class 0 stands in as a valid label.
+            labels = paddle.clip(conf_t, min=0).reshape([-1])
+            per_anchor = F.cross_entropy(conf.reshape([-1, num_classes]), labels, reduction='none')
+            return _masked_sum(per_anchor.reshape([batch_size, num_priors]), keep) * self.conf_alpha
         return F.cross_entropy(_select(conf, keep), _select(conf_t, keep), reduction='sum') * self.conf_alpha
 
     # -------------------------------------------------------------- mask --
@@ -280,6 +349,96 @@ class MultiBoxLoss:
             return loss, None
         return loss, (paddle.concat(iou_inputs), paddle.concat(iou_targets), paddle.concat(iou_labels))
 
+    def _lincomb_mask_loss_device(self, proto, coeffs, pos, gt):
+        """``_lincomb_mask_loss`` on a fixed number of candidate anchors per image (device path).
+
+        proto [B, h, w, K], coeffs [B, P, K], pos [B, P] bool.
+        Each image with a non-crowd object assembles k = min(masks_to_train, P)
+        masks: those of all its positives when it has at most k of them, in
+        ascending anchor order (the order the host path sums them in), else of
+        a uniform random k of its positives, rescaled by num_pos / k; the
+        candidates beyond its positives are weighted 0.
+        Returns (mask loss scalar, mask-IoU samples or None): the samples are
+        (net input [N, 1, h, w], IoU targets [N], 0-based labels [N], weights [N] bool),
+        k per image with an object, when ``use_maskiou``.
+        """
+        mask_h, mask_w = proto.shape[1], proto.shape[2]
+        k = min(self.masks_to_train, pos.shape[1])
+        loss = paddle.zeros([], dtype=proto.dtype)
+        iou_inputs, iou_targets, iou_labels, iou_weights = [], [], [], []
+
+        for b, g in enumerate(gt):
+            # An image without a non-crowd object has no positive (an annotation count: host data).
+            if g['masks'].shape[0] == 0:
+                continue
+            pos_index, valid = self._mask_candidates(pos[b], k)                      # [k], [k]
+            num_pos = pos[b].astype('int64').sum()
+            num_used = paddle.clip(num_pos, min=1, max=k)
+            # Correctly rounded like the host path's Python quotient; 1 unless subsampled.
+            scale = divide_rounded(num_pos.astype(proto.dtype), num_used.astype(proto.dtype))
+
+            with paddle.no_grad():
+                gt_masks = self._downsample_masks(g['masks'], mask_h, mask_w)      # [n, h, w]
+                if self.binarize_downsampled_gt:
+                    gt_masks = (gt_masks > 0.5).astype(proto.dtype)
+                obj_index = paddle.gather(g['idx_t'], pos_index)
+                mask_t = paddle.gather(gt_masks, obj_index).transpose([1, 2, 0])   # [h, w, k]
+                boxes_t = paddle.gather(g['boxes_t'], pos_index)                   # [k, 4]
+
+            pred_masks = F.sigmoid(paddle.matmul(proto[b], paddle.gather(coeffs[b], pos_index), transpose_y=True))
+            if self.mask_proto_crop:
+                pred_masks = crop(pred_masks, boxes_t)
+            pixel_loss = _binary_cross_entropy(pred_masks, mask_t)                     # [h, w, k]
+
+            if self.normalize_emulate_roi_pooling:
+                weight = mask_h * mask_w if self.mask_proto_crop else 1
+                box_wh = center_size(boxes_t)[:, 2:]
+                per_mask = pixel_loss.sum(axis=[0, 1]) / (box_wh[:, 0] * mask_w) / (box_wh[:, 1] * mask_h) * weight
+            else:
+                per_mask = pixel_loss.sum(axis=[0, 1])
+            loss = loss + _masked_sum(per_mask, valid) * scale
+
+            if self.use_maskiou:
+                keep = valid
+                if self.discard_mask_area > 0:
+                    keep = keep & (mask_t.sum(axis=[0, 1]) > self.discard_mask_area)
+                iou_t = self._binary_mask_iou(pred_masks, mask_t)
+                # A row weighted 0 (a discarded small mask, a candidate that is no positive) may
+                # have an empty union, 0 / 0. A zero target keeps that NaN out of the loss's
+                # inputs instead of relying on the Smooth-L1 backward to give 0 for a NaN
+                # residual under a zero upstream gradient (Paddle 3.3's CPU kernel does).
+                iou_targets.append(paddle.where(keep, iou_t, paddle.zeros_like(iou_t)))
+                iou_inputs.append(pred_masks.transpose([2, 0, 1]).unsqueeze(1))
+                iou_labels.append(paddle.gather(g['labels'], obj_index))
+                iou_weights.append(keep)
+
+        loss = loss * self.mask_alpha / mask_h / mask_w
+        if not iou_inputs:
+            return loss, None
+        return loss, tuple(paddle.concat(t) for t in (iou_inputs, iou_targets, iou_labels, iou_weights))
+
+    def _mask_candidates(self, pos, k):
+        """k anchors of one image, its positives first, in fixed-shape ops.
+
+        pos [P] bool -> (anchor indices [k] int64, valid [k] bool). With at most k
+        positives: all of them, ascending, then any non-positive anchors
+        (valid False). With more: a uniform random k of them, ascending.
+        """
+        num_priors = pos.shape[0]
+        keys, index = _top_weighted(pos, k, self._uniform([num_priors]))
+        # Sorted as (not positive, anchor index): one sort gives both the order and the validity.
+        order = paddle.sort(paddle.where(keys >= 0, index, index + num_priors))
+        return order % num_priors, order < num_priors
+
+    def _uniform(self, shape):
+        """Device-side uniform [0, 1) float32 keys of ``shape``, seeded from ``self.rng``.
+
+        An op seed (rather than Paddle's global generator) keeps the sampling
+        reproducible from ``rng`` alone, as on the host path; the seed is host
+        data drawn without looking at any tensor.
+        """
+        return paddle.uniform(shape, dtype='float32', min=0.0, max=1.0, seed=int(self.rng.integers(1, 2 ** 31 - 1)))
+
     @staticmethod
     def _downsample_masks(masks, height, width):
         """[n, H, W] -> [n, height, width] bilinear (align_corners=False), as the reference resizes GT."""
@@ -317,6 +476,29 @@ class MultiBoxLoss:
         iou_p = net.maskiou_net(net_input)                                   # [N, C-1]
         iou_p = paddle.take_along_axis(iou_p, labels.unsqueeze(1), axis=1).squeeze(1)
         return F.smooth_l1_loss(iou_p, iou_t, reduction='sum') * self.maskiou_alpha
+
+    def _mask_iou_loss_device(self, net, samples):
+        """``_mask_iou_loss`` on weighted samples (device path).
+
+        samples: (input [N, 1, h, w], IoU targets [N], labels [N], weights [N] bool)
+        or None. The net sees all N rows (it has no batch statistics, so a
+        row's prediction does not depend on the others); weight-0 rows add 0.
+        With more than ``maskious_to_train`` rows, a uniform random subset of
+        that many is taken, the weighted rows first, like the host path's
+        subset of its samples.
+        """
+        if samples is None:
+            return paddle.zeros([])
+        net_input, iou_t, labels, weight = samples
+        num_samples = weight.shape[0]
+        if 0 < self.maskious_to_train < num_samples:
+            _, select = _top_weighted(weight, self.maskious_to_train, self._uniform([num_samples]))
+            select = paddle.sort(select)
+            net_input, iou_t, labels = (paddle.gather(t, select) for t in (net_input, iou_t, labels))
+            weight = paddle.gather(weight.astype('int32'), select) > 0
+        iou_p = net.maskiou_net(net_input)                                   # [N, C-1]
+        iou_p = paddle.take_along_axis(iou_p, labels.unsqueeze(1), axis=1).squeeze(1)
+        return _masked_sum(F.smooth_l1_loss(iou_p, iou_t, reduction='none'), weight) * self.maskiou_alpha
 
     # -------------------------------------------------------- semantic --
     def _semantic_segmentation_loss(self, segm, gt):
