@@ -29,7 +29,7 @@ from utils.weights.convert import save_params
 from utils.errors import WeightsError, run_cli
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import init_for_finetuning
-from utils.training.trainer import NetLoss, Trainer, build_optimizer
+from utils.training.trainer import NetLoss, NonFiniteLossError, Trainer, build_optimizer
 from yolact import Yolact
 
 CONFIG = 'train_test_tiny'
@@ -71,16 +71,15 @@ def train_argv(shapes, tmp_path, *extra):
 
 @pytest.fixture
 def recorded_losses(monkeypatch):
-    """{iteration: {term: value}} of every train_step run during the test."""
+    """{iteration: {term: value}} of every iteration trained during the test, as read from the device."""
     records = {}
-    original = Trainer.train_step
+    original = Trainer.record_losses
 
-    def recording(self, *args):
-        iteration = self.iteration
-        records[iteration] = original(self, *args)
-        return records[iteration]
+    def recording(self, iteration, values, *args):
+        records[iteration] = values
+        return original(self, iteration, values, *args)
 
-    monkeypatch.setattr(Trainer, 'train_step', recording)
+    monkeypatch.setattr(Trainer, 'record_losses', recording)
     return records
 
 
@@ -278,9 +277,9 @@ def test_include_background_images_trains_on_images_without_objects(tiny_config,
 
     def recording(self, images, targets, masks, num_crowds, lr):
         objects_per_batch.append(sorted(len(t) for t in targets))
-        losses = original(self, images, targets, masks, num_crowds, lr)
-        objects_per_batch[-1] = (objects_per_batch[-1], losses)
-        return losses
+        row = original(self, images, targets, masks, num_crowds, lr)
+        objects_per_batch[-1] = (objects_per_batch[-1], dict(zip(self.loss_names, row.numpy().tolist())))
+        return row
 
     monkeypatch.setattr(Trainer, 'train_step', recording)
     argv = ['--config', CONFIG, '--batch_size', '2', '--no_autoscale', '--num_workers', '0',
@@ -373,7 +372,8 @@ def test_many_epochs_leave_no_worker_processes_behind(tiny_config, shapes, tmp_p
     argv[argv.index('--num_workers') + 1] = '1'
     steps = []
     # The data loading is under test, not the optimisation: the step only counts batches.
-    monkeypatch.setattr(Trainer, 'train_step', lambda self, images, *rest: steps.append(images.shape) or {})
+    # (Its result: no loss terms, finite.)
+    monkeypatch.setattr(Trainer, 'train_step', lambda self, images, *rest: steps.append(images.shape) or paddle.ones([1]))
     assert train.main(argv) == 0
     assert len(steps) == 10 and all(shape == [2, 3, SIDE, SIDE] for shape in steps)
     assert len(multiprocessing.active_children()) == before
@@ -672,6 +672,96 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_config, shapes
     assert last_good in error[0]
     with open(checkpoint.sidecar_paths(last_good)[1]) as f:
         assert json.load(f)['iteration'] == 2
+
+
+def _device_trainer(shapes, tmp_path, *extra, backend='device'):
+    args = train.parse_args(train_argv(shapes, tmp_path, *extra))
+    return Trainer(train.build_config(args, 1), train.train_options(args), backend=backend)
+
+
+class _NoHostCopies:
+    """Patched over paddle.Tensor while a device-path train_step runs: every way to the host raises."""
+    METHODS = ('numpy', 'item', 'tolist', '__float__', '__int__', '__bool__', '__index__', '__array__')
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.active = monkeypatch, False
+        for name in self.METHODS:
+            original = getattr(paddle.Tensor, name)
+            monkeypatch.setattr(paddle.Tensor, name, self._guarded(name, original))
+
+    def _guarded(self, name, original):
+        def method(tensor, *args, **kwargs):
+            if self.active:
+                raise AssertionError(f'Tensor.{name} in a device-path training step')
+            return original(tensor, *args, **kwargs)
+        return method
+
+
+@needs_reference
+def test_device_path_reads_the_losses_only_at_the_log_interval(tiny_config, shapes, coco_weights, tmp_path,
+                                                               monkeypatch, recorded_losses):
+    """The device path forced onto the CPU: no host copy inside a step, one per console line
+    (and epoch end), and the losses the host path logs."""
+    common = ('--trained_model', coco_weights, '--max_iter', '6', '--save_interval', '1000', '--lr', '1e-4')
+    host = _device_trainer(shapes, tmp_path / 'host', *common, backend='host')
+    assert host.run() == 'done'
+    host_losses = dict(recorded_losses)
+    recorded_losses.clear()
+
+    trainer = _device_trainer(shapes, tmp_path / 'device', *common[:-2], '--lr', '1e-4', '--log_interval', '3')
+    guard = _NoHostCopies(monkeypatch)
+    step, read = Trainer.train_step, Trainer.read_losses
+    reads = []
+
+    def guarded_step(self, *args):
+        guard.active = True
+        try:
+            return step(self, *args)
+        finally:
+            guard.active = False
+
+    def counted_read(self):
+        reads.append(len(self._pending))
+        return read(self)
+
+    monkeypatch.setattr(Trainer, 'train_step', guarded_step)
+    monkeypatch.setattr(Trainer, 'read_losses', counted_read)
+    assert trainer.run() == 'done'
+    # 4 iterations per epoch: read at iteration 3 (console line), 4 (epoch end), 6 (console line).
+    assert [n for n in reads if n] == [3, 1, 2]
+    assert sorted(recorded_losses) == list(range(6))
+    assert all(np.isfinite(list(v.values())).all() for v in recorded_losses.values())
+    # The same weights and batch: the first iteration's terms are the host path's to float32 rounding.
+    assert recorded_losses[0] == pytest.approx(host_losses[0], rel=1e-6)
+
+
+@needs_reference
+def test_device_path_non_finite_loss_stops_at_the_next_read_without_saving(tiny_config, shapes, coco_weights,
+                                                                         tmp_path, monkeypatch):
+    original = NetLoss.forward
+    calls = []
+
+    def nan_at_second_call(self, *args):
+        losses = original(self, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            losses['loss_mask'] = losses['loss_mask'] * float('inf')
+        return losses
+
+    monkeypatch.setattr(NetLoss, 'forward', nan_at_second_call)
+    trainer = _device_trainer(shapes, tmp_path, '--trained_model', coco_weights, '--max_iter', '10',
+                              '--save_interval', '2', '--log_interval', '10')
+    with pytest.raises(NonFiniteLossError, match='not finite at iteration 1 .*loss_mask inf'):
+        trainer.run()
+    # Read before the checkpoint of iteration 2 would have been written: none was.
+    assert trainer.iteration == 2 and not list((tmp_path / 'weights').glob('*'))
+    # The non-finite iteration updated with zero gradients: the weights stayed finite.
+    assert all(np.isfinite(p.numpy()).all() for p in trainer.net.parameters())
+
+
+def test_trainer_backend_is_validated(tiny_config, shapes, tmp_path):
+    with pytest.raises(ValueError, match="backend 'gpu'"):
+        _device_trainer(shapes, tmp_path, backend='gpu')
 
 
 def test_cpu_threads_are_shared_among_the_local_processes(monkeypatch):

@@ -15,6 +15,7 @@ import paddle.distributed as dist
 
 from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
 from data.samplers import ResumableBatchSampler, SeededSamples
+from layers.box_utils import BACKENDS, use_device_path
 from layers.modules.multibox_loss import MultiBoxLoss
 from utils.weights import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
@@ -158,18 +159,29 @@ class Trainer:
     """One training run: model, optimizer, data, schedule, checkpoints and logging.
 
     Only rank 0 writes checkpoints and logs.
+
+    ``backend`` ('auto', 'device', 'host') is where the loss and the step's
+    bookkeeping run (layers.box_utils.use_device_path; 'auto': the device path
+    on a GPU). On the host path the loss terms are read every iteration; on
+    the device path nothing is copied to the host between the loss logging
+    intervals: the terms and the finite flag of each iteration stay on the
+    device until the next console line, checkpoint or epoch end reads them
+    all at once (tests force it onto the CPU).
     """
 
-    def __init__(self, cfg, opts, rank=0, world_size=1):
+    def __init__(self, cfg, opts, rank=0, world_size=1, backend='auto'):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.opts, self.cfg = opts, cfg
         self.rank, self.world_size = rank, world_size
+        self.backend = backend
         paddle.seed(opts.seed)
         self.schedule = WarmupStepSchedule.from_config(cfg)
         self.net = Yolact.from_config(cfg)
         self.net.train()
         if cfg.freeze_bn:
             self.net.freeze_bn(True)
-        self.criterion = MultiBoxLoss.from_config(cfg)
+        self.criterion = MultiBoxLoss.from_config(cfg, backend=backend)
         self.optimizer = build_optimizer(self.net, cfg)
         # Inactive (a pass-through) without --amp.
         self.scaler = paddle.amp.GradScaler(enable=opts.amp)
@@ -183,6 +195,9 @@ class Trainer:
         self.last_checkpoint = None
         self.saved_iteration = None
         self.iteration = self._starting_point()
+        # (iteration, loss row on the device, lr, wall time) of the iterations not yet read (read_losses).
+        self._pending = []
+        self.loss_names = ()
 
         self.rng = np.random.RandomState()
         train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng),
@@ -276,6 +291,7 @@ class Trainer:
             if self.validation:
                 self.validate()
         except KeyboardInterrupt:
+            self.read_losses()
             if self.rank == 0:
                 logger.info('stopping early: saving an interrupt checkpoint')
                 path = self.save(interrupt=True)
@@ -295,48 +311,87 @@ class Trainer:
         last_time = time.perf_counter()
         for images, targets, masks, num_crowds in check_batches(self.loader):
             lr = self.schedule.lr_at(self.iteration)
-            losses = self.train_step(images, targets, masks, num_crowds, lr)
+            row = self.train_step(images, targets, masks, num_crowds, lr)
             now = time.perf_counter()
-            if self.log is not None:
-                self.log.log_iteration(self.epoch, self.iteration, losses, lr, now - last_time)
+            self._pending.append((self.iteration, row, lr, now - last_time))
             last_time = now
             self.iteration += 1
-            if self.iteration % self.opts.save_interval == 0:
+            save = self.iteration % self.opts.save_interval == 0
+            if save or self.iteration % self.opts.log_interval == 0 or not use_device_path(row, self.backend):
+                self.read_losses()
+            if save:
                 self.save()
+        self.read_losses()
         if self.iteration < end:
             raise RuntimeError(f'the data loader ended at iteration {self.iteration}, before the end of '
                                f'epoch {self.epoch} ({end})')
 
     def train_step(self, images, targets, masks, num_crowds, lr):
-        """One SGD update at ``lr``; returns {loss term: float}.
+        """One SGD update at ``lr``; returns the [T + 1] float32 device tensor of the T loss
+        terms (in self.loss_names order) and the finite flag (1 or 0), for read_losses.
 
-        Raises NonFiniteLossError (before any update) when the loss is NaN or infinite.
+        On the host path a NaN or infinite loss (on any rank) raises
+        NonFiniteLossError before the update. On the device path nothing here
+        waits for the device: such an iteration updates with zero gradients, so
+        the weights stay finite until read_losses stops the run.
         """
         self.optimizer.set_lr(lr)
         # Mask sampling in the loss depends on (seed, iteration, rank) only,
         # so a resumed run draws what an uninterrupted one would have.
         self.criterion.rng = np.random.default_rng([self.opts.seed, self.iteration, self.rank])
         losses = self.net_loss(images, targets, masks, num_crowds)
+        self.loss_names = tuple(losses)
         loss = paddle.add_n(list(losses.values()))
         finite = paddle.isfinite(loss).astype('int32')
         if self.world_size > 1:
             # Every rank must stop together, or the others would wait forever in the next all-reduce.
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        # One device-to-host copy per step for the logged terms and the flag
-        # (a float() per term would wait for the device once each).
-        host = paddle.concat([paddle.stack(list(losses.values())).astype('float32'),
-                              finite.astype('float32').reshape([1])]).numpy()
-        values = dict(zip(losses, host[:-1].tolist()))
-        if not host[-1]:
-            raise NonFiniteLossError(
-                f'the loss is not finite at iteration {self.iteration} '
-                f"({', '.join(f'{k} {v:.4g}' for k, v in values.items())}); training stopped without "
-                f'saving. Resume from the last good checkpoint, e.g. with a lower --lr.')
+        row = paddle.concat([paddle.stack(list(losses.values())).astype('float32'),
+                             finite.astype('float32').reshape([1])])
+        on_device = use_device_path(row, self.backend)
+        if not on_device:
+            # On the host the flag costs nothing to read: stop before the update.
+            host = row.numpy()
+            if not host[-1]:
+                raise self._non_finite(self.iteration, host)
         self.scaler.scale(loss).backward()
+        if on_device:
+            keep = finite.astype('bool')
+            for param in self.net_loss.parameters():
+                if param.grad is not None:
+                    # where, not a product: NaN * 0 is NaN.
+                    param.grad.set_value(paddle.where(keep, param.grad, paddle.zeros_like(param.grad)))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.clear_grad()
-        return values
+        return row
+
+    def read_losses(self):
+        """Copy the pending iterations' loss terms to the host in one transfer and log them.
+
+        Raises NonFiniteLossError naming the first iteration whose loss was
+        NaN or infinite; nothing is saved after it.
+        """
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        rows = paddle.stack([row for _, row, _, _ in pending]).numpy()
+        for (iteration, _, lr, elapsed), row in zip(pending, rows):
+            if not row[-1]:
+                raise self._non_finite(iteration, row)
+            self.record_losses(iteration, dict(zip(self.loss_names, row[:-1].tolist())), lr, elapsed)
+
+    def _non_finite(self, iteration, row):
+        """The NonFiniteLossError of ``iteration`` whose terms (and flag) are the host array ``row``."""
+        terms = ', '.join(f'{k} {v:.4g}' for k, v in zip(self.loss_names, row[:-1].tolist()))
+        return NonFiniteLossError(
+            f'the loss is not finite at iteration {iteration} ({terms}); training stopped without '
+            f'saving. Resume from the last good checkpoint, e.g. with a lower --lr.')
+
+    def record_losses(self, iteration, values, lr, elapsed):
+        """One finished iteration's {loss term: float}, its lr and wall time, to the log (rank 0)."""
+        if self.log is not None:
+            self.log.log_iteration(self.epoch, iteration, values, lr, elapsed)
 
     # ------------------------------------------------------ checkpoints, eval --
     def _state(self):
