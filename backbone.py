@@ -14,6 +14,8 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.vision.ops import deform_conv2d
 
+from layers.cpu_ops import conv2d
+
 
 def conv_bn(conv, bn, x):
     """bn(conv(x)) for a bias-free nn.Conv2D followed by nn.BatchNorm2D; [B, C, H, W] -> [B, C', H', W'].
@@ -26,52 +28,18 @@ def conv_bn(conv, bn, x):
     backward passes over the feature map are gone (Paddle 3.3.1 has no fused
     conv + BN kernel in dygraph; measured on a yolact_resnet50 CPU training
     step at 550, batch 2: about 4% of its CPU time). Inference (no gradient)
-    and trainable BatchNorm keep the two ops.
+    keeps the two layers; trainable BatchNorm keeps the two ops. While
+    training, the convolution is layers.cpu_ops.conv2d.
     """
-    if (bn.training or not bn.weight.stop_gradient or conv.bias is not None
+    if (conv.bias is not None or conv._data_format != 'NCHW'
             or not paddle.in_dynamic_mode() or not paddle.is_grad_enabled()):
         return bn(conv(x))
+    if bn.training or not bn.weight.stop_gradient:
+        return bn(conv2d(x, conv.weight, None, conv._stride, conv._padding, conv._dilation, conv._groups))
     scale = bn.weight / paddle.sqrt(bn._variance + bn._epsilon)
-    shift = (bn.bias - bn._mean * scale).reshape([1, -1, 1, 1])
-    out = F.conv2d(x, conv.weight * scale.reshape([-1, 1, 1, 1]), None, stride=conv._stride,
-                   padding=conv._padding, dilation=conv._dilation, groups=conv._groups,
-                   data_format=conv._data_format)
-    return add_channel_bias(out, shift)
-
-
-def conv2d_with_bias(x, weight, bias, stride=1, padding=0, dilation=1, groups=1, data_format='NCHW'):
-    """F.conv2d(x, weight, bias, ...) with the bias added by add_channel_bias for batches on the CPU.
-
-    Paddle's conv adds its bias as a [1, C, 1, 1] tensor broadcast over
-    [B, C, H, W]. For B > 1 the CPU broadcast kernel is an order of magnitude
-    slower than a same-shape add (Paddle 3.3.1, 2 cores: 10.7 ms against
-    0.6 ms with the bias expanded first for 8x64x48x48, 22 ms against 1.1 ms
-    for 2x256x69x69; its gradient likewise), a sixth of a CPU training step
-    of yolact_shapes. For B = 1 the broadcast is the faster one, and static
-    graphs (tools/export_model.py) and GPUs keep the plain conv, whose
-    conv + add inference passes fuse.
-    """
-    if x.shape[0] == 1 or not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
-        return F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                        data_format=data_format)
-    out = F.conv2d(x, weight, None, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                   data_format=data_format)
-    return add_channel_bias(out, bias)
-
-
-def add_channel_bias(x, bias):
-    """x [B, C, H, W] + bias (C values, any shape) per channel, through a [B, C, H*W] + [C, 1] add on the CPU.
-
-    Paddle 3.3.1's CPU add broadcasting a [1, C, 1, 1] tensor over the middle
-    axes is slow; broadcasting over the last axis is not (1 thread, 2x256x69x69:
-    12.8 ms broadcast, 7.9-10.2 ms with the bias expanded to full size first,
-    5.4-5.8 ms this way; with the bias's gradient, forward + backward 41, 27 and
-    14 ms). Same sums, so the same result. Other devices add the [1, C, 1, 1] tensor.
-    """
-    b, c, h, w = x.shape
-    if not x.place.is_cpu_place():
-        return x + bias.reshape([1, -1, 1, 1])
-    return (x.reshape([b, c, h * w]) + bias.reshape([c, 1])).reshape([b, c, h, w])
+    shift = bn.bias - bn._mean * scale
+    return conv2d(x, conv.weight * scale.reshape([-1, 1, 1, 1]), shift, conv._stride, conv._padding,
+                  conv._dilation, conv._groups)
 
 
 class ConvBN(nn.Sequential):

@@ -14,8 +14,9 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from backbone import construct_backbone, conv2d_with_bias
+from backbone import construct_backbone
 from layers.compat import layer_train
+from layers.cpu_ops import conv2d
 from layers.interpolate import interpolation_matrix
 
 
@@ -59,15 +60,14 @@ class Resize(nn.Layer):
 
 
 class Conv2D(nn.Conv2D):
-    """nn.Conv2D (same parameters, same result) with a faster bias add for batches on the CPU
-    (backbone.conv2d_with_bias)."""
+    """nn.Conv2D (same parameters, same result) through layers.cpu_ops.conv2d: oneDNN's
+    convolution while training on the CPU, a faster bias add for CPU batches."""
 
     def forward(self, x):
-        if self.bias is None:
+        if self._data_format != 'NCHW' or self._padding_mode != 'zeros':
             # Not super(): Paddle 2.6's dy2static cannot compile a zero-argument super().
             return nn.Conv2D.forward(self, x)
-        return conv2d_with_bias(x, self.weight, self.bias, stride=self._stride, padding=self._padding,
-                                dilation=self._dilation, groups=self._groups, data_format=self._data_format)
+        return conv2d(x, self.weight, self.bias, self._stride, self._padding, self._dilation, self._groups)
 
 
 def make_net(in_channels, layer_specs, include_last_relu=True):
@@ -204,8 +204,8 @@ class PredictionModule(nn.Layer):
         inference keeps the separate layers the reference's outputs are compared with.
         """
         layers = (self.bbox_layer, self.conf_layer, self.mask_layer)
-        out = conv2d_with_bias(x, paddle.concat([layer.weight for layer in layers]),
-                               paddle.concat([layer.bias for layer in layers]), padding=1)
+        out = conv2d(x, paddle.concat([layer.weight for layer in layers]),
+                     paddle.concat([layer.bias for layer in layers]), padding=1)
         return paddle.split(out, [layer.weight.shape[0] for layer in layers], axis=1)
 
 

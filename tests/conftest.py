@@ -61,3 +61,11 @@ def reference_params(net, cfg, seed=0):
                                    {k: v.shape for k, v in net.state_dict().items()},
                                    [fpn_downsample_drop(cfg.fpn.num_downsample)])
     return params
+
+
+@pytest.fixture
+def without_cpu_ops(monkeypatch):
+    """Training convolutions through Paddle's own F.conv2d: layers.cpu_ops.conv2d finds no op."""
+    import layers.cpu_ops
+
+    monkeypatch.setattr(layers.cpu_ops, 'load_ops', lambda: None)

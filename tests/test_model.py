@@ -203,8 +203,11 @@ def test_init_weights_loads_imagenet_backbone(tmp_path):
         load_backbone_weights(construct_backbone(cfg.backbone), path)
 
 
-def test_cpu_bias_add_gives_paddle_conv_results_and_gradients():
-    """yolact.Conv2D (bias expanded before the add in CPU dygraph) computes what nn.Conv2D does."""
+def test_cpu_bias_add_gives_paddle_conv_results_and_gradients(without_cpu_ops):
+    """yolact.Conv2D (bias added over the last axis in CPU dygraph) computes what nn.Conv2D does.
+
+    Paddle's own convolution on both sides; the oneDNN op that training takes
+    instead is tests/test_cpu_ops.py's."""
     paddle.seed(0)
     plain = paddle.nn.Conv2D(8, 16, 3, stride=2, padding=1)
     fast = Conv2D(8, 16, 3, stride=2, padding=1)

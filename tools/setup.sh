@@ -76,6 +76,10 @@ case "$PADDLE:$HAVE" in
     echo "keeping the installed $HAVE $HAVE_VERSION" ;;
 esac
 "${PIP[@]}" -r requirements.txt
+# Headers for the oneDNN convolution op of CPU training (layers/cpu_ops.py); x86-64 Linux only.
+if [ "$(uname -sm)" = "Linux x86_64" ]; then
+  "${PIP[@]}" --no-deps -r requirements-cpu-ops.txt
+fi
 if [ "$TEST" = 1 ]; then
   "${PIP[@]}" -r requirements-test.txt
 fi
