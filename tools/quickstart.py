@@ -8,8 +8,12 @@
 4. draws the detections on a few validation images,
 and prints where everything went. ``--quick`` is the short variant CI runs.
 
-    python tools/quickstart.py            # ~10 min on 2 cores: mask AP ~0.6 on the val split
-    python tools/quickstart.py --quick    # ~3 min: the CI variant
+    python tools/quickstart.py            # about 15 min on 2 CPU cores: mask AP about 0.6 on the val split
+    python tools/quickstart.py --quick    # a few minutes: the CI variant
+
+Paddle's launcher messages (``LAUNCH INFO`` lines and the like, from
+``python -m paddle.distributed.launch``) go to <out>/logs/launch.log instead
+of the console.
 
 --quick trains on 16 images and evaluates on those same images: it checks
 that the whole path learns (the model must fit what it saw), not how well it
@@ -20,6 +24,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument('--procs', type=int, default=None,
                    help='training processes sharing the %d images of a step (default: 2 on a CPU with at least '
                         'two cores, else 1). The small network cannot keep two cores busy from one process: '
-                        'two single-threaded data-parallel processes train faster (README)' % BATCH_SIZE)
+                        'two single-threaded data-parallel processes train faster (docs/performance.md)' % BATCH_SIZE)
     p.add_argument('--num_workers', type=int, default=None,
                    help='DataLoader worker processes per training process (default 1; 0 with --quick, whose '
                         'epoch is one step: workers would start anew for every step)')
@@ -79,17 +84,35 @@ def run_program(script, argv):
     return subprocess.call([sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT)
 
 
-def run_training(argv, procs):
+# Lines of Paddle's launcher and runtime that say nothing about training: the launcher's
+# "LAUNCH INFO ..." settings, glog info/warning lines ("I1207 01:30:28.839071 ...") and the
+# "Modified FLAGS detected" banner. They go to the launch log; everything else is shown.
+LAUNCHER_CHATTER = re.compile(r'LAUNCH |[IW]\d{4} \d\d:\d\d:\d\d|=+ Modified FLAGS detected|FLAGS\(name=|=+$')
+
+
+def run_training(argv, procs, launch_log):
     """train.py in one process, or in ``procs`` data-parallel CPU processes (paddle.distributed.launch, gloo).
 
-    Returns the exit code. With several processes, the launcher's per-process
-    logs go to a temporary folder; the first process's is printed if training fails.
+    Returns the exit code. With several processes, the launcher's chatter
+    (:data:`LAUNCHER_CHATTER`) goes to the file ``launch_log`` and the rest of
+    its output to the console; its per-process logs go to a temporary folder,
+    printed if training fails.
     """
     if procs <= 1:
         return run_program('train.py', argv)
-    with tempfile.TemporaryDirectory() as log_dir:
-        code = subprocess.call([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', str(procs),
-                                '--log_dir', log_dir, os.path.join(ROOT, 'train.py'), *argv], cwd=ROOT)
+    os.makedirs(os.path.dirname(launch_log), exist_ok=True)
+    with tempfile.TemporaryDirectory() as log_dir, open(launch_log, 'w') as chatter:
+        proc = subprocess.Popen([sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', str(procs),
+                                 '--log_dir', log_dir, os.path.join(ROOT, 'train.py'), *argv], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors='replace')
+        with proc:
+            for line in proc.stdout:
+                if LAUNCHER_CHATTER.match(line):
+                    chatter.write(line)
+                else:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+        code = proc.returncode
         if code:
             for name in sorted(os.listdir(log_dir)):
                 with open(os.path.join(log_dir, name), errors='replace') as f:
@@ -125,14 +148,20 @@ def main(argv=None):
     procs = args.procs or default_procs()
     if BATCH_SIZE % procs:
         raise SystemExit(f'--procs {procs} does not divide the batch of {BATCH_SIZE} images')
+    launch_log = os.path.join(log_dir, 'launch.log')
     print(f'[2/4] training {CONFIG} in {procs} process{"es" if procs > 1 else ""} '
           f'(checkpoints in {weights_dir}) ...', flush=True)
+    print('      each line: [epoch] iteration || loss terms averaged over the last 100 iterations: B box, '
+          'C confidence, M mask, S semantic segmentation (I mask IoU, YOLACT++ only), T total || ETA: time '
+          'left || timer: seconds of the last iteration || lr: learning rate', flush=True)
+    if procs > 1:
+        print(f"      Paddle's launcher messages: {launch_log}", flush=True)
     code = run_training(
         ['--config', CONFIG, '--batch_size', str(BATCH_SIZE), '--num_workers', str(num_workers),
          '--save_folder', weights_dir, '--log_folder', log_dir, '--validation_epoch', '-1',
          '--train_images', dataset.train_images, '--train_info', dataset.train_info, *data_flags]
         + (['--max_iter', str(max_iter)] if max_iter else [])
-        + (['--lr_steps', quick['lr_steps']] if args.quick and not args.max_iter else []), procs)
+        + (['--lr_steps', quick['lr_steps']] if args.quick and not args.max_iter else []), procs, launch_log)
     if code:
         return code
     weights = latest_checkpoint(weights_dir, CONFIG)

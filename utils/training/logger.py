@@ -7,6 +7,7 @@ Scalars go to ``<log_folder>/vdlrecords.*.log`` (``visualdl --logdir <log_folder
 import collections
 import datetime
 import logging
+import math
 
 from visualdl import LogWriter
 
@@ -72,7 +73,8 @@ class TrainingLogger:
         if iteration != self.start_iter:
             self.time_avg.add(elapsed)
         if iteration % self.log_interval == 0:
-            eta = datetime.timedelta(seconds=round((self.max_iter - iteration) * self.time_avg.get()))
+            left = (self.max_iter - iteration) * self.time_avg.get()   # 0 until an iteration is timed
+            eta = datetime.timedelta(seconds=math.ceil(left)) if left > 0 else '-'
             terms = ' |'.join(f' {LOSS_LABELS.get(name, name)}: {self.loss_avgs[name].get():.3f}'
                               for name in losses)
             avg_total = sum(self.loss_avgs[name].get() for name in losses)
