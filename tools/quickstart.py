@@ -49,9 +49,9 @@ CONFIG = 'yolact_shapes'
 BATCH_SIZE = 16
 NUM_DRAWN = 6
 # --quick: a few images, learned by heart and scored on themselves. Its own schedule: the
-# config's warm-up (300) spans the run and one decay comes near its end; the config's steps scaled
-# to 250 iterations (train.py's --max_iter rule) would cut the warm-up to 187 iterations, and this
-# from-scratch run then stalled (mask loss flat at 5.5, mask AP 0.0001 instead of 0.7).
+# config's warm-up (300) spans the run and one decay comes near its end. The config's steps scaled
+# to 250 iterations (train.py's --max_iter rule) would cut the warm-up to 187 iterations, and from
+# scratch the mask loss then stays flat (mask AP near 0 instead of about 0.7).
 QUICK = dict(num_train=16, num_val=16, max_iter=250, lr_steps='225')
 
 

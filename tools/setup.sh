@@ -91,7 +91,7 @@ import paddle
 version = tuple(int(v) for v in paddle.__version__.split('.')[:2] if v.isdigit())
 ok = (2, 6) <= version < (4, 0) or paddle.__version__.startswith('0.0.0')   # 0.0.0: a develop build
 print(f"paddle {paddle.__version__} ({'CUDA' if paddle.is_compiled_with_cuda() else 'CPU'} build)"
-      + ('' if ok else ' -- OUTSIDE the supported range 2.6 <= version < 4 (README, "Paddle versions"):'
+      + ('' if ok else ' -- OUTSIDE the supported range 2.6 <= version < 4 (docs/aistudio.md, "Paddle versions"):'
                        ' expect failures; install a newer build (--paddle gpu after pip uninstall)'))
 PYEOF
 echo "environment ready: $PY"
