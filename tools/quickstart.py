@@ -151,9 +151,9 @@ def main(argv=None):
     launch_log = os.path.join(log_dir, 'launch.log')
     print(f'[2/4] training {CONFIG} in {procs} process{"es" if procs > 1 else ""} '
           f'(checkpoints in {weights_dir}) ...', flush=True)
-    print('      each line: [epoch] iteration || loss terms averaged over the last 100 iterations: B box, '
-          'C confidence, M mask, S semantic segmentation (I mask IoU, YOLACT++ only), T total || ETA: time '
-          'left || timer: seconds of the last iteration || lr: learning rate', flush=True)
+    print('      a line every 10 iterations: [epoch] iteration || the losses averaged over the last 100 iterations:\n'
+          '      B box, C confidence, M mask, S semantic segmentation (I mask IoU, YOLACT++ only), T total\n'
+          '      || ETA: time left || timer: seconds of the last iteration || lr: learning rate', flush=True)
     if procs > 1:
         print(f"      Paddle's launcher messages: {launch_log}", flush=True)
     code = run_training(
