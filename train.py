@@ -21,7 +21,7 @@ Several GPUs (--batch_size is the total, split evenly across the cards):
 
     python -m paddle.distributed.launch --gpus 0,1,2,3 train.py --config yolact_base --batch_size 32
 
-Checkpoints go to --save_folder (see utils/weights/checkpoint.py), VisualDL scalars to
+Checkpoints go to --save_folder (see utils/training/checkpoint.py), VisualDL scalars to
 --log_folder (``visualdl --logdir logs``).
 """
 import argparse

@@ -21,7 +21,7 @@ from tools import benchmark as benchmark_tool
 from tools import convert_weights, export_model
 from tools.make_shapes_dataset import make_shapes_dataset
 from utils import files
-from utils.weights import checkpoint
+from utils.training import checkpoint
 from utils.evaluation import coco_eval
 from utils.errors import EXIT_USER_ERROR, OutputError, WeightsError, run_cli
 from utils.predictor import Predictor

@@ -19,7 +19,7 @@ import pytest
 from backbone import DarkNetBackbone, ModulatedDeformConv2D, construct_backbone
 from data.config import MEANS, STD, get_config
 from tests.conftest import make_weights_module, needs_reference, reference_npz, reference_state_dict
-from utils.weights.checkpoint import load_backbone_weights
+from utils.weights.loader import load_backbone_weights
 from utils.weights.convert import ConversionError, convert_state_dict, fpn_downsample_drop
 from yolact import Conv2D, Yolact
 

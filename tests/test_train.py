@@ -9,9 +9,6 @@ import json
 import logging
 import multiprocessing
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import paddle
@@ -21,12 +18,11 @@ from visualdl import LogReader
 import train
 from data.config import CONFIGS, SHAPE_CLASSES, get_config
 from data.samplers import ResumableBatchSampler
-from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
+from tests.conftest import make_weights_module, needs_reference, reference_params
 from tools.make_shapes_dataset import make_shapes_dataset
-from utils import files
-from utils.weights import checkpoint
+from utils.training import checkpoint
 from utils.weights.convert import save_params
-from utils.errors import WeightsError, run_cli
+from utils.errors import run_cli
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import init_for_finetuning
 from utils.training.trainer import NetLoss, NonFiniteLossError, Trainer, build_optimizer
@@ -177,78 +173,6 @@ def test_short_schedules_scale_or_take_their_lr_steps(caplog):
             train.parse_args(['--lr_steps', bad])
     with pytest.raises(SystemExit):
         train.parse_args(['--keep_best', '--validation_epoch', '-1'])
-
-
-def _bare_trainer(tmp_path, **options):
-    """A Trainer with a small net and optimizer, for its checkpoint logic alone."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.net, trainer.optimizer, step = small_net_and_optimizer()
-    step()
-    trainer.opts = dataclasses.replace(train.train_options(train.parse_args([])),
-                                       save_folder=str(tmp_path), **options)
-    trainer.cfg = get_config('yolact_shapes')
-    trainer.schedule = WarmupStepSchedule.from_config(trainer.cfg)
-    trainer.scaler = paddle.amp.GradScaler(enable=False)
-    trainer.rank, trainer.epoch, trainer.iteration = 0, 0, 0
-    trainer.last_checkpoint = trainer.saved_iteration = None
-    trainer.best_path = os.path.join(str(tmp_path), 'yolact_shapes_best.pdparams')
-    trainer.best_mask_ap = -1.0
-    return trainer
-
-
-@pytest.mark.parametrize('save_interval, keep_interval', [(10, 30), (10, 10), (15, 10), (20, 10), (25, 0)])
-def test_keep_latest_keeps_the_checkpoints_at_multiples_of_the_interval(tmp_path, save_interval, keep_interval):
-    """--keep_latest deletes a checkpoint unless its own iteration is a multiple of --keep_latest_interval.
-
-    (It used to test the new checkpoint's iteration % interval against save_interval: with
-    save_interval >= keep_latest_interval every checkpoint to keep was deleted.)
-    """
-    trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=save_interval,
-                            keep_latest_interval=keep_interval)
-    saved = []
-    for iteration in range(save_interval, 6 * save_interval + 1, save_interval):
-        trainer.iteration = iteration
-        saved.append(trainer.save())
-        present = {checkpoint.SavePath.from_path(p).iteration for p in checkpoint._checkpoints(str(tmp_path))}
-        kept = {s for s in range(save_interval, iteration, save_interval) if keep_interval and s % keep_interval == 0}
-        assert present == kept | {iteration}, (iteration, present)
-    assert all(checkpoint.is_complete(p) for p in saved if checkpoint.SavePath.from_path(p).iteration in present)
-
-
-def test_keep_latest_never_deletes_a_file_it_did_not_name(tmp_path):
-    """The weights a run resumed from under another name (a .pth, a renamed file) stay."""
-    trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=10, keep_latest_interval=0)
-    resumed = str(tmp_path / 'my_best_weights.pdparams')
-    checkpoint.save_checkpoint(resumed, trainer.net, trainer.optimizer, checkpoint.CheckpointRecord(iteration=5))
-    trainer.last_checkpoint, trainer.iteration = resumed, 10
-    trainer.save()
-    assert checkpoint.is_complete(resumed)
-
-
-def test_keep_best_keeps_the_weights_of_the_best_mask_ap(tmp_path):
-    trainer = _bare_trainer(tmp_path, keep_best=True)
-    weights = {}
-    for iteration, mask_ap in ((4, 0.20), (8, 0.10), (12, 0.30), (16, 0.30)):
-        trainer.iteration = iteration
-        for p in trainer.net.parameters():
-            p.set_value(p.numpy() + 1.0)
-        weights[iteration] = {k: v.numpy().copy() for k, v in trainer.net.state_dict().items()}
-        trainer._keep_if_best({'segm': {'AP': mask_ap}, 'bbox': {'AP': mask_ap / 2}})
-        with open(checkpoint.sidecar_paths(trainer.best_path)[1]) as f:
-            state = json.load(f)
-        best = {4: 4, 8: 4, 12: 12, 16: 12}[iteration]       # a tie keeps the earlier one
-        assert (state['iteration'], state['mask_AP']) == (best, {4: 0.2, 12: 0.3}[best])
-        stored = paddle.load(trainer.best_path, return_numpy=True)
-        for key, value in weights[best].items():
-            np.testing.assert_array_equal(stored[key], value)
-    assert state['config'] == 'yolact_shapes' and state['class_names'] == list(SHAPE_CLASSES)
-    # The best checkpoint is not a checkpoint of the run: --resume latest never picks it.
-    assert checkpoint.latest_checkpoint(str(tmp_path), 'yolact_shapes') is None
-    # A resumed run continues from the recorded best; a new run starts over.
-    trainer.opts = dataclasses.replace(trainer.opts, resume='latest')
-    assert trainer._recorded_best() == 0.3
-    trainer.opts = dataclasses.replace(trainer.opts, resume=None)
-    assert trainer._recorded_best() == -1.0
 
 
 def _with_background_images(tmp_path, count=2):
@@ -407,119 +331,6 @@ def test_optimizer_matches_torch_sgd():
         t_optimizer.step()
         np.testing.assert_allclose(net.weight.numpy().T, t_weight.detach().numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(net.bias.numpy(), t_bias.detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
-# ---------------------------------------------------------------- checkpoints --
-def small_net_and_optimizer():
-    net = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Conv2D(4, 2, 1))
-    optimizer = paddle.optimizer.Momentum(0.1, 0.9, parameters=net.parameters(), weight_decay=5e-4)
-    x = paddle.to_tensor(np.random.RandomState(0).randn(2, 3, 8, 8).astype(np.float32))
-
-    def step():
-        loss = net(x).square().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        return float(loss)
-    return net, optimizer, step
-
-
-def test_save_path_names():
-    assert checkpoint.SavePath('yolact_base', 3, 1200).path('w') == os.path.join('w', 'yolact_base_3_1200.pdparams')
-    assert checkpoint.SavePath.from_path('w/yolact_plus_resnet50_12_3000_interrupt.pdparams') == \
-        checkpoint.SavePath('yolact_plus_resnet50', 12, 3000, interrupt=True)
-    assert checkpoint.SavePath.from_path('yolact_base_54_800000.pth').iteration == 800000
-    with pytest.raises(ValueError):
-        checkpoint.SavePath.from_path('resnet101_reducedfc.pdparams')
-
-
-def test_optimizer_state_survives_new_parameter_names(tmp_path):
-    """Momentum restored into a network built later in the process (other automatic tensor names)."""
-    paddle.seed(0)
-    net, optimizer, step = small_net_and_optimizer()
-    for _ in range(3):
-        step()
-    path = checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
-    checkpoint.save_checkpoint(path, net, optimizer, checkpoint.CheckpointRecord(iteration=3))
-    expected = [step() for _ in range(3)]
-
-    net2, optimizer2, step2 = small_net_and_optimizer()
-    assert [p.name for p in net2.parameters()] != [p.name for p in net.parameters()]
-    record, has_optimizer = checkpoint.load_checkpoint(path, net2, optimizer2)
-    assert record == checkpoint.CheckpointRecord(iteration=3) and has_optimizer
-    assert [step2() for _ in range(3)] == expected
-
-
-def test_checkpoint_record_round_trip_and_malformed_records(tmp_path):
-    record = checkpoint.CheckpointRecord(config='yolact_shapes', iteration=7, epoch=1, class_names=('a', 'b'),
-                                         schedule={'warmup_iters': 3}, freeze_bn=False)
-    weights = str(tmp_path / 'yolact_shapes_1_7.pdparams')
-    with open(checkpoint.sidecar_paths(weights)[1], 'w') as f:
-        f.write(record.to_json())
-    assert checkpoint.read_record(weights) == record
-    assert checkpoint.read_record(str(tmp_path / 'none_0_0.pdparams')) is None
-    for text, message in (('[1, 2]', 'holds a list, not a JSON object'), ('{"iteration": "7"}', '"iteration" is a str'),
-                          ('{not json', 'not valid JSON')):
-        with open(checkpoint.sidecar_paths(weights)[1], 'w') as f:
-            f.write(text)
-        with pytest.raises(WeightsError, match=message):
-            checkpoint.read_record(weights)
-
-
-def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    """A write that fails midway (disk full) changes nothing visible."""
-    net, optimizer, step = small_net_and_optimizer()
-    folder = str(tmp_path)
-    good = checkpoint.SavePath('m', 0, 3).path(folder)
-    checkpoint.save_checkpoint(good, net, optimizer, checkpoint.CheckpointRecord(iteration=3))
-    saved = {k: v.numpy() for k, v in net.state_dict().items()}
-    step()
-
-    def partial_write(f, data):
-        f.write(data[:len(data) // 2])
-        raise OSError(28, 'No space left on device')
-
-    monkeypatch.setattr(files, '_write_all', partial_write)
-    bad = checkpoint.SavePath('m', 0, 6).path(folder)
-    with pytest.raises(OSError):
-        checkpoint.save_checkpoint(bad, net, optimizer, checkpoint.CheckpointRecord(iteration=6))
-    assert sorted(os.listdir(folder)) == ['m_0_3.json', 'm_0_3.pdopt', 'm_0_3.pdparams']
-    assert checkpoint.latest_checkpoint(folder, 'm') == good
-
-    fresh, fresh_optimizer, _ = small_net_and_optimizer()
-    assert checkpoint.load_checkpoint(good, fresh, fresh_optimizer) == (checkpoint.CheckpointRecord(iteration=3), True)
-    for key, value in fresh.state_dict().items():
-        np.testing.assert_array_equal(value.numpy(), saved[key])
-
-
-def test_killed_save_keeps_previous_checkpoint(tmp_path):
-    """A process killed in the middle of writing a checkpoint leaves the previous one the latest, intact."""
-    script = textwrap.dedent(f"""
-        import os, sys
-        sys.path.insert(0, {ROOT!r})
-        from tests.test_train import small_net_and_optimizer
-        from utils import files
-        from utils.weights import checkpoint
-        net, optimizer, step = small_net_and_optimizer()
-        checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 3).path({str(tmp_path)!r}), net, optimizer,
-                                   checkpoint.CheckpointRecord(iteration=3))
-        step()
-        def die_midway(f, data):
-            f.write(data[:len(data) // 2])
-            f.flush()
-            os._exit(9)     # no cleanup, as with SIGKILL
-        files._write_all = die_midway
-        checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 6).path({str(tmp_path)!r}), net, optimizer,
-                                   checkpoint.CheckpointRecord(iteration=6))
-    """)
-    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 9, result.stderr
-    names = os.listdir(tmp_path)
-    assert 'm_0_6.pdparams' not in names and any(n.endswith('.tmp') for n in names)
-    good = checkpoint.latest_checkpoint(str(tmp_path), 'm')
-    assert good == checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
-    net, optimizer, _ = small_net_and_optimizer()
-    assert checkpoint.load_checkpoint(good, net, optimizer) == (checkpoint.CheckpointRecord(iteration=3), True)
 
 
 # ------------------------------------------------------------------ training --

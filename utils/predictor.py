@@ -14,7 +14,7 @@ from layers.functions import Detect
 from layers.output_utils import PostProcess
 from data.transforms import FastBaseTransform
 from utils.deploy.inference import StaticYolact, cached_export
-from utils.weights.loader import load_exported, load_model, model_config
+from utils.weights.loader import WeightsFile, load_exported
 from utils.runtime import select_device
 
 logger = logging.getLogger(__name__)
@@ -58,17 +58,18 @@ class Predictor:
         if weights_path is not None:
             config, weights = weights, weights_path
         device = select_device(device)
+        weights_file = WeightsFile(weights)
         if device == 'cpu' and not dygraph:
             # The config only: a cache hit builds no network and reads no weights but a record-less
             # .pdparams's class count.
-            cfg = model_config(weights, config)
-            load_net = functools.lru_cache(maxsize=None)(lambda: load_model(weights, cfg=cfg)[1])
+            cfg = weights_file.config(config)
+            load_net = functools.lru_cache(maxsize=None)(lambda: weights_file.load_model(cfg=cfg)[1])
             # cached_export returns None when the export failed its first-use check (it warns): dygraph then.
             prefix = cached_export(load_net, cfg, weights)
             net = StaticYolact(prefix, device='cpu') if prefix is not None else load_net()
         else:
-            # load_model reads a .pdparams once, for its class count and its weights.
-            cfg, net = load_model(weights, config)
+            # A .pdparams is read once, for its class count and its weights.
+            cfg, net = weights_file.load_model(config)
         self._setup(cfg, net, score_threshold, detect_overrides)
         logger.info('loaded %s (%d classes) from %s', cfg.name, cfg.num_classes - 1, weights)
 

@@ -43,7 +43,7 @@ import paddle
 from layers.compat import PADDLE_VERSION, enable_onednn, predictor_run
 from utils.errors import ConfigError, MissingFileError, OutputError
 from utils.files import atomic_write, staging_folder
-from utils.weights.checkpoint import require_weights_file
+from utils.weights.loader import require_weights_file
 from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
 from yolact import Resize
 

@@ -17,13 +17,13 @@ from data.coco import COCODetection, COCOEvalImages, check_batches, detection_co
 from data.samplers import ResumableBatchSampler, SeededSamples
 from layers.box_utils import BACKENDS, use_device_path
 from layers.modules.multibox_loss import MultiBoxLoss
-from utils.weights import checkpoint
+from utils.training import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, YolactError
 from utils.evaluation.loop import evaluate
 from utils.training.logger import TrainingLogger
 from utils.training.lr_schedule import WarmupStepSchedule
-from utils.weights.loader import init_for_finetuning, load_weights_file
+from utils.weights.loader import WeightsFile, init_for_finetuning, load_backbone_weights
 from utils.predictor import Predictor
 from utils.runtime import dataloader_shared_memory, training_batch_bytes
 from yolact import Yolact
@@ -40,7 +40,7 @@ class TrainOptions:
     """The settings of a run that are not the model's config (train.py's flags of the same names).
 
     batch_size is the total over all devices. resume: a checkpoint path,
-    'interrupt' or 'latest' (see utils.weights.checkpoint.find_resume_checkpoint);
+    'interrupt' or 'latest' (see utils.training.checkpoint.find_resume_checkpoint);
     start_iter -1 reads the iteration from it. trained_model: weights to
     fine-tune; backbone_weights: ImageNet weights ('none': random
     initialisation; None: <save_folder>/<the config's backbone file>). strict: stop at a bad
@@ -191,6 +191,8 @@ class Trainer:
         self.net_loss = (paddle.DataParallel(net_loss, find_unused_parameters=True)
                          if world_size > 1 else net_loss)
 
+        # Which checkpoints are kept (--keep_latest, --keep_best, interrupts).
+        self.keep = checkpoint.CheckpointPolicy.from_options(opts, cfg.name)
         # The checkpoint --keep_latest deletes at the next save: the last one written or resumed from.
         self.last_checkpoint = None
         self.saved_iteration = None
@@ -222,8 +224,8 @@ class Trainer:
         if self.validation and rank == 0:
             self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict)
             self.predictor = Predictor.from_network(cfg, self.net)
-        self.best_path = os.path.join(opts.save_folder, f'{cfg.name}_best{checkpoint.WEIGHTS_EXT}')
-        self.best_mask_ap = self._recorded_best() if opts.keep_best else None
+        self.best_path = self.keep.best_path
+        self.best_mask_ap = self.keep.recorded_best(opts.resume is not None) if opts.keep_best else None
         self.log = (TrainingLogger(opts.log_folder, cfg.max_iter, start_iter=self.iteration,
                                    log_interval=opts.log_interval) if rank == 0 else None)
 
@@ -236,7 +238,7 @@ class Trainer:
             self.last_checkpoint = resume
             if resume.endswith('.pth'):
                 # A checkpoint of the reference's own training: weights only.
-                load_weights_file(self.net, resume, cfg)
+                WeightsFile(resume).load_into(self.net, cfg)
                 record, has_optimizer = None, False
             else:
                 record, has_optimizer = checkpoint.load_checkpoint(resume, self.net, self.optimizer, self.scaler)
@@ -269,7 +271,7 @@ class Trainer:
                     f'backbone weights {path} not found: convert the reference file {cfg.backbone.path} with '
                     f"tools/convert_weights.py --backbone, pass --backbone_weights, or 'none' to train from scratch")
             else:
-                checkpoint.load_backbone_weights(self.net.backbone, path)
+                load_backbone_weights(self.net.backbone, path)
         return max(opts.start_iter, 0)
 
     # ---------------------------------------------------------------- the loop --
@@ -294,8 +296,7 @@ class Trainer:
             self.read_losses()
             if self.rank == 0:
                 logger.info('stopping early: saving an interrupt checkpoint')
-                path = self.save(interrupt=True)
-                checkpoint.remove_interrupts(self.opts.save_folder, keep=path)
+                self.save(interrupt=True)
             return 'interrupted'
         finally:
             if self.log is not None:
@@ -407,39 +408,19 @@ class Trainer:
         """Write the checkpoint of the current iteration (rank 0); returns its path."""
         if self.rank != 0:
             return None
-        opts, cfg = self.opts, self.cfg
-        path = checkpoint.SavePath(cfg.name, self.epoch, self.iteration, interrupt).path(opts.save_folder)
+        path = self.keep.path(self.epoch, self.iteration, interrupt)
         if self.saved_iteration == self.iteration and not interrupt:
             return path
         record = self._state()
         logger.info('saving %s', path)
         try:
             checkpoint.save_checkpoint(path, self.net, self.optimizer, record, self.scaler)
-        except OSError as err:
-            raise OutputError(f'cannot save checkpoint {path}: {err.strerror or err}; kept: '
-                              f'{self.last_checkpoint or "no earlier checkpoint of this run"}') from err
+        except OutputError as err:
+            raise OutputError(f'{err}; kept: {self.last_checkpoint or "no earlier checkpoint of this run"}') from err
         self.saved_iteration = self.iteration
         previous, self.last_checkpoint = self.last_checkpoint, path
-        if opts.keep_latest and not interrupt and previous is not None \
-                and os.path.abspath(previous) != os.path.abspath(path) and not self._kept_by_interval(previous):
-            logger.info('deleting the previous checkpoint %s (--keep_latest)', previous)
-            checkpoint.remove_checkpoint(previous)
+        self.keep.saved(path, previous, interrupt)
         return path
-
-    def _kept_by_interval(self, previous):
-        """Whether --keep_latest keeps ``previous`` (the reference's rule): it sits at a multiple of
-        --keep_latest_interval, by its own iteration. A file not named like our checkpoints
-        (a .pth or a renamed file resumed from) is not ours to delete.
-
-        (The reference tests the new checkpoint's iteration against ``save_interval``, which
-        only works while save_interval < keep_latest_interval: otherwise every checkpoint is deleted.)
-        """
-        try:
-            saved = checkpoint.SavePath.from_path(previous)
-        except ValueError:
-            return True
-        interval = self.opts.keep_latest_interval
-        return not saved.interrupt and interval > 0 and saved.iteration % interval == 0
 
     def validate(self):
         """COCO box and mask mAP on up to --validation_size validation images (rank 0; others wait).
@@ -467,25 +448,15 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def _recorded_best(self):
-        """The mask AP of the best checkpoint a resumed run kept (-1 for a new run: any AP beats it)."""
-        if self.opts.resume is None or not checkpoint.is_complete(self.best_path):
-            return -1.0
-        best = checkpoint.read_record(self.best_path).mask_AP
-        return -1.0 if best is None else float(best)
-
     def _keep_if_best(self, results):
         """Save the weights as the best checkpoint when this validation's mask AP beats the best so far."""
         mask_ap = results['segm']['AP']
-        if mask_ap <= self.best_mask_ap:
+        if not self.keep.is_better(mask_ap, self.best_mask_ap):
             logger.info('mask AP %.2f is not above the best %.2f: %s kept', 100 * mask_ap,
                         100 * self.best_mask_ap, self.best_path)
             return
         record = dataclasses.replace(self._state(), mask_AP=mask_ap, box_AP=results['bbox']['AP'])
-        try:
-            checkpoint.save_checkpoint(self.best_path, self.net, None, record)
-        except OSError as err:
-            raise OutputError(f'cannot save the best checkpoint {self.best_path}: {err.strerror or err}') from err
+        checkpoint.save_checkpoint(self.best_path, self.net, None, record)
         logger.info('best mask AP so far, %.2f at iteration %d (previous best %s): saved %s', 100 * mask_ap,
                     self.iteration, f'{100 * self.best_mask_ap:.2f}' if self.best_mask_ap >= 0 else 'none',
                     self.best_path)
