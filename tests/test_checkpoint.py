@@ -284,6 +284,11 @@ def test_a_killed_save_never_shows_an_incomplete_checkpoint(tmp_path, die_in):
     assert good == checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
     net, optimizer, _ = small_net_and_optimizer()
     assert checkpoint.load_checkpoint(good, net, optimizer) == (loader.CheckpointRecord(iteration=3), True)
+    # The run's next save clears what the killed one left.
+    policy = checkpoint.CheckpointPolicy(str(tmp_path), 'm')
+    checkpoint.save_checkpoint(policy.path(0, 9), net, optimizer, loader.CheckpointRecord(iteration=9))
+    policy.saved(policy.path(0, 9), good)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith('.')]
 
 
 def test_a_failed_trainer_save_is_one_line_saying_what_was_kept(tmp_path, monkeypatch):

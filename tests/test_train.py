@@ -1,4 +1,4 @@
-"""train.py and its helpers: schedule, checkpoints, configuration, and short CPU training runs.
+"""train.py and its helpers: schedule, configuration, short CPU training runs (checkpoint files: test_checkpoint.py).
 
 The runs fine-tune the reference's seed-0 stand-in ``yolact_resnet50`` weights
 (81 classes, converted) on a generated 4-class shapes dataset at a 128-pixel

@@ -27,6 +27,7 @@ Reading weights is utils.weights.loader.
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
 
 import paddle
@@ -38,6 +39,9 @@ from utils.weights.loader import (OPTIMIZER_EXT, STATE_EXT, WEIGHTS_EXT, Checkpo
 from utils.weights.paddle_reader import load_paddle_file
 
 logger = logging.getLogger(__name__)
+
+# The staging folder of a save in progress: ``.<stem><STAGING_MARK><random>`` beside the checkpoint.
+STAGING_MARK = '.saving.'
 
 # Separates the structured parameter name from the accumulator suffix in .pdopt keys.
 _ACC_SEP = '@'
@@ -107,7 +111,7 @@ def save_checkpoint(weights_path, net, optimizer=None, record=None, scaler=None)
         else os.path.basename(weights_path)
     record = record if record is not None else CheckpointRecord()
     try:
-        with staging_folder(folder, f'.{stem}.saving.', f'checkpoint {weights_path}') as stage:
+        with staging_folder(folder, f'.{stem}{STAGING_MARK}', f'checkpoint {weights_path}') as stage:
             staged = [(os.path.join(stage, os.path.basename(weights_path)), weights_path)]
             atomic_paddle_save(net.state_dict(), staged[0][0])
             if optimizer is not None:
@@ -330,6 +334,7 @@ class CheckpointPolicy:
       ``keep_latest_interval`` (by its own iteration; 0: none) and a file not
       named like this run's checkpoints (a .pth or a renamed file resumed from).
     - An interrupt checkpoint replaces the earlier interrupt checkpoints in the folder.
+    - What a killed save left (a hidden ``.<stem>.saving.*`` folder) goes at the run's next save.
     - ``keep_best``: after each validation, the weights of the best mask AP so
       far are kept as ``<folder>/<model_name>_best.pdparams`` (a tie keeps the
       earlier); a resumed run continues from the AP recorded there.
@@ -360,6 +365,7 @@ class CheckpointPolicy:
 
     def saved(self, path, previous, interrupt=False):
         """Apply the rules after ``path`` was saved; ``previous``: the run's checkpoint before it, or None."""
+        self._remove_stale_saves()
         if interrupt:
             remove_interrupts(self.folder, keep=path)
             return
@@ -367,6 +373,14 @@ class CheckpointPolicy:
                 and not self.kept_by_interval(previous):
             logger.info('deleting the previous checkpoint %s (--keep_latest)', previous)
             remove_checkpoint(previous)
+
+    def _remove_stale_saves(self):
+        """Delete the staging folders of this run's saves that a killed process left behind."""
+        prefix = f'.{self.model_name}_'
+        for name in os.listdir(self.folder):
+            if name.startswith(prefix) and STAGING_MARK in name:
+                logger.info('deleting %s, left by a save that did not finish', os.path.join(self.folder, name))
+                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
 
     def kept_by_interval(self, previous):
         """Whether --keep_latest keeps ``previous`` (the reference's rule): it sits at a multiple of
