@@ -359,16 +359,17 @@ def _counting(monkeypatch, module, name):
 def test_a_weights_file_is_checked_once_and_read_once(shapes_weights, monkeypatch):
     """The config (class count of a record-less .pdparams) and the network come from one reading."""
     checks = _counting(monkeypatch, loader, 'require_weights_file')
+    records = _counting(monkeypatch, loader, 'read_record')
     reads = _counting(monkeypatch, loader, 'load_paddle_file')
     weights = loader.WeightsFile(shapes_weights)
     cfg = weights.config()
     cfg, net = weights.load_model(cfg=cfg)
     assert cfg.name == 'yolact_shapes' and not net.training
-    assert (checks, reads) == ([shapes_weights], [shapes_weights])
+    assert (checks, records, reads) == ([shapes_weights],) * 3
 
-    del checks[:], reads[:]
+    del checks[:], records[:], reads[:]
     Predictor(shapes_weights, device='cpu', dygraph=True)
-    assert (checks, reads) == ([shapes_weights], [shapes_weights])
+    assert (checks, records, reads) == ([shapes_weights],) * 3
 
 
 def test_a_checkpoint_resumes_through_the_weights_reader(tmp_path, monkeypatch):

@@ -153,6 +153,11 @@ def resolve_config(config_name=None, weights_path=None, record=None, record_sour
     if record is None and weights_path is not None and weights_path.endswith(WEIGHTS_EXT):
         record = read_record(weights_path)
         record_source = sidecar_paths(weights_path)[1]
+    return _resolve_config(config_name, weights_path, record, record_source)
+
+
+def _resolve_config(config_name, weights_path, record, record_source):
+    """resolve_config with the record given (None: the weights have none)."""
     recorded_name = record.config if record is not None else None
     recorded_classes = record.class_names if record is not None else None
     if config_name is not None:
@@ -217,7 +222,7 @@ class WeightsFile:
 
     def config(self, config_name=None):
         """The config of these weights (see the module docstring), without building the network."""
-        cfg = resolve_config(config_name, self.path, self.record, self.record_path)
+        cfg = _resolve_config(config_name, self.path, self.record, self.record_path)
         if not self.is_pth and not (self.record is not None and self.record.class_names):
             cfg = _with_class_count_of(cfg, self.state_dict())
         return cfg
