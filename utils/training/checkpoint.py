@@ -34,8 +34,7 @@ import paddle
 
 from utils.errors import MissingFileError, OutputError, WeightsError
 from utils.files import atomic_paddle_save, atomic_write, fsync_folder, staging_folder
-from utils.weights.loader import (OPTIMIZER_EXT, STATE_EXT, WEIGHTS_EXT, CheckpointRecord, WeightsFile,  # noqa: F401
-                                  read_record, sidecar_paths)
+from utils.weights.loader import WEIGHTS_EXT, CheckpointRecord, WeightsFile, read_record, sidecar_paths
 from utils.weights.paddle_reader import load_paddle_file
 
 logger = logging.getLogger(__name__)
