@@ -32,7 +32,7 @@ from utils.evaluation import coco_eval
 from utils.visual import media
 from utils.weights.checkpoint import latest_checkpoint, sidecar_paths
 from utils.errors import run_cli
-from utils.deploy.inference import default_cache_dir
+from utils.deploy.export_cache import default_cache_dir
 from utils.predictor import Predictor
 from yolact import Yolact
 
