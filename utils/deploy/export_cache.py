@@ -29,7 +29,6 @@ import paddle
 from utils.deploy.child_process import signal_name, strip_ansi
 from utils.deploy.network_export import ExportMeta, save_static
 from utils.deploy.runners import StaticYolact
-from utils.errors import OutputError
 from utils.files import atomic_write, staging_folder
 from utils.weights.checkpoint import require_weights_file
 
@@ -46,6 +45,8 @@ FILES_SUFFIX = '.files.json'
 FAILED_SUFFIX = '.failed.json'
 # The first-use check runs the export in a child process; a hang there is a failure too.
 CHECK_TIMEOUT = 900
+# Free bytes an export needs beyond the size of its weights (graph, metadata, the check's arrays).
+_FREE_MARGIN = 64 * 2 ** 20
 
 
 class EntryState(enum.Enum):
@@ -54,7 +55,8 @@ class EntryState(enum.Enum):
     VALID = 'valid'                 # an intact entry: its prefix is returned
     DAMAGED = 'damaged'             # an entry whose files differ from its file list: exported again, as MISSING
     FAILED_CHECK = 'failed-check'   # a verdict beside the entry's name: None (dygraph), one warning, no new check
-    UNWRITABLE = 'unwritable'       # the cache folder cannot take a new entry
+    UNWRITABLE = 'unwritable'       # the folder cannot take a new entry (read-only, full, not a folder):
+                                    # None (dygraph), one warning naming the folder; the next run tries again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,11 @@ class ExportCache:
     ``<entry>.failed.json`` and not repeated; the key holds Paddle's version,
     so another Paddle checks again.
 
+    The cache is an optimisation: a folder that cannot be written (read-only,
+    full, a path through a file) gives one warning naming it and the dygraph
+    network, never an error; an export is started only with room for it (the
+    weights' size and a margin free).
+
     An entry is exported into its own ``.partial-<host>-<pid>-*`` folder and
     renamed to its final name when complete, so a killed export leaves no
     entry, and of concurrent exporters of one key the first rename wins and
@@ -146,8 +153,8 @@ class ExportCache:
             batch_size: as for utils.deploy.network_export.export_yolact.
         Returns:
             ``<cache_dir>/<config>-<key>/<config>``, a prefix for StaticYolact;
-            None when the export failed its check: run the dygraph network instead
-            (a warning names the cause).
+            None when the export failed its check or the cache cannot take it:
+            run the dygraph network instead (one warning names the cause).
         """
         entry = self.entry(cfg, weights_path, batch_size)
         state, detail = self.state(entry)
@@ -156,44 +163,77 @@ class ExportCache:
                 logger.info('using the cached export %s', entry.folder)
                 return entry.prefix
             if state is EntryState.FAILED_CHECK:
+                kept = (f'verdict kept in {entry.verdict_path}' if os.path.isfile(entry.verdict_path)
+                        else 'the verdict could not be kept: the next run checks again')
                 logger.warning('the Paddle Inference export of %s failed its check on Paddle %s (%s): running the '
-                               'dygraph network instead, slower on a CPU (verdict kept in %s; another Paddle '
-                               'version checks again)', cfg.name, paddle.__version__, detail, entry.verdict_path)
+                               'dygraph network instead, slower on a CPU (%s; another Paddle version checks again)',
+                               cfg.name, paddle.__version__, detail, kept)
                 return None
             if state is EntryState.UNWRITABLE:
-                raise OutputError(detail)
+                logger.warning('the export cache %s cannot take the export of %s (%s): running the dygraph network '
+                               'instead, slower on a CPU (set YOLACT_CACHE to a writable folder with room)',
+                               self.folder, cfg.name, detail)
+                return None
             if state is EntryState.DAMAGED:
                 logger.warning('the cached export %s is damaged (%s); exporting it again', entry.folder, detail)
-            state, detail = self._export(load_net, cfg, entry, batch_size)
+            state, detail = self._export(load_net, cfg, entry, weights_path, batch_size)
 
-    def _export(self, load_net, cfg, entry, batch_size):
-        """Export, check and store ``entry``: (VALID, None), (FAILED_CHECK, cause) or (UNWRITABLE, message)."""
+    def _export(self, load_net, cfg, entry, weights_path, batch_size):
+        """Export, check and store ``entry``: (VALID, None), (FAILED_CHECK, cause) or (UNWRITABLE, reason).
+
+        The network is built first: the dygraph fallback needs it too (the
+        caller's load_net may cache it). Any OSError while writing the cache
+        (read-only, disk full, a folder that is a file) is UNWRITABLE.
+        """
+        net = load_net()
+        need = os.path.getsize(weights_path) + _FREE_MARGIN
         try:
             os.makedirs(self.folder, exist_ok=True)
             _remove_dead_partials(self.folder)
+            free = shutil.disk_usage(self.folder).free
+            if free < need:
+                return EntryState.UNWRITABLE, f'{_mb(free)} free, the export needs about {_mb(need)}'
+            prefix = f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-'
+            with staging_folder(self.folder, prefix, 'the export cache') as stage:
+                stage_prefix = os.path.join(stage, cfg.name)
+                save_static(net, cfg, stage_prefix, batch_size)
+                cause = check_export(net, stage_prefix)
+                if cause is not None:
+                    # paddle.jit.save does not report a full disk: its truncated files fail the check.
+                    # No verdict then, since the export itself may be sound.
+                    free = shutil.disk_usage(self.folder).free
+                    if free < _FREE_MARGIN:
+                        return EntryState.UNWRITABLE, f'{_mb(free)} free after the export, which failed its check'
+                    try:
+                        _write_verdict(entry.verdict_path, cause)
+                    except OSError:
+                        pass   # the warning says so; the next run checks again
+                    return EntryState.FAILED_CHECK, cause
+                _write_file_list(stage_prefix)
+                if os.path.lexists(entry.folder):
+                    _discard(entry.folder, self.folder)
+                try:
+                    os.rename(stage, entry.folder)
+                except OSError:
+                    if _entry_problem(entry.prefix) is not None:
+                        raise
+                    logger.info('%s was exported concurrently; using that copy', entry.folder)
         except OSError as e:
-            return EntryState.UNWRITABLE, f'cannot write the export cache {self.folder}: {e.strerror}'
-        prefix = f'{_PARTIAL}{socket.gethostname()}-{os.getpid()}-'
-        with staging_folder(self.folder, prefix, 'the export cache') as stage:
-            net = load_net()
-            stage_prefix = os.path.join(stage, cfg.name)
-            save_static(net, cfg, stage_prefix, batch_size)
-            cause = check_export(net, stage_prefix)
-            if cause is not None:
-                _write_verdict(entry.verdict_path, cause)
-                return EntryState.FAILED_CHECK, cause
-            _write_file_list(stage_prefix)
-            if os.path.lexists(entry.folder):
-                _discard(entry.folder, self.folder)
-            try:
-                os.rename(stage, entry.folder)
-            except OSError:
-                if _entry_problem(entry.prefix) is not None:
-                    raise
-                logger.info('%s was exported concurrently; using that copy', entry.folder)
+            return EntryState.UNWRITABLE, _os_reason(e)
         logger.info('exported %s (%dx%d, batch %d) to the cache %s', cfg.name, cfg.max_size, cfg.max_size,
                     batch_size, entry.folder)
         return EntryState.VALID, None
+
+
+def _os_reason(error):
+    """The system's reason for a failed write, with the file it names (an OutputError's cause's)."""
+    cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+    reason = cause.strerror or str(cause)
+    return f'{reason}: {cause.filename}' if cause.filename else reason
+
+
+def _mb(size):
+    return f'{size / 2 ** 20:.0f} MB'
 
 
 def _sha256(path):
