@@ -2,6 +2,11 @@
 
 Both are called like ``Yolact`` in eval mode and return its dict, so Detect
 and postprocess work unchanged on their outputs.
+
+Precision (:data:`PRECISIONS`) is an option of the Paddle Inference predictor,
+not of the exported files: 'fp32' everywhere (the default); 'bf16' on a CPU
+with AVX512-BF16 or AMX, through oneDNN's bfloat16 kernels (inputs and outputs
+stay float32); 'fp16' on a GPU, through TensorRT in half precision.
 """
 import logging
 import os
@@ -17,38 +22,83 @@ from utils.runtime import dygraph_threads_restored, predictor_cpu_threads
 
 logger = logging.getLogger(__name__)
 
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+# Where Linux lists the CPU's instruction set extensions.
+CPUINFO = '/proc/cpuinfo'
+# Either runs oneDNN's bfloat16 kernels natively (AMX through its tile instructions).
+_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+
+def cpu_bf16_flags():
+    """The CPU flags of :data:`_BF16_FLAGS` this CPU has (from :data:`CPUINFO`; none where it cannot be read)."""
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                if line.startswith('flags'):
+                    flags = set(line.partition(':')[2].split())
+                    return tuple(flag for flag in _BF16_FLAGS if flag in flags)
+    except OSError:
+        pass
+    return ()
+
+
+def check_precision(precision, device='cpu', use_onednn=True):
+    """Refuse, with a one-line ConfigError, a precision this device cannot run (see the module docstring)."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == 'bf16':
+        if device != 'cpu':
+            raise ConfigError('precision bf16 runs on a CPU (oneDNN); on a GPU use fp16 (TensorRT) or fp32')
+        if not use_onednn:
+            raise ConfigError('precision bf16 runs through oneDNN, which is turned off')
+        if not cpu_bf16_flags():
+            raise ConfigError(f'precision bf16 needs a CPU with AVX512-BF16 or AMX ({" or ".join(_BF16_FLAGS)} '
+                              f'in {CPUINFO}); this CPU has neither: use fp32')
+    if precision == 'fp16' and device != 'gpu':
+        raise ConfigError('precision fp16 runs on a GPU (TensorRT); on a CPU use bf16 (AVX512-BF16 or AMX) or fp32')
+
 
 def create_predictor(path_prefix, device='cpu', num_threads=None, use_onednn=True,
-                     use_tensorrt=False, gpu_id=0, onednn_cache_capacity=0):
+                     use_tensorrt=False, gpu_id=0, onednn_cache_capacity=0, precision='fp32'):
     """A Paddle Inference predictor for one exported graph.
 
     Args:
         device: 'cpu' or 'gpu'.
         num_threads: CPU math threads (default: utils.runtime.default_cpu_threads, as for dygraph).
         use_onednn: CPU only; oneDNN kernels and graph fusions.
-        use_tensorrt: GPU only; run supported subgraphs with TensorRT (float32).
+        use_tensorrt: GPU only; run supported subgraphs with TensorRT.
         onednn_cache_capacity: > 0 bounds oneDNN's per-shape kernel cache, for
             inputs whose shape changes (the mask-IoU net's number of masks).
+        precision: 'fp32'; 'bf16' (CPU with AVX512-BF16 or AMX: oneDNN's
+            bfloat16 kernels); 'fp16' (GPU: TensorRT in half precision, so
+            TensorRT is used whatever ``use_tensorrt`` says). Anything this
+            device cannot run is a one-line ConfigError (:func:`check_precision`).
     """
     from paddle import inference
 
+    if device not in ('cpu', 'gpu'):
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    check_precision(precision, device, use_onednn)
     graph = model_file(path_prefix)
     config = inference.Config(graph, path_prefix + '.pdiparams')
     if device == 'gpu':
         config.enable_use_gpu(256, gpu_id)
-        if use_tensorrt:
+        if use_tensorrt or precision == 'fp16':
+            # Not run here (no GPU on the machines that test this project).
+            mode = inference.PrecisionType.Half if precision == 'fp16' else inference.PrecisionType.Float32
             config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=1, min_subgraph_size=3,
-                                          precision_mode=inference.PrecisionType.Float32,
-                                          use_static=False, use_calib_mode=False)
-    elif device == 'cpu':
+                                          precision_mode=mode, use_static=False, use_calib_mode=False)
+    else:
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(predictor_cpu_threads(num_threads))
         if use_onednn:
             enable_onednn(config, onednn_cache_capacity)
+        if precision == 'bf16':
+            # enable_mkldnn_bfloat16 before Paddle 3.2 (kept as an alias in 3.3).
+            enable_bf16 = getattr(config, 'enable_onednn_bfloat16', None) or config.enable_mkldnn_bfloat16
+            enable_bf16()
         for name in crashing_cpu_passes(graph):
             config.delete_pass(name)
-    else:
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
     config.switch_ir_optim(True)
     config.disable_glog_info()
     return inference.create_predictor(config)
@@ -93,23 +143,25 @@ class StaticYolact:
     ``runner(x)`` with x [B, 3, S, S] float32 (paddle tensor or numpy, B as
     exported) returns the dict of ``Yolact.forward``: 'loc' [B, P, 4], 'conf'
     [B, P, C] (softmax), 'mask' [B, P, K], 'priors' [P, 4], 'proto'
-    [B, S/4, S/4, K], as paddle tensors on the predictor's device (no host
+    [B, S/4, S/4, K], float32 paddle tensors on the predictor's device (no host
     copy on a GPU). ``maskiou_net`` is the exported mask-IoU net (YOLACT++) or None.
+    ``precision``: see :func:`create_predictor` (both nets run in it).
     """
 
     def __init__(self, path_prefix, device='cpu', num_threads=None, use_onednn=True,
-                 use_tensorrt=False, gpu_id=0):
+                 use_tensorrt=False, gpu_id=0, precision='fp32'):
         self.meta = ExportMeta.read(path_prefix)
+        self.precision = precision
         options = dict(device=device, num_threads=num_threads, use_onednn=use_onednn,
-                       use_tensorrt=use_tensorrt, gpu_id=gpu_id)
+                       use_tensorrt=use_tensorrt, gpu_id=gpu_id, precision=precision)
         self.predictor = create_predictor(path_prefix, **options)
         self.maskiou_net = None
         if self.meta.maskiou:
             maskiou = create_predictor(path_prefix + MASKIOU_SUFFIX, onednn_cache_capacity=16, **options)
             self.maskiou_net = ExportedMaskIoU(lambda masks: run_predictor(maskiou, masks)[0],
                                                self.meta.num_classes, tensors=True)
-        logger.info('loaded exported %s from %s (%s%s)', self.meta.config, path_prefix, device,
-                    ', oneDNN' if device == 'cpu' and use_onednn else '')
+        logger.info('loaded exported %s from %s (%s%s, %s)', self.meta.config, path_prefix, device,
+                    ', oneDNN' if device == 'cpu' and use_onednn else '', precision)
 
     def __call__(self, x):
         return dict(zip(self.meta.outputs, run_predictor(self.predictor, x)))
