@@ -118,6 +118,14 @@ def test_a_read_only_cache_serves_its_entries_and_new_weights_run_dygraph(tmp_pa
     assert len(warnings) == 1 and cache in warnings[0] and 'Read-only file system' in warnings[0], warnings
     assert built == [1] and sorted(os.listdir(cache)) == before
 
+    # Its entry damaged: still one warning, which says both.
+    with open(prefix + '.pdiparams', 'r+b') as f:
+        f.truncate(100)
+    caplog.clear()
+    assert cached_export(lambda: net, cfg, weights, cache_dir=cache) is None
+    warnings = _cache_warnings(caplog)
+    assert len(warnings) == 1 and 'Read-only file system' in warnings[0] and 'damaged' in warnings[0], warnings
+
 
 def test_a_full_cache_runs_dygraph_and_leaves_nothing_behind(tmp_path, monkeypatch, caplog, small, weights,
                                                              unchecked):

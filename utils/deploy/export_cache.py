@@ -158,8 +158,11 @@ class ExportCache:
         """
         entry = self.entry(cfg, weights_path, batch_size)
         state, detail = self.state(entry)
+        damage = None   # what was wrong with a DAMAGED entry being exported again
         while True:
             if state is EntryState.VALID:
+                if damage is not None:
+                    logger.warning('the cached export %s was damaged (%s); exported it again', entry.folder, damage)
                 logger.info('using the cached export %s', entry.folder)
                 return entry.prefix
             if state is EntryState.FAILED_CHECK:
@@ -170,12 +173,14 @@ class ExportCache:
                                cfg.name, paddle.__version__, detail, kept)
                 return None
             if state is EntryState.UNWRITABLE:
-                logger.warning('the export cache %s cannot take the export of %s (%s): running the dygraph network '
+                damaged = '' if damage is None else f'; its damaged entry ({damage}) stays'
+                logger.warning('the export cache %s cannot take the export of %s (%s%s): running the dygraph network '
                                'instead, slower on a CPU (set YOLACT_CACHE to a writable folder with room)',
-                               self.folder, cfg.name, detail)
+                               self.folder, cfg.name, detail, damaged)
                 return None
             if state is EntryState.DAMAGED:
-                logger.warning('the cached export %s is damaged (%s); exporting it again', entry.folder, detail)
+                damage = detail
+                logger.info('the cached export %s is damaged (%s); exporting it again', entry.folder, detail)
             state, detail = self._export(load_net, cfg, entry, weights_path, batch_size)
 
     def _export(self, load_net, cfg, entry, weights_path, batch_size):
