@@ -86,6 +86,9 @@ def parse_args(argv=None):
                             '~/.cache/yolact/exported, and reused; faster, see the README)')
     model.add_argument('--tensorrt', action='store_true',
                        help='with --inference_model on GPU: run supported subgraphs with TensorRT')
+    model.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16'),
+                       help='of Paddle Inference: bf16 on a CPU with AVX512-BF16 or AMX (oneDNN), fp16 on a GPU '
+                            'with --inference_model (TensorRT); the dygraph network runs fp32')
     model.add_argument('--device', default=None, choices=('cpu', 'gpu'),
                        help='where the network runs (default: gpu when Paddle has CUDA and a GPU is visible)')
 
@@ -185,10 +188,10 @@ def build_predictor(args):
                           score_threshold=args.score_threshold)
     if args.inference_model is not None:
         predictor = Predictor.from_exported(args.inference_model, device=device, use_tensorrt=args.tensorrt,
-                                            config=args.config, **detect_options)
+                                            config=args.config, precision=args.precision, **detect_options)
     else:
         predictor = Predictor(args.trained_model, config=args.config, device=device, dygraph=args.dygraph,
-                              **detect_options)
+                              precision=args.precision, **detect_options)
     cfg = predictor.cfg
     if args.dataset is not None or args.coco_root:
         dataset_cfg = DATASETS[args.dataset] if args.dataset is not None else cfg.dataset

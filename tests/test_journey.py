@@ -33,7 +33,7 @@ from utils.visual import media
 from utils.training.checkpoint import latest_checkpoint
 from utils.weights.loader import sidecar_paths
 from utils.errors import run_cli
-from utils.deploy.inference import default_cache_dir
+from utils.deploy.export_cache import default_cache_dir
 from utils.predictor import Predictor
 from yolact import Yolact
 

@@ -13,7 +13,9 @@ import paddle
 from layers.functions import Detect
 from layers.output_utils import PostProcess
 from data.transforms import FastBaseTransform
-from utils.deploy.inference import StaticYolact, cached_export
+from utils.deploy.export_cache import cached_export
+from utils.deploy.runners import StaticYolact, check_precision
+from utils.errors import ConfigError
 from utils.weights.loader import WeightsFile, load_exported
 from utils.runtime import select_device
 
@@ -31,7 +33,7 @@ class Predictor:
     On a CPU the network runs through Paddle Inference (oneDNN), faster than
     dygraph there (README "Speed and deployment"): it is exported on first use into a cache keyed by the
     weights' content, the config and Paddle's version
-    (utils.deploy.inference.cached_export; ``$YOLACT_CACHE``, default
+    (utils.deploy.export_cache.cached_export; ``$YOLACT_CACHE``, default
     ``~/.cache/yolact/exported``) and reused afterwards, once Paddle Inference
     has run it in a child process with the dygraph network's results; an
     export that crashes or disagrees there is not used (one warning names the
@@ -46,6 +48,11 @@ class Predictor:
             picks a GPU if there is one. Set process-wide (utils.runtime.select_device).
         score_threshold: keep detections whose box score is above it.
         dygraph: on a CPU, run the dygraph network instead of the cached export.
+        precision: of the cached export on a CPU: 'fp32', or 'bf16' on a CPU with
+            AVX512-BF16 or AMX (utils.deploy.runners.create_predictor); the
+            dygraph network (``dygraph=True``, a GPU) runs fp32 only: anything else
+            is a one-line ConfigError. fp16 runs an export on a GPU with TensorRT:
+            ``Predictor.from_exported(prefix, device='gpu', precision='fp16')``.
         **detect_overrides: Detect.from_config overrides, e.g.
             ``use_fast_nms=False`` or ``conf_thresh=0.3``.
     Attributes:
@@ -54,10 +61,15 @@ class Predictor:
     """
 
     def __init__(self, weights, weights_path=None, config=None, device=None, score_threshold=0.0, dygraph=False,
-                 **detect_overrides):
+                 precision='fp32', **detect_overrides):
         if weights_path is not None:
             config, weights = weights, weights_path
         device = select_device(device)
+        if precision != 'fp32':
+            if device != 'cpu' or dygraph:
+                raise ConfigError(f'precision {precision} is an option of Paddle Inference: the dygraph network '
+                                  '(dygraph=True, or a GPU) runs fp32; on a GPU run an export (from_exported)')
+            check_precision(precision, 'cpu')
         weights_file = WeightsFile(weights)
         if device == 'cpu' and not dygraph:
             # The config only: a cache hit builds no network and reads no weights but a record-less
@@ -66,7 +78,9 @@ class Predictor:
             load_net = functools.lru_cache(maxsize=None)(lambda: weights_file.load_model(cfg=cfg)[1])
             # cached_export returns None when the export failed its first-use check (it warns): dygraph then.
             prefix = cached_export(load_net, cfg, weights)
-            net = StaticYolact(prefix, device='cpu') if prefix is not None else load_net()
+            net = StaticYolact(prefix, device='cpu', precision=precision) if prefix is not None else load_net()
+            if prefix is None and precision != 'fp32':
+                logger.info('the dygraph network runs in fp32, not %s', precision)
         else:
             # A .pdparams is read once, for its class count and its weights.
             cfg, net = weights_file.load_model(config)
@@ -75,14 +89,16 @@ class Predictor:
 
     @classmethod
     def from_exported(cls, path_prefix, device='cpu', use_tensorrt=False, config=None, score_threshold=0.0,
-                      **detect_overrides):
+                      precision='fp32', **detect_overrides):
         """A Predictor running a network exported by tools/export_model.py with Paddle Inference.
 
         path_prefix: the export's path without extension (its metadata names
-        the config and classes); device: 'cpu' (oneDNN) or 'gpu'.
+        the config and classes); device: 'cpu' (oneDNN) or 'gpu'; precision:
+        'fp32', 'bf16' (CPU) or 'fp16' (GPU, TensorRT), see
+        utils.deploy.runners.create_predictor.
         Preprocessing, Detect and post-processing are the dygraph ones.
         """
-        cfg, net = load_exported(path_prefix, config, device=device, use_tensorrt=use_tensorrt)
+        cfg, net = load_exported(path_prefix, config, device=device, use_tensorrt=use_tensorrt, precision=precision)
         return cls.from_network(cfg, net, score_threshold, **detect_overrides)
 
     @classmethod

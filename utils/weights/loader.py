@@ -331,20 +331,21 @@ def _with_class_count_of(cfg, state):
     return with_classes(cfg, [f'class_{i + 1}' for i in range(num_classes - 1)])
 
 
-def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=False):
+def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=False, precision='fp32'):
     """A static network exported by tools/export_model.py, and its config (classes from its metadata).
 
-    Returns (cfg, utils.deploy.inference.StaticYolact), called like the dygraph network.
+    Returns (cfg, utils.deploy.runners.StaticYolact), called like the dygraph network.
     """
     # Imported here: the deploy side reads weights through this module (require_weights_file).
-    from utils.deploy.inference import ExportMeta, StaticYolact
+    from utils.deploy.network_export import ExportMeta
+    from utils.deploy.runners import StaticYolact
     meta = ExportMeta.read(path_prefix)
     cfg = resolve_config(config_name, record=meta, record_source=f'the export metadata of {path_prefix}')
     exported, configured = (meta.max_size, meta.num_classes), (cfg.max_size, cfg.num_classes)
     if exported != configured:
         raise ConfigError(f'{path_prefix} was exported for {exported[0]}x{exported[0]} inputs and {exported[1] - 1} '
                           f'classes; config {cfg.name} has {configured[0]}x{configured[0]} and {configured[1] - 1}')
-    net = StaticYolact(path_prefix, device=device, use_tensorrt=use_tensorrt)
+    net = StaticYolact(path_prefix, device=device, use_tensorrt=use_tensorrt, precision=precision)
     return cfg, net
 
 
