@@ -37,8 +37,8 @@ import paddle.distributed as dist  # noqa: E402
 
 from data.coco import custom_dataset_config  # noqa: E402
 from data.config import DATASETS, coco_root_dataset, get_config  # noqa: E402
-from utils.cli import (add_coco_root_flag, add_data_loading_flags, non_negative_int,  # noqa: E402
-                       positive_int)
+from utils.cli import (add_coco_root_flag, add_data_loading_flags, add_max_image_pixels_flag,  # noqa: E402
+                       non_negative_int, positive_int)
 from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 from utils.training.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
@@ -64,6 +64,7 @@ def parse_args(argv=None):
                    help='iteration to resume at; -1 reads it from the checkpoint')
     p.add_argument('--num_workers', default=4, type=non_negative_int, help='DataLoader worker processes')
     add_data_loading_flags(p)
+    add_max_image_pixels_flag(p)
     p.add_argument('--lr', '--learning_rate', default=None, type=float,
                    help='initial learning rate (default: the config, scaled with the batch size)')
     p.add_argument('--momentum', default=None, type=float, help='SGD momentum (default: the config)')

@@ -43,6 +43,10 @@ class UnreadableFileError(YolactError, OSError):
     """A file that exists but cannot be read as what it should be (a corrupt image or video, ...)."""
 
 
+class ImageInputError(YolactError, ValueError):
+    """An image array that cannot be taken without guessing what its values mean (see utils.predictor)."""
+
+
 class OutputError(YolactError, OSError):
     """An output cannot be written (read-only folder, disk full, ...); says what was kept."""
 

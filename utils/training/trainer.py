@@ -14,6 +14,7 @@ import paddle
 import paddle.distributed as dist
 
 from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
+from data.images import DEFAULT_MAX_PIXELS
 from data.samplers import ResumableBatchSampler, SeededSamples
 from layers.box_utils import BACKENDS, use_device_path
 from layers.modules.multibox_loss import MultiBoxLoss
@@ -48,6 +49,7 @@ class TrainOptions:
     (utils.runtime.dataloader_shared_memory). keep_best: keep the weights of the best
     validation mask AP as <save_folder>/<config>_best.pdparams. include_background_images:
     train on the images without annotations too (data.coco.COCODetection include_background).
+    max_image_pixels: the pixel cap of every image read (data.images.read_image); larger images are skipped.
     """
     batch_size: int = 8
     num_workers: int = 4
@@ -69,6 +71,7 @@ class TrainOptions:
     shared_memory: str = 'auto'
     keep_best: bool = False
     include_background_images: bool = False
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
 
 class NonFiniteLossError(YolactError):
@@ -201,7 +204,8 @@ class Trainer:
 
         self.rng = np.random.RandomState()
         train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng),
-                                              strict=opts.strict, include_background=opts.include_background_images)
+                                              strict=opts.strict, include_background=opts.include_background_images,
+                                              max_pixels=opts.max_image_pixels)
         if opts.include_background_images:
             negatives = sum(1 for i in train_set.ids if not train_set.coco.imgToAnns.get(i))
             logger.info('training on %d images without annotations as negatives (--include_background_images)',
@@ -220,7 +224,8 @@ class Trainer:
 
         self.validation = opts.validation_epoch > 0 and bool(cfg.dataset.valid_info)
         if self.validation and rank == 0:
-            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict)
+            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict,
+                                                      max_pixels=opts.max_image_pixels)
             self.predictor = Predictor.from_network(cfg, self.net)
         self.best_path = os.path.join(opts.save_folder, f'{cfg.name}_best{checkpoint.WEIGHTS_EXT}')
         self.best_mask_ap = self._recorded_best() if opts.keep_best else None
