@@ -127,8 +127,8 @@ def _imread(path, flags):
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else 'OpenCV error'
         raise UnreadableFileError(f'cannot decode image file {path}: {reason}') from None
     if img is None:
-        raise UnreadableFileError(f'cannot decode image file (corrupt, not an image, or above '
-                                  f"OpenCV's pixel limit): {path}")
+        # (OpenCV 4 also returns None above its pixel limit.)
+        raise UnreadableFileError(f'cannot decode image file (corrupt or not an image): {path}')
     return img
 
 
