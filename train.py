@@ -41,7 +41,8 @@ from utils.cli import (add_coco_root_flag, add_data_loading_flags, add_max_image
                        non_negative_int, positive_int)
 from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
-from utils.training.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
+from utils.training.trainer import (NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen,  # noqa: E402
+                                    resolve_resume)
 
 logger = logging.getLogger('train')
 
@@ -208,6 +209,8 @@ def main(argv=None):
     world_size = dist.get_world_size()
     if world_size > 1:
         dist.init_parallel_env()
+    # Resolved once: an 'interrupt' or 'latest' that finds nothing is a run without --resume (BatchNorm rule too).
+    args.resume = resolve_resume(train_options(args), get_config(args.config).name).resume
     cfg = build_config(args, world_size)
     trainer = Trainer(cfg, train_options(args), dist.get_rank(), world_size)
     try:

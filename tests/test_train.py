@@ -775,3 +775,25 @@ def test_cpu_threads_are_shared_among_the_local_processes(monkeypatch):
     monkeypatch.setenv('PADDLE_LOCAL_SIZE', '4')        # paddle.distributed.launch, per node
     monkeypatch.setenv('PADDLE_TRAINERS_NUM', '8')
     assert local_process_count() == 4
+
+
+def test_resume_that_finds_nothing_is_a_run_without_resume(tiny_config, shapes, tmp_path, recorded_losses, caplog):
+    """Was: 'starting a new run', but BatchNorm frozen as if pretrained (NaN within 8 iterations from scratch)."""
+    caplog.set_level(logging.WARNING)
+    scratch = ['--config', 'yolact_base', '--batch_size', '2', '--backbone_weights', 'none',
+               '--save_folder', str(tmp_path / 'empty')]
+    for resume in ('interrupt', 'latest'):
+        args = train.parse_args(scratch + ['--resume', resume])
+        assert train.build_config(args, world_size=1).freeze_bn is False, resume
+
+    common = ('--max_iter', '1', '--backbone_weights', 'none', '--lr', '1e-4')
+    assert train.main(train_argv(shapes, tmp_path / 'plain', *common)) == 0
+    plain = dict(recorded_losses)
+    recorded_losses.clear()
+    assert train.main(train_argv(shapes, tmp_path / 'resumed', *common, '--resume', 'latest')) == 0
+    assert recorded_losses == plain and sorted(plain) == [0]
+    assert any('--resume latest: no such checkpoint' in r.getMessage() for r in caplog.records)
+    for run in ('plain', 'resumed'):
+        path = checkpoint.latest_checkpoint(str(tmp_path / run / 'weights'), CONFIG)
+        with open(checkpoint.sidecar_paths(path)[1]) as f:
+            assert json.load(f)['freeze_bn'] is False

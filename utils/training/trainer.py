@@ -87,10 +87,11 @@ def batch_norm_frozen(cfg, opts, world_size):
     variance 1 everywhere, so freezing it would remove all normalisation and
     a deep ResNet's activations explode within a few iterations. From scratch,
     BatchNorm therefore always learns from batch statistics, noisy as they
-    are for small batches.
+    are for small batches. A --resume 'interrupt' or 'latest' that finds no
+    checkpoint is a new run here too.
     """
     per_device = opts.batch_size // world_size
-    pretrained = (opts.resume is not None or opts.trained_model is not None
+    pretrained = (resume_found(opts, cfg.name) or opts.trained_model is not None
                   or (opts.backbone_weights or default_backbone_weights(cfg, opts.save_folder)).lower() != 'none')
     if not pretrained:
         if per_device < MIN_BN_BATCH:
@@ -106,6 +107,24 @@ def batch_norm_frozen(cfg, opts, world_size):
     return cfg.freeze_bn
 
 
+
+
+def resume_found(opts, model_name):
+    """Whether ``opts.resume`` designates a checkpoint: a path, or an 'interrupt' / 'latest' one that exists."""
+    if opts.resume is None:
+        return False
+    if opts.resume == 'interrupt':
+        return checkpoint.interrupt_checkpoint(opts.save_folder) is not None
+    if opts.resume == 'latest':
+        return checkpoint.latest_checkpoint(opts.save_folder, model_name) is not None
+    return True
+
+
+def resolve_resume(opts, model_name):
+    """``opts`` with ``resume`` replaced by the checkpoint it designates, or by None when 'interrupt' /
+    'latest' finds none (warned): the run is then exactly a run without --resume."""
+    return dataclasses.replace(opts, resume=checkpoint.find_resume_checkpoint(opts.resume, opts.save_folder,
+                                                                              model_name))
 
 
 class NetLoss(paddle.nn.Layer):
