@@ -455,3 +455,33 @@ def test_predictor_refuses_what_needs_a_guess(predictor, image, message):
     with pytest.raises(YolactError) as info:
         predictor(image)
     assert isinstance(info.value, ValueError) and message in str(info.value) and '\n' not in str(info.value)
+
+
+# ------------------------------------------------------------------ output folders at start --
+def test_unwritable_training_folders_fail_before_training(capsys, shapes, tmp_path, monkeypatch):
+    """Was: --save_folder was first written at the first checkpoint: everything trained until then was lost.
+    (Tests run as root, where chmod does not stop writes: the folders lie under a regular file.)"""
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    monkeypatch.setattr(Trainer, 'train_step', lambda *a: pytest.fail('trained before checking the outputs'))
+    for flag, what in (('--save_folder', 'checkpoints'), ('--log_folder', 'training logs')):
+        argv = train_argv(shapes, tmp_path, '--backbone_weights', 'none', '--max_iter', '1')
+        argv[argv.index(flag) + 1] = str(blocker / 'sub')
+        line = one_line_error(capsys, train.main, argv)
+        assert f'cannot write {what} ({flag}) to {blocker / "sub"}' in line, line
+
+
+@pytest.mark.parametrize('flag, what', [('--log_dir', 'evaluation logs'), ('--results_dir', 'results files')])
+def test_unwritable_eval_folders_fail_before_evaluating(capsys, shapes, weights, tmp_path, monkeypatch, flag, what):
+    """Was: eval.py with an unwritable --log_dir computed everything, then died with a traceback on the plot;
+    an unwritable --results_dir was found after the model was loaded."""
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    # Not even the model is loaded (on a CPU that is an export on first use).
+    monkeypatch.setattr(eval_script, 'build_predictor', lambda *a: pytest.fail('the model was loaded first'))
+    argv = ['--trained_model', weights, '--dygraph', '--valid_images', shapes.valid_images,
+            '--valid_info', shapes.valid_info, '--num_workers', '0',
+            '--results_dir', str(tmp_path / 'r'), '--log_dir', str(tmp_path / 'logs')]
+    argv[argv.index(flag) + 1] = str(blocker / 'sub')
+    line = one_line_error(capsys, eval_script.main, argv)
+    assert f'cannot write {what} ({flag}) to {blocker / "sub"}' in line, line

@@ -110,6 +110,23 @@ def fsync_folder(folder):
         os.close(fd)
 
 
+def writable_folder(folder, what):
+    """Create ``folder`` when missing and prove it writable (a probe file made and removed); returns it.
+
+    For outputs checked before long work starts: an OutputError says 'cannot
+    write <what> to <folder>: <reason>' (a path under a regular file, a
+    read-only folder or file system, no space for a new file).
+    """
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test.', suffix=TMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f'cannot write {what} to {folder}: {e.strerror or e}') from e
+    return folder
+
+
 @contextlib.contextmanager
 def staging_folder(folder, prefix, what):
     """A new temporary folder ``<folder>/<prefix><random>``, removed with what is left in it on exit.
