@@ -797,3 +797,85 @@ def test_resume_that_finds_nothing_is_a_run_without_resume(tiny_config, shapes, 
         path = checkpoint.latest_checkpoint(str(tmp_path / run / 'weights'), CONFIG)
         with open(checkpoint.sidecar_paths(path)[1]) as f:
             assert json.load(f)['freeze_bn'] is False
+
+
+# A training process as `python train.py` runs it, with Paddle's F.conv2d (no first-use op build in a short run).
+TRAIN_PROCESS = '''
+import sys
+sys.path.insert(0, {root!r})
+import layers.cpu_ops
+layers.cpu_ops.load_ops = lambda: None
+import train
+train.configure_logging()
+sys.exit(train.run_cli(train.main, sys.argv[1:]))
+'''
+
+
+def _stderr_lines(process):
+    """A queue receiving ``process``'s stderr lines (None at its end), read in a thread: never blocks the test."""
+    import queue
+    import threading
+    lines = queue.Queue()
+
+    def read():
+        for line in process.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_sigterm_saves_an_interrupt_checkpoint_ends_the_workers_and_resumes(shapes, tmp_path, recorded_losses,
+                                                                        without_cpu_ops):
+    """Was: SIGTERM (schedulers, docker stop, timeout, kill) ended train.py in Paddle's handler: no checkpoint,
+    and the DataLoader worker left running, orphaned."""
+    import queue
+    import re
+    import signal
+    import time
+    script = tmp_path / 'train_process.py'
+    script.write_text(TRAIN_PROCESS.format(root=ROOT))
+    argv = ['--config', 'yolact_shapes', '--batch_size', '2', '--no_autoscale', '--num_workers', '1',
+            '--train_images', shapes.train_images, '--train_info', shapes.train_info, '--validation_epoch', '-1',
+            '--save_folder', str(tmp_path / 'weights'), '--log_folder', str(tmp_path / 'logs'),
+            '--log_interval', '1', '--backbone_weights', 'none', '--save_interval', '1000']
+    process = subprocess.Popen([sys.executable, str(script), *argv, '--max_iter', '1000'], stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    lines, seen = _stderr_lines(process), []
+    try:
+        deadline = time.monotonic() + 600
+        while not any(re.search(r'\]\s+1 \|\|', line) for line in seen[-1:]):
+            line = lines.get(timeout=max(1, deadline - time.monotonic()))
+            assert line is not None, ''.join(seen)
+            seen.append(line)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 143, ''.join(seen)
+        for _ in range(50):     # the process group empties: no worker outlives the trainer
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail('a process of the training run is still alive')
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    while True:
+        line = lines.get(timeout=10)
+        if line is None:
+            break
+        seen.append(line)
+    err = ''.join(seen)
+    assert 'Traceback' not in err and 'FatalError' not in err, err
+    interrupt = checkpoint.interrupt_checkpoint(str(tmp_path / 'weights'))
+    assert interrupt is not None and checkpoint.is_complete(interrupt), err
+    stopped_at = checkpoint.SavePath.from_path(interrupt).iteration
+    assert stopped_at >= 2
+
+    argv[argv.index('--num_workers') + 1] = '0'
+    assert train.main([*argv, '--resume', 'interrupt', '--max_iter', str(stopped_at + 1)]) == 0
+    assert sorted(recorded_losses) == [stopped_at]

@@ -14,9 +14,10 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-# Exit status of a program stopped by the user's input, and by Ctrl+C (128 + SIGINT).
+# Exit status of a program stopped by the user's input, by Ctrl+C (128 + SIGINT) and by SIGTERM (128 + SIGTERM).
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class YolactError(Exception):
@@ -51,18 +52,26 @@ class OutputError(YolactError, OSError):
     """An output cannot be written (read-only folder, disk full, ...); says what was kept."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception (utils.runtime.sigterm_as_interrupt): stopped as Ctrl+C stops, exit 143."""
+
+
 def run_cli(main, argv=None):
     """Run a program's ``main(argv) -> exit status`` under the error policy; returns the exit status.
 
     A :class:`YolactError` prints ``error: <message>`` on stderr (one line)
-    and gives EXIT_USER_ERROR; Ctrl+C gives EXIT_INTERRUPTED; every other
-    exception propagates with its traceback.
+    and gives EXIT_USER_ERROR; Ctrl+C gives EXIT_INTERRUPTED, SIGTERM (as
+    :class:`Terminated`) EXIT_TERMINATED; every other exception propagates
+    with its traceback.
     """
     try:
         return main(argv)
     except YolactError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except Terminated:
+        print('terminated', file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

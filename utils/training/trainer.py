@@ -20,14 +20,14 @@ from layers.box_utils import BACKENDS, use_device_path
 from layers.modules.multibox_loss import MultiBoxLoss
 from utils.weights import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
-from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, YolactError
+from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, Terminated, YolactError
 from utils.evaluation.loop import evaluate
 from utils.files import writable_folder
 from utils.training.logger import TrainingLogger
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import init_for_finetuning, load_weights_file
 from utils.predictor import Predictor
-from utils.runtime import dataloader_shared_memory, training_batch_bytes
+from utils.runtime import dataloader_shared_memory, sigterm_as_interrupt, training_batch_bytes
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -303,10 +303,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop --
     def run(self):
-        """Train until cfg.max_iter. Returns 'done', or 'interrupted' after Ctrl+C (checkpoint saved)."""
-        cfg, opts = self.cfg, self.opts
+        """Train until cfg.max_iter. Returns 'done', or 'interrupted' after Ctrl+C, 'terminated' after SIGTERM
+        (utils.runtime.sigterm_as_interrupt), both with an interrupt checkpoint saved."""
+        cfg = self.cfg
         logger.info('training %s on %s: %d images, %d iterations per epoch, iterations %d..%d',
                     cfg.name, cfg.dataset.name, len(self.train_set), self.epoch_size, self.iteration, cfg.max_iter)
+        with sigterm_as_interrupt():
+            return self._run()
+
+    def _run(self):
+        cfg, opts = self.cfg, self.opts
         try:
             while self.iteration < cfg.max_iter:
                 self._run_epoch()
@@ -319,13 +325,14 @@ class Trainer:
             self.save()
             if self.validation:
                 self.validate()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            # The DataLoader's iterator (and its workers) ends with the loop's frames, already unwound.
             self.read_losses()
             if self.rank == 0:
                 logger.info('stopping early: saving an interrupt checkpoint')
                 path = self.save(interrupt=True)
                 checkpoint.remove_interrupts(self.opts.save_folder, keep=path)
-            return 'interrupted'
+            return 'terminated' if isinstance(stop, Terminated) else 'interrupted'
         finally:
             if self.log is not None:
                 self.log.close()
