@@ -485,3 +485,18 @@ def test_unwritable_eval_folders_fail_before_evaluating(capsys, shapes, weights,
     argv[argv.index(flag) + 1] = str(blocker / 'sub')
     line = one_line_error(capsys, eval_script.main, argv)
     assert f'cannot write {what} ({flag}) to {blocker / "sub"}' in line, line
+
+
+def test_importing_the_library_prints_no_ccache_warning_but_keeps_other_warnings(tmp_path):
+    """Was: 'No ccache found' (Paddle's import-time warning) on every import of the library or a submission tool."""
+    code = ('import warnings\n'
+            'from utils.predictor import Predictor\n'
+            'warnings.warn("another warning", UserWarning)\n')
+    for argv in ([sys.executable, '-c', code], [sys.executable, os.path.join(ROOT, 'tools', 'check_submission.py'),
+                                                '--help']):
+        env = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert 'No ccache found' not in done.stderr, done.stderr
+        if argv[1] == '-c':
+            assert 'UserWarning: another warning' in done.stderr, done.stderr

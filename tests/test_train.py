@@ -811,6 +811,37 @@ sys.exit(train.run_cli(train.main, sys.argv[1:]))
 '''
 
 
+def _pids_running(script):
+    """Ids of the live processes whose command line names ``script`` (trainers and their DataLoader workers,
+    whichever process group or session they are in)."""
+    pids = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                cmdline = f.read()
+            with open(f'/proc/{entry}/stat') as f:
+                zombie = f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+        except (OSError, IndexError):
+            continue
+        if str(script).encode() in cmdline and not zombie:
+            pids.append(int(entry))
+    return pids
+
+
+def _assert_all_ended(script):
+    """Wait up to 5 s for every process of ``script`` to end; kill (by id) and fail if one does not."""
+    import signal
+    import time
+    for _ in range(50):
+        if not _pids_running(script):
+            return
+        time.sleep(0.1)
+    left = _pids_running(script)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    pytest.fail(f'processes of the training run still alive: {left}')
+
+
 def _stderr_lines(process):
     """A queue receiving ``process``'s stderr lines (None at its end), read in a thread: never blocks the test."""
     import queue
@@ -851,19 +882,10 @@ def test_sigterm_saves_an_interrupt_checkpoint_ends_the_workers_and_resumes(shap
             seen.append(line)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=300) == 143, ''.join(seen)
-        for _ in range(50):     # the process group empties: no worker outlives the trainer
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail('a process of the training run is still alive')
+        _assert_all_ended(script)      # no DataLoader worker outlives the trainer
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in _pids_running(script):
+            os.kill(pid, signal.SIGKILL)
     while True:
         line = lines.get(timeout=10)
         if line is None:
@@ -879,3 +901,40 @@ def test_sigterm_saves_an_interrupt_checkpoint_ends_the_workers_and_resumes(shap
     argv[argv.index('--num_workers') + 1] = '0'
     assert train.main([*argv, '--resume', 'interrupt', '--max_iter', str(stopped_at + 1)]) == 0
     assert sorted(recorded_losses) == [stopped_at]
+
+
+def test_sigterm_to_paddle_distributed_launch_saves_an_interrupt_checkpoint(shapes, tmp_path):
+    """The launcher forwards SIGTERM to each trainer's process group (again every 0.2 s, SIGKILL after 30 s):
+    rank 0 saves the interrupt checkpoint, and no trainer or DataLoader worker outlives the launcher."""
+    import re
+    import signal
+    import time
+    script = tmp_path / 'train_process.py'
+    script.write_text(TRAIN_PROCESS.format(root=ROOT))
+    logs = tmp_path / 'launch'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir', str(logs),
+         str(script), '--config', 'yolact_shapes', '--batch_size', '4', '--no_autoscale', '--num_workers', '1',
+         '--train_images', shapes.train_images, '--train_info', shapes.train_info, '--validation_epoch', '-1',
+         '--save_folder', str(tmp_path / 'weights'), '--log_folder', str(tmp_path / 'logs'), '--log_interval', '1',
+         '--backbone_weights', 'none', '--save_interval', '1000', '--max_iter', '1000'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rank0 = logs / 'workerlog.0'
+    try:
+        deadline = time.monotonic() + 600
+        while not (rank0.exists() and re.search(r'\]\s+1 \|\|', rank0.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, \
+                rank0.read_text() if rank0.exists() else 'no log'
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        _assert_all_ended(script)      # the trainers (each in its own session) and their DataLoader workers
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in _pids_running(script):
+            os.kill(pid, signal.SIGKILL)
+    log = rank0.read_text()
+    assert 'SIGTERM: stopping' in log and 'Traceback' not in log and 'FatalError' not in log, log
+    interrupt = checkpoint.interrupt_checkpoint(str(tmp_path / 'weights'))
+    assert interrupt is not None and checkpoint.is_complete(interrupt), log
