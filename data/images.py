@@ -56,6 +56,8 @@ def header_size(path):
                 f.seek(2)
                 return _jpeg_size(f)
             if head.startswith(b'BM') and len(head) >= 26:
+                if struct.unpack('<I', head[14:18])[0] == 12:     # OS/2 BITMAPCOREHEADER: 16-bit sides
+                    return struct.unpack('<HH', head[18:22])
                 width, height = struct.unpack('<ii', head[18:26])
                 return abs(width), abs(height)
             if head[:6] in (b'GIF87a', b'GIF89a'):
@@ -84,6 +86,8 @@ def _jpeg_size(f):
         if code in _JPEG_STANDALONE or code == 0x00:
             continue
         length = struct.unpack('>H', f.read(2))[0]
+        if length < 2:      # not a JPEG segment: leave it to the decoder
+            return None
         if code in _JPEG_SOF:
             _, height, width = struct.unpack('>BHH', f.read(5))
             return width, height

@@ -354,6 +354,8 @@ def test_the_header_gives_the_size_of_each_format(tmp_path):
     assert header_size(path) == (53, 37)
     (tmp_path / 't.png').write_text('text')
     assert header_size(str(tmp_path / 't.png')) is None
+    (tmp_path / 'zero_length.jpg').write_bytes(b'\xff\xd8\xff\xe0\x00\x00' + b'\x00' * 8)   # ends, no loop
+    assert header_size(str(tmp_path / 'zero_length.jpg')) is None
 
 
 def test_opencv_errors_skip_the_image_in_training_and_evaluation_data(shapes, tmp_path, opencv_refuses):
