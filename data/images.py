@@ -4,20 +4,22 @@ frame size against the same cap (:func:`check_pixels`).
 
 An image is refused before it is decoded when its header declares more than
 ``max_pixels`` pixels: a PNG of a few hundred KB can declare 20000 x 20000
-pixels, which decodes to 1.2 GB of uint8 and, in training, 19 GB of float32
-after Expand. The header is read for PNG (IHDR), JPEG (SOF), BMP, GIF and
+pixels, which decodes to 1.2 GB of uint8, 4.8 GB as float32 and, in training,
+up to 77 GB after Expand. The header is read for PNG (IHDR), JPEG (SOF), BMP, GIF and
 WebP; another format is decoded (under OpenCV's own limit,
 ``CV_IO_MAX_IMAGE_PIXELS``) and refused after decoding, before any float copy.
 
 DEFAULT_MAX_PIXELS = 2**24 (16.8 M pixels, 4096 x 4096; a 12 or 16 M pixel
-photo passes). What one training sample of P pixels costs at most
-(data.transforms.SSDAugmentation): the uint8 image 3P bytes, its float32
-copy 12P, Expand (up to 4x per side) 16 x 12P = 192P, RandomSampleCrop's copy
-of that up to 192P more: about 400P bytes, 6.7 GB at the cap. Two DataLoader
-workers (one per core of a 2-core machine) at that peak at once hold 13.4 GB,
-which leaves 10 GB of a 24 GB machine for the trainer. Evaluation needs 15P
-(the uint8 image and its float32 copy, 250 MB at the cap). ``--max_image_pixels``
-(eval.py, train.py) changes it.
+photo passes). What one training sample of P pixels and n objects holds at
+its peak (data.transforms.SSDAugmentation): the uint8 image 3P bytes, its
+float32 copy 12P, Expand's float32 canvas (up to 4x per side) 16 x 12P =
+192P, the masks (uint8) nP and their expanded copies 16nP
+(RandomSampleCrop takes views): 207P + 17nP, with COCO's 7.3 objects per
+image 331P, 5.6 GB at the cap. Two DataLoader workers (one per core of a
+2-core machine) at that peak at once hold 11.1 GB, which leaves 12.9 GB of
+a 24 GB machine for the trainer. Evaluation holds 15P (the uint8 image and
+its float32 copy, 250 MB at the cap). ``--max_image_pixels`` (eval.py,
+train.py) changes it.
 
 OpenCV 4 returns None for a file it cannot decode (or one above its limit);
 OpenCV 5 raises ``cv2.error`` for the latter: both become an
