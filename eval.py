@@ -53,7 +53,7 @@ from utils.evaluation.loop import benchmark, evaluate  # noqa: E402
 from utils.visual.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.evaluation.results import InferenceResults, class_indices  # noqa: E402
-from utils.files import writable_folder  # noqa: E402
+from utils.files import check_writable_folder  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 logger = logging.getLogger('eval')
@@ -237,17 +237,17 @@ def run_media(args, predictor, class_filter):
 
 
 def check_outputs(args):
-    """Create, and prove writable, the output folders the selected mode writes: before the model is
+    """Prove writable the output folders the selected mode writes (creating none): before the model is
     loaded or any image is run, so that an unwritable one costs nothing."""
     media = args.image is not None or args.images is not None or args.video is not None
     if args.benchmark:
         return
     if not media or args.output_coco_json:
-        writable_folder(args.results_dir, 'results files (--results_dir)')
+        check_writable_folder(args.results_dir, 'results files (--results_dir)')
     if not media and not args.output_coco_json:
-        writable_folder(args.log_dir, 'evaluation logs (--log_dir)')
+        check_writable_folder(args.log_dir, 'evaluation logs (--log_dir)')
     if args.output_labelme is not None:
-        writable_folder(args.output_labelme, 'labelme files (--output_labelme)')
+        check_writable_folder(args.output_labelme, 'labelme files (--output_labelme)')
 
 
 def main(argv=None):

@@ -502,3 +502,16 @@ def test_importing_the_library_prints_no_ccache_warning_but_keeps_other_warnings
         assert 'No ccache found' not in done.stderr, done.stderr
         if argv[1] == '-c':
             assert 'UserWarning: another warning' in done.stderr, done.stderr
+
+
+def test_the_writable_check_creates_nothing_and_names_a_read_only_folder(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+    from utils.files import check_writable_folder
+    check_writable_folder(str(tmp_path / 'new' / 'deeper'), 'outputs')
+    assert os.listdir(tmp_path) == []
+    # Root writes through chmod; a read-only file system refuses even root.
+    monkeypatch.setattr(tempfile, 'mkstemp', lambda **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, os.strerror(errno.EROFS))))
+    with pytest.raises(OutputError, match=f'cannot write outputs to {tmp_path}: Read-only file system'):
+        check_writable_folder(str(tmp_path), 'outputs')

@@ -19,7 +19,7 @@ from data.coco import check_batches, eval_collate
 from utils.visual import plots
 from utils.evaluation import coco_eval
 from utils.errors import DatasetError, OutputError
-from utils.files import writable_folder
+from utils.files import check_writable_folder
 from utils.runtime import dataloader_shared_memory, eval_sample_bytes
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
     cfg = predictor.cfg
     if compute_map:
         # Checked before the images are run, not when the tables are written.
-        writable_folder(log_dir, 'evaluation logs (--log_dir)')
+        check_writable_folder(log_dir, 'evaluation logs (--log_dir)')
     indices = evaluation_order(dataset.ids, max_images)
     class_to_cat = coco_eval.class_to_category(cfg.dataset.label_map_dict())
     if class_filter is not None:

@@ -22,7 +22,7 @@ from utils.weights import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, Terminated, YolactError
 from utils.evaluation.loop import evaluate
-from utils.files import writable_folder
+from utils.files import check_writable_folder
 from utils.training.logger import TrainingLogger
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import init_for_finetuning, load_weights_file
@@ -199,8 +199,8 @@ class Trainer:
         self.rank, self.world_size = rank, world_size
         if rank == 0:
             # Before any work: an unwritable folder found at the first save would cost the training up to it.
-            writable_folder(opts.save_folder, 'checkpoints (--save_folder)')
-            writable_folder(opts.log_folder, 'training logs (--log_folder)')
+            check_writable_folder(opts.save_folder, 'checkpoints (--save_folder)')
+            check_writable_folder(opts.log_folder, 'training logs (--log_folder)')
         self.backend = backend
         paddle.seed(opts.seed)
         self.schedule = WarmupStepSchedule.from_config(cfg)
