@@ -586,3 +586,170 @@ def test_cpu_threads_are_shared_among_the_local_processes(monkeypatch):
     monkeypatch.setenv('PADDLE_LOCAL_SIZE', '4')        # paddle.distributed.launch, per node
     monkeypatch.setenv('PADDLE_TRAINERS_NUM', '8')
     assert local_process_count() == 4
+
+
+def test_resume_that_finds_nothing_is_a_run_without_resume(shapes, tmp_path, recorded_losses, caplog, without_cpu_ops):
+    """Was: 'starting a new run', but BatchNorm frozen as if pretrained (NaN within 8 iterations from scratch)."""
+    caplog.set_level(logging.WARNING)
+    scratch = ['--config', 'yolact_base', '--batch_size', '2', '--backbone_weights', 'none',
+               '--save_folder', str(tmp_path / 'empty')]
+    for resume in ('interrupt', 'latest'):
+        args = train.parse_args(scratch + ['--resume', resume])
+        assert train.build_config(args, world_size=1).freeze_bn is False, resume
+
+    def run(name, *extra):
+        argv = train_argv(shapes, tmp_path / name, '--max_iter', '1', '--backbone_weights', 'none', *extra)
+        argv[argv.index('--config') + 1] = 'yolact_shapes'
+        assert train.main(argv) == 0
+
+    run('plain')
+    plain = dict(recorded_losses)
+    recorded_losses.clear()
+    run('resumed', '--resume', 'latest')
+    assert recorded_losses == plain and sorted(plain) == [0]
+    assert any('--resume latest: no such checkpoint' in r.getMessage() for r in caplog.records)
+    for run_name in ('plain', 'resumed'):
+        path = checkpoint.latest_checkpoint(str(tmp_path / run_name / 'weights'), 'yolact_shapes')
+        with open(checkpoint.sidecar_paths(path)[1]) as f:
+            assert json.load(f)['freeze_bn'] is False
+
+
+# A training process as `python train.py` runs it, with Paddle's F.conv2d (no first-use op build in a short run).
+TRAIN_PROCESS = '''
+import sys
+sys.path.insert(0, {root!r})
+import layers.cpu_ops
+layers.cpu_ops.load_ops = lambda: None
+import train
+train.configure_logging()
+sys.exit(train.run_cli(train.main, sys.argv[1:]))
+'''
+
+
+def _pids_running(script):
+    """Ids of the live processes whose command line names ``script`` (trainers and their DataLoader workers,
+    whichever process group or session they are in)."""
+    pids = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                cmdline = f.read()
+            with open(f'/proc/{entry}/stat') as f:
+                zombie = f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+        except (OSError, IndexError):
+            continue
+        if str(script).encode() in cmdline and not zombie:
+            pids.append(int(entry))
+    return pids
+
+
+def _assert_all_ended(script):
+    """Wait up to 5 s for every process of ``script`` to end; kill (by id) and fail if one does not."""
+    import signal
+    import time
+    for _ in range(50):
+        if not _pids_running(script):
+            return
+        time.sleep(0.1)
+    left = _pids_running(script)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    pytest.fail(f'processes of the training run still alive: {left}')
+
+
+def _stderr_lines(process):
+    """A queue receiving ``process``'s stderr lines (None at its end), read in a thread: never blocks the test."""
+    import queue
+    import threading
+    lines = queue.Queue()
+
+    def read():
+        for line in process.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_sigterm_saves_an_interrupt_checkpoint_ends_the_workers_and_resumes(shapes, tmp_path, recorded_losses,
+                                                                        without_cpu_ops):
+    """Was: SIGTERM (schedulers, docker stop, timeout, kill) ended train.py in Paddle's handler: no checkpoint,
+    and the DataLoader worker left running, orphaned."""
+    import queue
+    import re
+    import signal
+    import time
+    script = tmp_path / 'train_process.py'
+    script.write_text(TRAIN_PROCESS.format(root=ROOT))
+    argv = ['--config', 'yolact_shapes', '--batch_size', '2', '--no_autoscale', '--num_workers', '1',
+            '--train_images', shapes.train_images, '--train_info', shapes.train_info, '--validation_epoch', '-1',
+            '--save_folder', str(tmp_path / 'weights'), '--log_folder', str(tmp_path / 'logs'),
+            '--log_interval', '1', '--backbone_weights', 'none', '--save_interval', '1000']
+    process = subprocess.Popen([sys.executable, str(script), *argv, '--max_iter', '1000'], stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    lines, seen = _stderr_lines(process), []
+    try:
+        deadline = time.monotonic() + 600
+        while not any(re.search(r'\]\s+1 \|\|', line) for line in seen[-1:]):
+            line = lines.get(timeout=max(1, deadline - time.monotonic()))
+            assert line is not None, ''.join(seen)
+            seen.append(line)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 143, ''.join(seen)
+        _assert_all_ended(script)      # no DataLoader worker outlives the trainer
+    finally:
+        for pid in _pids_running(script):
+            os.kill(pid, signal.SIGKILL)
+    while True:
+        line = lines.get(timeout=10)
+        if line is None:
+            break
+        seen.append(line)
+    err = ''.join(seen)
+    assert 'Traceback' not in err and 'FatalError' not in err, err
+    interrupt = checkpoint.interrupt_checkpoint(str(tmp_path / 'weights'))
+    assert interrupt is not None and checkpoint.is_complete(interrupt), err
+    stopped_at = checkpoint.SavePath.from_path(interrupt).iteration
+    assert stopped_at >= 2
+
+    argv[argv.index('--num_workers') + 1] = '0'
+    assert train.main([*argv, '--resume', 'interrupt', '--max_iter', str(stopped_at + 1)]) == 0
+    assert sorted(recorded_losses) == [stopped_at]
+
+
+def test_sigterm_to_paddle_distributed_launch_saves_an_interrupt_checkpoint(shapes, tmp_path):
+    """The launcher forwards SIGTERM to each trainer's process group (again every 0.2 s, SIGKILL after 30 s):
+    rank 0 saves the interrupt checkpoint, and no trainer or DataLoader worker outlives the launcher."""
+    import re
+    import signal
+    import time
+    script = tmp_path / 'train_process.py'
+    script.write_text(TRAIN_PROCESS.format(root=ROOT))
+    logs = tmp_path / 'launch'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir', str(logs),
+         str(script), '--config', 'yolact_shapes', '--batch_size', '4', '--no_autoscale', '--num_workers', '1',
+         '--train_images', shapes.train_images, '--train_info', shapes.train_info, '--validation_epoch', '-1',
+         '--save_folder', str(tmp_path / 'weights'), '--log_folder', str(tmp_path / 'logs'), '--log_interval', '1',
+         '--backbone_weights', 'none', '--save_interval', '1000', '--max_iter', '1000'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rank0 = logs / 'workerlog.0'
+    try:
+        deadline = time.monotonic() + 600
+        while not (rank0.exists() and re.search(r'\]\s+1 \|\|', rank0.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, \
+                rank0.read_text() if rank0.exists() else 'no log'
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        _assert_all_ended(script)      # the trainers (each in its own session) and their DataLoader workers
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in _pids_running(script):
+            os.kill(pid, signal.SIGKILL)
+    log = rank0.read_text()
+    assert 'SIGTERM: stopping' in log and 'Traceback' not in log and 'FatalError' not in log, log
+    interrupt = checkpoint.interrupt_checkpoint(str(tmp_path / 'weights'))
+    assert interrupt is not None and checkpoint.is_complete(interrupt), log

@@ -6,20 +6,80 @@ tools/benchmark.py and users' code all run images through it.
 """
 import functools
 import logging
+import os
 
 import numpy as np
 import paddle
 
 from layers.functions import Detect
 from layers.output_utils import PostProcess
+from data.images import DEFAULT_MAX_PIXELS, read_image
 from data.transforms import FastBaseTransform
 from utils.deploy.export_cache import cached_export
 from utils.deploy.runners import StaticYolact, check_precision
-from utils.errors import ConfigError
+from utils.errors import ConfigError, ImageInputError
 from utils.weights.loader import WeightsFile, load_exported
 from utils.runtime import select_device
 
 logger = logging.getLogger(__name__)
+
+
+def as_bgr_image(image, max_pixels=DEFAULT_MAX_PIXELS):
+    """The [H, W, 3] BGR image the network takes, from what a user may hand the Predictor.
+
+    Taken as they are: uint8 [H, W, 3] BGR (cv2.imread's), and float [H, W, 3]
+    BGR with values in 0..255. Converted, with nothing to guess:
+      * a path (str or os.PathLike): read by data.images.read_image (EXIF
+        orientation, the ``max_pixels`` cap; UnreadableFileError naming it);
+      * uint16: scaled to 8 bits, value * 255 / 65535 rounded (65535 -> 255);
+      * gray [H, W] or [H, W, 1]: its value in all three channels;
+      * BGRA [H, W, 4]: the alpha channel dropped (not composited).
+    Refused with an ImageInputError (a ValueError) of one line, because they need a guess:
+      * a float image whose values all lie in 0..1 (a 0..1 scale, or a dark
+        0..255 image? multiply by 255 or pass uint8), an all-zero float image included;
+      * a float image with values outside 0..255, NaN or infinite (normalised already?);
+      * other dtypes (bool, signed integers, uint32, ...), other shapes, an empty image.
+    Colour order cannot be checked: a 3-channel image is taken as BGR (an RGB
+    image gives different detections; ``image[..., ::-1]`` turns RGB into BGR).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read_image(os.fspath(image), max_pixels=max_pixels)
+    if not isinstance(image, np.ndarray):
+        raise ImageInputError(f'expected an image path or a numpy array [H, W, 3] BGR, got {type(image).__name__}')
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        raise ImageInputError(f'expected an [H, W, 3] BGR image (or [H, W] / [H, W, 1] gray, [H, W, 4] BGRA), '
+                              f'got shape {list(image.shape)}')
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise ImageInputError(f'the image is empty (shape {list(image.shape)})')
+    if image.dtype == np.uint16:
+        image = np.round(image.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+    elif np.issubdtype(image.dtype, np.floating):
+        image = _checked_float(image)
+    elif image.dtype != np.uint8:
+        raise ImageInputError(f'image dtype {image.dtype} is not uint8, uint16 or float in 0..255: '
+                              'convert it to uint8 BGR')
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[2] == 4:
+        return np.ascontiguousarray(image[:, :, :3])
+    return image
+
+
+def _checked_float(image):
+    """A float image whose values are unmistakably 0..255, as float32; ImageInputError otherwise."""
+    image = image.astype(np.float32, copy=False)
+    low, high = float(image.min()), float(image.max())
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise ImageInputError('the float image holds NaN or infinite values')
+    if low < 0 or high > 255:
+        raise ImageInputError(f'float image values span {low:.4g}..{high:.4g}, outside 0..255 (normalised '
+                              'already?): pass the BGR image in 0..255 or as uint8')
+    if high <= 1:
+        raise ImageInputError(f'float image values all lie in 0..1 (max {high:.4g}): a 0..1 scale or a dark '
+                              '0..255 image cannot be told apart; pass uint8, or multiply by 255')
+    return image
 
 
 class Predictor:
@@ -125,7 +185,10 @@ class Predictor:
         """Detect the instances in one image.
 
         Args:
-            image: [H, W, 3] uint8 BGR (as cv2.imread gives it).
+            image: [H, W, 3] uint8 BGR (as cv2.imread gives it), or what
+                :func:`as_bgr_image` converts without guessing (a path, uint16,
+                gray, BGRA, float in 0..255); what needs a guess (e.g. a float
+                image in 0..1) is an ImageInputError (a ValueError) of one line.
             max_num_detections: keep only this many best detections (None: all), before the score threshold.
         Returns:
             a dict of numpy arrays in Detect's order (best first): 'classes' [N]
@@ -134,8 +197,7 @@ class Predictor:
             x1, y1, x2, y2, 'masks' [N, H, W] bool; with YOLACT++ also
             'mask_scores' [N] (box score x predicted mask IoU).
         """
-        if image.ndim != 3 or image.shape[2] != 3:
-            raise ValueError(f'expected an [H, W, 3] BGR image, got shape {image.shape}')
+        image = as_bgr_image(image)
         height, width = image.shape[:2]
         x = self.transform(paddle.to_tensor(np.ascontiguousarray(image)[None]))
         return self.predict_preprocessed(x, width, height, max_num_detections)

@@ -14,18 +14,20 @@ import paddle
 import paddle.distributed as dist
 
 from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
+from data.images import DEFAULT_MAX_PIXELS
 from data.samplers import ResumableBatchSampler, SeededSamples
 from layers.box_utils import BACKENDS, use_device_path
 from layers.modules.multibox_loss import MultiBoxLoss
 from utils.training import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
-from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, YolactError
+from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, Terminated, YolactError
 from utils.evaluation.loop import evaluate
+from utils.files import check_writable_folder
 from utils.training.logger import TrainingLogger
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import WeightsFile, init_for_finetuning, load_backbone_weights
 from utils.predictor import Predictor
-from utils.runtime import dataloader_shared_memory, training_batch_bytes
+from utils.runtime import dataloader_shared_memory, sigterm_as_interrupt, training_batch_bytes
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ class TrainOptions:
     (utils.runtime.dataloader_shared_memory). keep_best: keep the weights of the best
     validation mask AP as <save_folder>/<config>_best.pdparams. include_background_images:
     train on the images without annotations too (data.coco.COCODetection include_background).
+    max_image_pixels: the pixel cap of every image read (data.images.read_image); larger images are skipped.
     """
     batch_size: int = 8
     num_workers: int = 4
@@ -69,6 +72,7 @@ class TrainOptions:
     shared_memory: str = 'auto'
     keep_best: bool = False
     include_background_images: bool = False
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
 
 class NonFiniteLossError(YolactError):
@@ -84,10 +88,11 @@ def batch_norm_frozen(cfg, opts, world_size):
     variance 1 everywhere, so freezing it would remove all normalisation and
     a deep ResNet's activations explode within a few iterations. From scratch,
     BatchNorm therefore always learns from batch statistics, noisy as they
-    are for small batches.
+    are for small batches. A --resume 'interrupt' or 'latest' that finds no
+    checkpoint is a new run here too.
     """
     per_device = opts.batch_size // world_size
-    pretrained = (opts.resume is not None or opts.trained_model is not None
+    pretrained = (resume_found(opts, cfg.name) or opts.trained_model is not None
                   or (opts.backbone_weights or default_backbone_weights(cfg, opts.save_folder)).lower() != 'none')
     if not pretrained:
         if per_device < MIN_BN_BATCH:
@@ -103,6 +108,24 @@ def batch_norm_frozen(cfg, opts, world_size):
     return cfg.freeze_bn
 
 
+
+
+def resume_found(opts, model_name):
+    """Whether ``opts.resume`` designates a checkpoint: a path, or an 'interrupt' / 'latest' one that exists."""
+    if opts.resume is None:
+        return False
+    if opts.resume == 'interrupt':
+        return checkpoint.interrupt_checkpoint(opts.save_folder) is not None
+    if opts.resume == 'latest':
+        return checkpoint.latest_checkpoint(opts.save_folder, model_name) is not None
+    return True
+
+
+def resolve_resume(opts, model_name):
+    """``opts`` with ``resume`` replaced by the checkpoint it designates, or by None when 'interrupt' /
+    'latest' finds none (warned): the run is then exactly a run without --resume."""
+    return dataclasses.replace(opts, resume=checkpoint.find_resume_checkpoint(opts.resume, opts.save_folder,
+                                                                              model_name))
 
 
 class NetLoss(paddle.nn.Layer):
@@ -174,6 +197,10 @@ class Trainer:
             raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
         self.opts, self.cfg = opts, cfg
         self.rank, self.world_size = rank, world_size
+        if rank == 0:
+            # Before any work: an unwritable folder found at the first save would cost the training up to it.
+            check_writable_folder(opts.save_folder, 'checkpoints (--save_folder)')
+            check_writable_folder(opts.log_folder, 'training logs (--log_folder)')
         self.backend = backend
         paddle.seed(opts.seed)
         self.schedule = WarmupStepSchedule.from_config(cfg)
@@ -203,7 +230,8 @@ class Trainer:
 
         self.rng = np.random.RandomState()
         train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng),
-                                              strict=opts.strict, include_background=opts.include_background_images)
+                                              strict=opts.strict, include_background=opts.include_background_images,
+                                              max_pixels=opts.max_image_pixels)
         if opts.include_background_images:
             negatives = sum(1 for i in train_set.ids if not train_set.coco.imgToAnns.get(i))
             logger.info('training on %d images without annotations as negatives (--include_background_images)',
@@ -222,7 +250,8 @@ class Trainer:
 
         self.validation = opts.validation_epoch > 0 and bool(cfg.dataset.valid_info)
         if self.validation and rank == 0:
-            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict)
+            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict,
+                                                      max_pixels=opts.max_image_pixels)
             self.predictor = Predictor.from_network(cfg, self.net)
         self.best_path = self.keep.best_path
         self.best_mask_ap = self.keep.recorded_best(opts.resume is not None) if opts.keep_best else None
@@ -276,10 +305,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop --
     def run(self):
-        """Train until cfg.max_iter. Returns 'done', or 'interrupted' after Ctrl+C (checkpoint saved)."""
-        cfg, opts = self.cfg, self.opts
+        """Train until cfg.max_iter. Returns 'done', or 'interrupted' after Ctrl+C, 'terminated' after SIGTERM
+        (utils.runtime.sigterm_as_interrupt), both with an interrupt checkpoint saved."""
+        cfg = self.cfg
         logger.info('training %s on %s: %d images, %d iterations per epoch, iterations %d..%d',
                     cfg.name, cfg.dataset.name, len(self.train_set), self.epoch_size, self.iteration, cfg.max_iter)
+        with sigterm_as_interrupt():
+            return self._run()
+
+    def _run(self):
+        cfg, opts = self.cfg, self.opts
         try:
             while self.iteration < cfg.max_iter:
                 self._run_epoch()
@@ -292,12 +327,13 @@ class Trainer:
             self.save()
             if self.validation:
                 self.validate()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            # The DataLoader's iterator (and its workers) ends with the loop's frames, already unwound.
             self.read_losses()
             if self.rank == 0:
                 logger.info('stopping early: saving an interrupt checkpoint')
                 self.save(interrupt=True)
-            return 'interrupted'
+            return 'terminated' if isinstance(stop, Terminated) else 'interrupted'
         finally:
             if self.log is not None:
                 self.log.close()
