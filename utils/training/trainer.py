@@ -15,7 +15,7 @@ import paddle.distributed as dist
 
 from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
 from data.samplers import ResumableBatchSampler, SeededSamples
-from layers.box_utils import BACKENDS, use_device_path
+from layers.backend import check_backend, use_device_path
 from layers.modules.multibox_loss import MultiBoxLoss
 from utils.weights import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
@@ -161,7 +161,7 @@ class Trainer:
     Only rank 0 writes checkpoints and logs.
 
     ``backend`` ('auto', 'device', 'host') is where the loss and the step's
-    bookkeeping run (layers.box_utils.use_device_path; 'auto': the device path
+    bookkeeping run (layers.backend.use_device_path; 'auto': the device path
     on a GPU). On the host path the loss terms are read every iteration; on
     the device path nothing is copied to the host between the loss logging
     intervals: the terms and the finite flag of each iteration stay on the
@@ -170,8 +170,7 @@ class Trainer:
     """
 
     def __init__(self, cfg, opts, rank=0, world_size=1, backend='auto'):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        check_backend(backend)
         self.opts, self.cfg = opts, cfg
         self.rank, self.world_size = rank, world_size
         self.backend = backend
