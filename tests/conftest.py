@@ -108,7 +108,7 @@ def reference_params(net, cfg, seed=0):
 
 @pytest.fixture
 def without_cpu_ops(monkeypatch):
-    """Training convolutions through Paddle's own F.conv2d: layers.cpu_ops.conv2d finds no op."""
-    import layers.cpu_ops
+    """Training convolutions through Paddle's own F.conv2d: utils.training.cpu_ops.conv2d finds no op."""
+    import utils.training.cpu_ops
 
-    monkeypatch.setattr(layers.cpu_ops, 'load_ops', lambda: None)
+    monkeypatch.setattr(utils.training.cpu_ops, 'load_ops', lambda: None)

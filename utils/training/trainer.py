@@ -21,6 +21,7 @@ from utils.weights import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, YolactError
 from utils.evaluation.loop import evaluate
+from utils.training.cpu_ops import use_cpu_training_convolutions
 from utils.training.logger import TrainingLogger
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import init_for_finetuning, load_weights_file
@@ -177,6 +178,8 @@ class Trainer:
         paddle.seed(opts.seed)
         self.schedule = WarmupStepSchedule.from_config(cfg)
         self.net = Yolact.from_config(cfg)
+        # Its convolutions through oneDNN's while training on the CPU (F.conv2d elsewhere).
+        use_cpu_training_convolutions(self.net)
         self.net.train()
         if cfg.freeze_bn:
             self.net.freeze_bn(True)
