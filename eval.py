@@ -44,7 +44,8 @@ from utils.runtime import quiet_paddle_import
 quiet_paddle_import()  # before the first import of paddle, here and in the DataLoader workers
 
 from data.coco import COCOEvalImages, custom_dataset_config  # noqa: E402
-from data.config import DATASETS, coco_root_dataset  # noqa: E402
+from data.config import DATASETS  # noqa: E402
+from data.coco_root import coco_root_dataset  # noqa: E402
 from data.transforms import BaseTransform  # noqa: E402
 from utils.cli import (add_coco_root_flag, add_data_loading_flags, add_max_image_pixels_flag,  # noqa: E402
                        count_or_all, fraction, non_negative_int, positive_int)

@@ -37,7 +37,8 @@ quiet_paddle_import()  # before the first import of paddle, here and in the Data
 import paddle.distributed as dist  # noqa: E402
 
 from data.coco import custom_dataset_config  # noqa: E402
-from data.config import DATASETS, coco_root_dataset, get_config  # noqa: E402
+from data.config import DATASETS, get_config  # noqa: E402
+from data.coco_root import coco_root_dataset  # noqa: E402
 from utils.cli import (add_coco_root_flag, add_data_loading_flags, add_max_image_pixels_flag,  # noqa: E402
                        non_negative_int, positive_int)
 from utils.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, run_cli  # noqa: E402

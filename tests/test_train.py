@@ -618,8 +618,8 @@ def test_resume_that_finds_nothing_is_a_run_without_resume(shapes, tmp_path, rec
 TRAIN_PROCESS = '''
 import sys
 sys.path.insert(0, {root!r})
-import layers.cpu_ops
-layers.cpu_ops.load_ops = lambda: None
+import utils.training.cpu_ops
+utils.training.cpu_ops.load_ops = lambda: None
 import train
 train.configure_logging()
 sys.exit(train.run_cli(train.main, sys.argv[1:]))

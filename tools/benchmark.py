@@ -65,6 +65,7 @@ from utils.weights.loader import load_model  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import default_cpu_threads, select_device  # noqa: E402
 from tools.stage_clock import StageClock  # noqa: E402
+from utils.training.cpu_ops import use_cpu_training_convolutions  # noqa: E402
 from utils.training.trainer import build_optimizer  # noqa: E402
 from yolact import Yolact  # noqa: E402
 
@@ -284,6 +285,7 @@ class TrainStep:
     def __init__(self, cfg, batch, seed=0):
         self.net = Yolact.from_config(cfg)
         benchmark_weights(self.net, seed)
+        use_cpu_training_convolutions(self.net)      # as the Trainer does
         self.net.train()
         self.criterion = MultiBoxLoss.from_config(cfg, rng=np.random.default_rng(seed))
         self.optimizer = build_optimizer(self.net, cfg)

@@ -23,7 +23,7 @@ def add_max_image_pixels_flag(parser):
 
 
 def add_coco_root_flag(parser):
-    """--coco_root on ``parser``; data.config.coco_root_dataset reads the tree."""
+    """--coco_root on ``parser``; data.coco_root.coco_root_dataset reads the tree."""
     parser.add_argument('--coco_root', default=None, metavar='DIR',
                         help='a COCO 2017 tree in the standard layout (train2017/, val2017/, test2017/, '
                              'annotations/...) used for coco2017_dataset / coco2017_testdev_dataset instead of '

@@ -255,7 +255,7 @@ def unpack_zips(zip_dir, dest, names):
     into place, so no file appears under its final name before it is complete (an interrupted run
     leaves only the temporary folder, removed the next time). Zips missing
     from ``zip_dir`` are 'absent'. Made for AI Studio's COCO dataset (data7122,
-    :data:`data.config.COCO_LAYOUT` names its zips) and a ``dest`` outside the
+    :data:`data.coco_root.COCO_LAYOUT` names its zips) and a ``dest`` outside the
     ``data/`` folder that a restart resets.
     """
     os.makedirs(dest, exist_ok=True)

@@ -16,13 +16,14 @@ import paddle.distributed as dist
 from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
 from data.images import DEFAULT_MAX_PIXELS
 from data.samplers import ResumableBatchSampler, SeededSamples
-from layers.box_utils import BACKENDS, use_device_path
+from layers.backend import check_backend, use_device_path
 from layers.modules.multibox_loss import MultiBoxLoss
 from utils.training import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
 from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, Terminated, YolactError
 from utils.evaluation.loop import evaluate
 from utils.files import check_writable_folder
+from utils.training.cpu_ops import use_cpu_training_convolutions
 from utils.training.logger import TrainingLogger
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import WeightsFile, init_for_finetuning, load_backbone_weights
@@ -184,7 +185,7 @@ class Trainer:
     Only rank 0 writes checkpoints and logs.
 
     ``backend`` ('auto', 'device', 'host') is where the loss and the step's
-    bookkeeping run (layers.box_utils.use_device_path; 'auto': the device path
+    bookkeeping run (layers.backend.use_device_path; 'auto': the device path
     on a GPU). On the host path the loss terms are read every iteration; on
     the device path nothing is copied to the host between the loss logging
     intervals: the terms and the finite flag of each iteration stay on the
@@ -193,8 +194,7 @@ class Trainer:
     """
 
     def __init__(self, cfg, opts, rank=0, world_size=1, backend='auto'):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        check_backend(backend)
         self.opts, self.cfg = opts, cfg
         self.rank, self.world_size = rank, world_size
         if rank == 0:
@@ -205,6 +205,8 @@ class Trainer:
         paddle.seed(opts.seed)
         self.schedule = WarmupStepSchedule.from_config(cfg)
         self.net = Yolact.from_config(cfg)
+        # Its convolutions through oneDNN's while training on the CPU (F.conv2d elsewhere).
+        use_cpu_training_convolutions(self.net)
         self.net.train()
         if cfg.freeze_bn:
             self.net.freeze_bn(True)
