@@ -85,7 +85,7 @@ def parse_args(argv=None):
     model.add_argument('--dygraph', action='store_true',
                        help='on a CPU, run the network in dygraph instead of through Paddle Inference (by default '
                             'the weights are exported on first use into a cache, $YOLACT_CACHE or '
-                            '~/.cache/yolact/exported, and reused; faster, see the README)')
+                            '~/.cache/yolact/exported, and reused; faster, see docs/inference.md)')
     model.add_argument('--tensorrt', action='store_true',
                        help='with --inference_model on GPU: run supported subgraphs with TensorRT')
     model.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16'),

@@ -494,7 +494,7 @@ def test_undo_image_transformation_inverts_the_preprocessing(backbone):
 
 # ------------------------------------------------------------ reference parity --
 W, H = 640, 480
-# Parity with the reference fixtures, as the README's "Parity" table states it: every mask pixel
+# Parity with the reference fixtures, as docs/parity.md's table states it: every mask pixel
 # equal; scores within SCORE_ATOL in dygraph (measured up to 1.1e-6) and EXPORTED_SCORE_ATOL
 # through Paddle Inference, the CPU default (measured up to 2.3e-6); YOLACT++ mask scores within
 # MASK_SCORE_ATOL (measured up to 4.8e-8).

@@ -20,7 +20,7 @@ from tests.test_detect import _HostCopyGuard
 
 PRED_KEYS = ('loc', 'conf', 'mask', 'priors', 'proto', 'segm')
 TERMS = {'loss_box': 'loss_B', 'loss_conf': 'loss_C', 'loss_mask': 'loss_M', 'loss_segm': 'loss_S'}
-RTOL = 5e-7   # relative; measured up to 1.8e-7 (README "Parity")
+RTOL = 5e-7   # relative; measured up to 1.8e-7 (docs/parity.md)
 GRAD_KEYS = ('loc', 'conf', 'mask', 'proto', 'segm')
 # fixture -> (its config, the fixture whose targets go with its predictions)
 CASES = {'yolact_base': ('yolact_base', None),

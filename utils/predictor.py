@@ -91,7 +91,7 @@ class Predictor:
     (config first) still works. ``.pth`` files are converted on the fly.
 
     On a CPU the network runs through Paddle Inference (oneDNN), faster than
-    dygraph there (README "Speed and deployment"): it is exported on first use into a cache keyed by the
+    dygraph there (docs/performance.md): it is exported on first use into a cache keyed by the
     weights' content, the config and Paddle's version
     (utils.deploy.export_cache.cached_export; ``$YOLACT_CACHE``, default
     ``~/.cache/yolact/exported``) and reused afterwards, once Paddle Inference

@@ -12,7 +12,7 @@ which returns the same dict as ``Yolact.forward`` in eval mode. An export
 * ``<prefix>.yolact.json``: which config and input size the export was made for.
 
 On CPU Paddle Inference runs the graph with oneDNN, much faster than dygraph
-(README "Speed and deployment" and tools/benchmark.py give the measurements).
+(docs/performance.md and tools/benchmark.py give the measurements).
 The network is traced with the rewrites of utils.deploy.graph_rewrites
 (bilinear resizes as matrix products: Paddle 3.3's oneDNN executor cannot run
 the ``bilinear_interp`` op of a PIR program, PaddlePaddle/Paddle#79749).
