@@ -9,6 +9,8 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -18,7 +20,7 @@ from visualdl import LogReader
 import train
 from data.config import CONFIGS, SHAPE_CLASSES, get_config
 from data.samplers import ResumableBatchSampler
-from tests.conftest import make_weights_module, needs_reference, reference_params
+from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
 from tools.make_shapes_dataset import make_shapes_dataset
 from utils.training import checkpoint
 from utils.weights.convert import save_params
@@ -676,7 +678,6 @@ def test_sigterm_saves_an_interrupt_checkpoint_ends_the_workers_and_resumes(shap
                                                                         without_cpu_ops):
     """Was: SIGTERM (schedulers, docker stop, timeout, kill) ended train.py in Paddle's handler: no checkpoint,
     and the DataLoader worker left running, orphaned."""
-    import queue
     import re
     import signal
     import time
