@@ -1,4 +1,9 @@
-"""The Predictor (utils/predictor.py). Arrays it converts or refuses: test_bad_input.py."""
+"""The Predictor (utils/predictor.py).
+
+Its detections against the reference's on both paths, and the exported
+model's against dygraph: test_detect.py; arrays it converts or refuses:
+test_bad_input.py.
+"""
 import os
 
 import cv2
