@@ -65,8 +65,8 @@ def _bare_trainer(tmp_path, **options):
 def test_keep_latest_keeps_the_checkpoints_at_multiples_of_the_interval(tmp_path, save_interval, keep_interval):
     """--keep_latest deletes a checkpoint unless its own iteration is a multiple of --keep_latest_interval.
 
-    (It used to test the new checkpoint's iteration % interval against save_interval: with
-    save_interval >= keep_latest_interval every checkpoint to keep was deleted.)
+    Each checkpoint's own iteration is tested, not the newest one's iteration against save_interval: with
+    save_interval >= keep_latest_interval that would delete every checkpoint to keep.
     """
     trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=save_interval,
                             keep_latest_interval=keep_interval)

@@ -591,7 +591,8 @@ def test_cpu_threads_are_shared_among_the_local_processes(monkeypatch):
 
 
 def test_resume_that_finds_nothing_is_a_run_without_resume(shapes, tmp_path, recorded_losses, caplog, without_cpu_ops):
-    """Was: 'starting a new run', but BatchNorm frozen as if pretrained (NaN within 8 iterations from scratch)."""
+    """--resume that finds no checkpoint starts a run exactly as one without --resume: BatchNorm is not frozen as
+    if pretrained (from scratch that gives NaN within 8 iterations), and the losses are the same."""
     caplog.set_level(logging.WARNING)
     scratch = ['--config', 'yolact_base', '--batch_size', '2', '--backbone_weights', 'none',
                '--save_folder', str(tmp_path / 'empty')]
@@ -676,8 +677,8 @@ def _stderr_lines(process):
 
 def test_sigterm_saves_an_interrupt_checkpoint_ends_the_workers_and_resumes(shapes, tmp_path, recorded_losses,
                                                                         without_cpu_ops):
-    """Was: SIGTERM (schedulers, docker stop, timeout, kill) ended train.py in Paddle's handler: no checkpoint,
-    and the DataLoader worker left running, orphaned."""
+    """SIGTERM (schedulers, docker stop, timeout, kill) stops train.py like an interrupt: exit 143, a complete
+    interrupt checkpoint, no DataLoader worker left running, and --resume interrupt goes on from it."""
     import re
     import signal
     import time
