@@ -128,6 +128,8 @@ class DetectorGraph(paddle.nn.Layer):
         bbox = paddle.concat([r[0] for r in rows])
         bbox_num = paddle.concat([r[1] for r in rows])
         mask = paddle.concat([r[2] for r in rows])
+        if self.mask_dtype == 'uint8':
+            mask = mask.astype('uint8')       # concat has no uint8 kernel in static graphs: bool until here
         mask_score = paddle.concat([r[3] for r in rows])
         return bbox, bbox_num, mask, mask_score
 
@@ -226,16 +228,17 @@ class DetectorGraph(paddle.nn.Layer):
     def _upsample(self, soft, height, width, out_h, out_w):
         """[n, s, s] soft masks -> [n, out_h, out_w] thresholded at the image's (height, width).
 
-        Bilinear, align_corners=False, PyTorch's positions, width first; pixels
-        beyond (height, width) are -1 (uint8: 0).
+        Bilinear, align_corners=False, PyTorch's positions, width first; int32
+        with -1 beyond (height, width), or (mask_dtype uint8) bool with 0 there.
         """
         side = soft.shape[1]
         rows = resize_matrix(float(side), height, out_h, side)               # [Hmax, s]
         cols = resize_matrix(float(side), width, out_w, side)                # [Wmax, s]
         values = paddle.matmul(rows, paddle.matmul(soft, cols, transpose_y=True))   # [n, Hmax, Wmax]
-        mask = (values > self.mask_threshold).astype(self.mask_dtype)
+        mask = values > self.mask_threshold
         if self.mask_dtype == 'uint8':
-            return mask
+            return mask                       # bool; forward casts the batch's masks
+        mask = mask.astype('int32')
         inside = ((paddle.arange(out_h, dtype='float32') < height).unsqueeze(1)
                   & (paddle.arange(out_w, dtype='float32') < width).unsqueeze(0))
         return paddle.where(inside.unsqueeze(0), mask, paddle.full_like(mask, -1))
