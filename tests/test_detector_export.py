@@ -143,8 +143,9 @@ def test_onnx_export_inputs_outputs_and_detections_are_the_python_paths(shapes, 
     session = onnxruntime.InferenceSession(os.path.join(folder, 'model.onnx'), providers=['CPUExecutionProvider'])
     assert [(i.name, i.type, i.shape[0], i.shape[1]) for i in session.get_inputs()] == [
         ('image', 'tensor(float)', 1, 3), ('im_shape', 'tensor(float)', 1, 2), ('scale_factor', 'tensor(float)', 1, 2)]
-    assert [o.type for o in session.get_outputs()] == ['tensor(float)', 'tensor(int32)', 'tensor(int32)',
-                                                       'tensor(float)']
+    assert [(o.name, o.type) for o in session.get_outputs()] == [
+        ('bbox', 'tensor(float)'), ('bbox_num', 'tensor(int32)'), ('mask', 'tensor(int32)'),
+        ('mask_score', 'tensor(float)')]
     height, width = image.shape[:2]
     bbox, bbox_num, mask, mask_score = run_onnx(folder, inputs_for([_rgb(image)]))
     assert bbox_num.tolist() == [len(expected['classes'])] and mask.shape[1:] == (height, width)

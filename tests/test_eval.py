@@ -30,7 +30,6 @@ from utils.predictor import Predictor
 from tests.conftest import needs_reference, reference_npz, reference_params
 from tests.test_detect import EXPORTED_SCORE_ATOL
 from tools import benchmark as benchmark_tool
-from tools import export_model
 from tools.make_shapes_dataset import make_shapes_dataset
 from utils.evaluation import coco_eval
 from utils.visual.drawing import detection_color, draw_detections
@@ -799,13 +798,13 @@ def test_interpolation_matrix_matches_paddle_bilinear():
     np.testing.assert_allclose(rows @ x.numpy() @ cols.T, expected.numpy(), rtol=0, atol=2e-6)
 
 
-def test_export_tool_and_static_shapes_model_match_dygraph(shapes, weights, tmp_path):
+def test_network_export_and_static_shapes_model_match_dygraph(shapes, weights, tmp_path):
     prefix = str(tmp_path / 'exported' / 'shapes')
-    assert export_model.main(['--trained_model', weights, '--output', prefix]) == 0
     cfg = get_config('yolact_shapes')
     net = Yolact.from_config(cfg)
     net.set_state_dict(paddle.load(weights))
     net.eval()
+    export_yolact(net, cfg, prefix)
     x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
     with paddle.no_grad():
         expected = net(x)

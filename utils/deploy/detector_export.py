@@ -102,8 +102,9 @@ def export_detector(net, cfg, output_dir, export_format='paddle', batch_size=1, 
             work = os.path.join(stage, 'paddle')
             os.makedirs(work)
             _save_graph(graph, net, os.path.join(work, MODEL_PREFIX), batch_size, onnx=True)
-            inference._paddle2onnx(os.path.join(work, MODEL_PREFIX),
-                                     os.path.join(folder, MODEL_PREFIX + '.onnx'), cfg.name)
+            onnx_path = os.path.join(folder, MODEL_PREFIX + '.onnx')
+            inference._paddle2onnx(os.path.join(work, MODEL_PREFIX), onnx_path, cfg.name)
+            _name_onnx_outputs(onnx_path)
         info = infer_config(graph, cfg, export_format, batch_size, draw_threshold)
         with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
             f.write(to_yaml(info))
@@ -121,6 +122,26 @@ def _save_graph(graph, net, path_prefix, batch_size, onnx):
             paddle.static.InputSpec([batch_size, 3, None, None], 'float32', 'image'),
             paddle.static.InputSpec([batch_size, 2], 'float32', 'im_shape'),
             paddle.static.InputSpec([batch_size, 2], 'float32', 'scale_factor')])
+
+
+def _name_onnx_outputs(path):
+    """Rename the ONNX graph's outputs (paddle2onnx's fetch_name_0, ...) to OUTPUTS, in place.
+
+    Clients that bind outputs by name (Triton's config.pbtxt, onnxruntime's
+    output_names) then use the contract's names.
+    """
+    import onnx
+
+    model = onnx.load(path)
+    mapping = {output.name: name for output, name in zip(model.graph.output, OUTPUTS)}
+    for node in model.graph.node:
+        for field in (node.input, node.output):
+            for i, name in enumerate(field):
+                if name in mapping:
+                    field[i] = mapping[name]
+    for output in model.graph.output:
+        output.name = mapping[output.name]
+    onnx.save(model, path)
 
 
 class _nothing:
