@@ -28,7 +28,7 @@ class Resize(nn.Layer):
         mode: F.interpolate mode ('bilinear' in every published config).
     Forward: x [B, C, H, W], optional size (out_h, out_w) -> [B, C, out_h, out_w].
 
-    ``as_matmul`` (False by default; utils.deploy.inference.export_yolact sets it
+    ``as_matmul`` (False by default; utils.deploy.graph_rewrites.resize_as_matmul sets it
     while tracing) computes a bilinear resize as ``A_h @ x @ A_w^T`` with
     :func:`interpolation_matrix`: a bilinear resize is separable and linear,
     and unlike the ``bilinear_interp`` op the two products run under Paddle

@@ -16,7 +16,7 @@ from layers.functions.detection import _max_iou_with_better, _top_k_desc
 from layers.output_utils import PostProcess, _crop_in_place, undo_image_transformation, upsample_masks
 from tests.conftest import needs_reference, reference_npz, reference_params
 from data.transforms import FastBaseTransform
-from utils.deploy.inference import export_yolact
+from utils.deploy.network_export import export_yolact
 from utils.predictor import Predictor
 from yolact import Yolact
 

@@ -251,7 +251,7 @@ def test_a_conversion_that_fails_leaves_no_export_and_keeps_the_previous_one(sha
         raise ConfigError(f'paddle2onnx cannot convert {what} to ONNX: simulated')
 
     monkeypatch.setattr(detector_export, '_require_paddle2onnx', lambda: None)
-    monkeypatch.setattr(detector_export.inference, '_paddle2onnx', fail)
+    monkeypatch.setattr(detector_export.onnx_export, '_paddle2onnx', fail)
     with pytest.raises(ConfigError, match='simulated'):
         export_detector(net, cfg, str(folder), 'onnx')
     assert sorted(os.listdir(tmp_path)) == ['out']

@@ -34,7 +34,8 @@ from utils.visual import media
 from utils.weights.checkpoint import latest_checkpoint, sidecar_paths
 from utils.errors import run_cli
 from utils.deploy.detector_export import CONFIG_FILE, inputs_for, run_paddle
-from utils.deploy.inference import default_cache_dir, export_yolact
+from utils.deploy.export_cache import default_cache_dir
+from utils.deploy.network_export import export_yolact
 from utils.weights.loader import load_model
 from utils.predictor import Predictor
 from yolact import Yolact

@@ -58,7 +58,7 @@ def _child(config_name, paths, workdir):
     from tests.conftest import make_weights_module, reference_npz
     from tools import export_model
     from utils.deploy.detector_export import inputs_for, run_onnx, run_paddle
-    from utils.deploy.inference import StaticYolact
+    from utils.deploy.runners import StaticYolact
     from utils.predictor import Predictor
     from utils.runtime import select_device
 

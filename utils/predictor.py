@@ -13,7 +13,8 @@ import paddle
 from layers.functions import Detect
 from layers.output_utils import PostProcess
 from data.transforms import FastBaseTransform
-from utils.deploy.inference import StaticYolact, cached_export
+from utils.deploy.export_cache import cached_export
+from utils.deploy.runners import StaticYolact
 from utils.weights.loader import load_exported, load_model, model_config
 from utils.runtime import select_device
 
@@ -31,7 +32,7 @@ class Predictor:
     On a CPU the network runs through Paddle Inference (oneDNN), faster than
     dygraph there (README "Speed and deployment"): it is exported on first use into a cache keyed by the
     weights' content, the config and Paddle's version
-    (utils.deploy.inference.cached_export; ``$YOLACT_CACHE``, default
+    (utils.deploy.export_cache.cached_export; ``$YOLACT_CACHE``, default
     ``~/.cache/yolact/exported``) and reused afterwards, once Paddle Inference
     has run it in a child process with the dygraph network's results; an
     export that crashes or disagrees there is not used (one warning names the

@@ -31,8 +31,10 @@ import paddle
 
 from layers.compat import PADDLE_VERSION
 from layers.detector_graph import OUTPUTS, DetectorGraph
-from utils.deploy import inference
-from utils.deploy.inference import create_onnx_session, create_predictor
+from utils.deploy import onnx_export
+from utils.deploy.graph_rewrites import leaky_relu_as_maximum, resize_as_matmul
+from utils.deploy.network_export import model_file as network_model_file
+from utils.deploy.runners import create_onnx_session, create_predictor
 from utils.errors import ConfigError, OutputError
 from utils.files import staging_folder
 
@@ -103,7 +105,7 @@ def export_detector(net, cfg, output_dir, export_format='paddle', batch_size=1, 
             os.makedirs(work)
             _save_graph(graph, net, os.path.join(work, MODEL_PREFIX), batch_size, onnx=True)
             onnx_path = os.path.join(folder, MODEL_PREFIX + '.onnx')
-            inference._paddle2onnx(os.path.join(work, MODEL_PREFIX), onnx_path, cfg.name)
+            onnx_export._paddle2onnx(os.path.join(work, MODEL_PREFIX), onnx_path, cfg.name)
             _name_onnx_outputs(onnx_path)
         info = infer_config(graph, cfg, export_format, batch_size, draw_threshold)
         with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
@@ -116,8 +118,8 @@ def export_detector(net, cfg, output_dir, export_format='paddle', batch_size=1, 
 
 def _save_graph(graph, net, path_prefix, batch_size, onnx):
     """paddle.jit.save of the graph: resizes as matrix products (Paddle#79749); for ONNX LeakyReLU as maximum."""
-    leaky = inference._leaky_relu_as_maximum(net) if onnx else _nothing()
-    with inference._resize_as_matmul(net), leaky:
+    leaky = leaky_relu_as_maximum(net) if onnx else _nothing()
+    with resize_as_matmul(net), leaky:
         paddle.jit.save(graph, path_prefix, input_spec=[
             paddle.static.InputSpec([batch_size, 3, None, None], 'float32', 'image'),
             paddle.static.InputSpec([batch_size, 2], 'float32', 'im_shape'),
@@ -244,7 +246,7 @@ def _replace_folder(folder, output_dir, stage):
 # ------------------------------------------------------------------ runners --
 def model_file(output_dir):
     """The graph file of a Paddle export: model.json (PIR) or model.pdmodel."""
-    return inference._model_file(os.path.join(output_dir, MODEL_PREFIX))
+    return network_model_file(os.path.join(output_dir, MODEL_PREFIX))
 
 
 def inputs_for(images, batch_size=None):
@@ -269,7 +271,7 @@ def run_paddle(output_dir, inputs, num_threads=None, use_onednn=True):
 
 
 def create_paddle_predictor(output_dir, num_threads=None, use_onednn=True):
-    """A Paddle Inference CPU predictor for the export in output_dir (inference.create_predictor's options)."""
+    """A Paddle Inference CPU predictor for the export in output_dir (utils.deploy.runners.create_predictor's options)."""
     return create_predictor(os.path.join(output_dir, MODEL_PREFIX), num_threads=num_threads,
                                       use_onednn=use_onednn, onednn_cache_capacity=10)
 
@@ -292,7 +294,7 @@ def _require_paddle2onnx():
     """ConfigError when paddle2onnx is missing or does not fit this Paddle (2.x needs Paddle >= 3)."""
     if importlib.util.find_spec('paddle2onnx') is None:
         raise ConfigError('ONNX export needs paddle2onnx, which is not installed (pip install paddle2onnx)')
-    version = inference._paddle2onnx_version()
+    version = onnx_export.paddle2onnx_version()
     if PADDLE_VERSION < (3, 0) and not version.startswith('1.'):
         raise ConfigError(f'paddle2onnx {version} needs Paddle >= 3 (this is {paddle.__version__}); '
                           'with Paddle 2.6 install paddle2onnx 1.x: pip install "paddle2onnx>=1.3,<2"')

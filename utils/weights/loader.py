@@ -23,7 +23,8 @@ from data.config import config_name_from_weights, get_config
 from utils.weights.checkpoint import load_weights, read_record, read_state_dict, require_weights_file, sidecar_paths
 from utils.weights.convert import convert_checkpoint
 from utils.errors import ConfigError
-from utils.deploy.inference import ExportMeta, StaticYolact
+from utils.deploy.network_export import ExportMeta
+from utils.deploy.runners import StaticYolact
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def _with_class_count_of(cfg, state):
 def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=False):
     """A static network exported by tools/export_model.py, and its config (classes from its metadata).
 
-    Returns (cfg, utils.deploy.inference.StaticYolact), called like the dygraph network.
+    Returns (cfg, utils.deploy.runners.StaticYolact), called like the dygraph network.
     """
     meta = ExportMeta.read(path_prefix)
     cfg = resolve_config(config_name, record=meta, record_source=f'the export metadata of {path_prefix}')
