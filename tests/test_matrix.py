@@ -122,7 +122,9 @@ def _child(config_name, paths, workdir):
         except Exception as e:  # noqa: BLE001 - any failure of a path is that path's result
             report(path, 'fail', f'{type(e).__name__}: {" ".join(str(e).split())[:400]}')
         else:
-            report(path, 'ok', f'{len(expected["classes"])} detections')
+            worst = float(np.abs(got['scores'] - expected['scores']).max())
+            report(path, 'ok', f'{len(expected["classes"])} detections, scores within {worst:.1e}, '
+                               f'masks {agreement:.4%} equal')
 
 
 # -------------------------------------------------------------- parent --
