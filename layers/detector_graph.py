@@ -124,13 +124,13 @@ class DetectorGraph(paddle.nn.Layer):
         rows = []
         for b in range(batch):
             rows.append(self._detect_image(preds['loc'][b], preds['conf'][b], preds['mask'][b], preds['priors'],
-                                           preds['proto'][b], orig[b], out_h, out_w))
-        bbox = paddle.concat([r[0] for r in rows])
-        bbox_num = paddle.concat([r[1] for r in rows])
-        mask = paddle.concat([r[2] for r in rows])
+                                           preds['proto'][b], orig[b], out_h, out_w, batch > 1))
+        # One image: no concat, whose copy of the [N, H, W] masks would stay allocated until the run ends
+        # (Paddle Inference's memory reuse cannot be enabled for PIR programs, Paddle#75496).
+        bbox, bbox_num, mask, mask_score = (rows[0][i] if batch == 1 else paddle.concat([r[i] for r in rows])
+                                            for i in range(4))
         if self.mask_dtype == 'uint8':
             mask = mask.astype('uint8')       # concat has no uint8 kernel in static graphs: bool until here
-        mask_score = paddle.concat([r[3] for r in rows])
         return bbox, bbox_num, mask, mask_score
 
     # ------------------------------------------------------------ preprocessing --
@@ -156,8 +156,11 @@ class DetectorGraph(paddle.nn.Layer):
         return x
 
     # -------------------------------------------------------------- detection --
-    def _detect_image(self, loc, conf, coeffs, priors, proto, orig, out_h, out_w):
-        """One image's rows: (bbox [n, 6], bbox_num [1] int32, mask [n, Hmax, Wmax], mask_score [n])."""
+    def _detect_image(self, loc, conf, coeffs, priors, proto, orig, out_h, out_w, padded):
+        """One image's rows: (bbox [n, 6], bbox_num [1] int32, mask [n, Hmax, Wmax], mask_score [n]).
+
+        padded: the batch has several images, so this one may be smaller than Hmax x Wmax.
+        """
         boxes = decode(loc, priors)                                          # [P, 4] relative point form
         class_scores = conf[:, 1:]                                           # [P, C-1]
         # Candidates: best non-background score above conf_thresh. The others
@@ -221,15 +224,17 @@ class DetectorGraph(paddle.nn.Layer):
         class_column = paddle.where(real > 0, classes.astype('float32'), paddle.full_like(real, -1))
         bbox = paddle.concat([class_column.unsqueeze(1), scores.unsqueeze(1), pixel_boxes], axis=1)
 
-        mask = self._upsample(soft, height, width, out_h, out_w)
+        mask = self._upsample(soft, height, width, out_h, out_w, padded)
         bbox_num = paddle.shape(selected)[0:1].astype('int32')
         return bbox, bbox_num, mask, mask_scores
 
-    def _upsample(self, soft, height, width, out_h, out_w):
+    def _upsample(self, soft, height, width, out_h, out_w, padded):
         """[n, s, s] soft masks -> [n, out_h, out_w] thresholded at the image's (height, width).
 
         Bilinear, align_corners=False, PyTorch's positions, width first; int32
-        with -1 beyond (height, width), or (mask_dtype uint8) bool with 0 there.
+        (with -1 beyond (height, width) when ``padded``), or (mask_dtype uint8)
+        bool with 0 there. The matrices' rows beyond the image are zero, so
+        those pixels are 0 before the -1 is subtracted.
         """
         side = soft.shape[1]
         rows = resize_matrix(float(side), height, out_h, side)               # [Hmax, s]
@@ -239,9 +244,11 @@ class DetectorGraph(paddle.nn.Layer):
         if self.mask_dtype == 'uint8':
             return mask                       # bool; forward casts the batch's masks
         mask = mask.astype('int32')
-        inside = ((paddle.arange(out_h, dtype='float32') < height).unsqueeze(1)
-                  & (paddle.arange(out_w, dtype='float32') < width).unsqueeze(0))
-        return paddle.where(inside.unsqueeze(0), mask, paddle.full_like(mask, -1))
+        if not padded:
+            return mask
+        outside = ((paddle.arange(out_h, dtype='float32') >= height).unsqueeze(1)
+                   | (paddle.arange(out_w, dtype='float32') >= width).unsqueeze(0))
+        return mask - outside.astype('int32').unsqueeze(0)
 
 
 def resize_matrix(in_size, out_size, out_extent, in_extent):
