@@ -8,7 +8,7 @@ deploy/python/infer.py, its ONNX runner, deploy/python/infer.py of this
 project, onnxruntime or a model server run it with no Python of this project.
 
     python tools/export_model.py --trained_model weights/yolact_base_54_800000.pth --output_dir exported/yolact_base
-    python tools/export_model.py --trained_model weights/yolact_base_54_800000.pth --output_dir exported/yolact_base_onnx \
+    python tools/export_model.py --trained_model weights/yolact_base_54_800000.pth --output_dir exported/yolact_base_onnx \\
         --format onnx      # DIR/model.onnx; needs paddle2onnx
 
 DIR gets infer_cfg.yml and model.json + model.pdiparams (Paddle >= 3; model.pdmodel on Paddle 2.6), or
