@@ -116,8 +116,8 @@ def test_outputs_under_a_file_are_one_line_errors(capsys, weights, tmp_path):
     torch.save({k: torch.from_numpy(v.numpy()) for k, v in paddle.load(weights).items()}, str(pth))
     line = one_line_error(capsys, convert_weights.main, [str(pth), str(blocker / 'out.pdparams')])
     assert 'cannot write' in line and 'out.pdparams' in line
-    line = one_line_error(capsys, export_model.main, ['--trained_model', weights, '--output',
-                                                      str(blocker / 'exported' / 'model')])
+    line = one_line_error(capsys, export_model.main, ['--trained_model', weights, '--output_dir',
+                                                      str(blocker / 'exported')])
     assert 'cannot write the export' in line
 
 

@@ -17,20 +17,19 @@ from tests.conftest import needs_reference, reference_npz, reference_params
 from tests.eval_helpers import dataset_flags, run_eval, shapes, weights  # noqa: F401 (fixtures)
 from tests.test_detect import EXPORTED_SCORE_ATOL
 from tools import benchmark as benchmark_tool
-from tools import export_model
 from utils.deploy.network_export import export_yolact
 from utils.deploy.runners import StaticYolact
 from utils.evaluation import coco_eval
 from yolact import Yolact
 
 
-def test_export_tool_and_static_shapes_model_match_dygraph(shapes, weights, tmp_path):
+def test_network_export_and_static_shapes_model_match_dygraph(shapes, weights, tmp_path):
     prefix = str(tmp_path / 'exported' / 'shapes')
-    assert export_model.main(['--trained_model', weights, '--output', prefix]) == 0
     cfg = get_config('yolact_shapes')
     net = Yolact.from_config(cfg)
     net.set_state_dict(paddle.load(weights))
     net.eval()
+    export_yolact(net, cfg, prefix)
     x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
     with paddle.no_grad():
         expected = net(x)
