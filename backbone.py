@@ -14,11 +14,26 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 from paddle.vision.ops import deform_conv2d
 
-from layers.cpu_ops import conv2d
+
+class Conv2D(nn.Conv2D):
+    """nn.Conv2D (same parameters, same forward) plus :meth:`convolve`, its convolution with another kernel.
+
+    The model's convolutions with a computed kernel (a frozen BatchNorm folded
+    in: :func:`conv_bn`; the three heads as one: yolact.PredictionModule) call
+    the layer they stand for, so code that replaces the ``forward`` and
+    ``convolve`` of the model's Conv2D layers replaces every convolution of
+    the model (CPU training: utils.training.cpu_ops.use_cpu_training_convolutions).
+    """
+
+    def convolve(self, x, weight, bias):
+        """x [B, C, H, W], weight [O, C / groups, kh, kw], bias [O] or None -> [B, O, H', W'],
+        with this layer's stride, padding, dilation, groups and data format."""
+        return F.conv2d(x, weight, bias, stride=self._stride, padding=self._padding, dilation=self._dilation,
+                        groups=self._groups, data_format=self._data_format)
 
 
 def conv_bn(conv, bn, x):
-    """bn(conv(x)) for a bias-free nn.Conv2D followed by nn.BatchNorm2D; [B, C, H, W] -> [B, C', H', W'].
+    """bn(conv(x)) for a bias-free Conv2D followed by nn.BatchNorm2D; [B, C, H, W] -> [B, C', H', W'].
 
     With the BatchNorm frozen (eval statistics, no gradient for its scale and
     shift: training with freeze_bn) and gradients being recorded, the
@@ -28,18 +43,16 @@ def conv_bn(conv, bn, x):
     backward passes over the feature map are gone (Paddle 3.3.1 has no fused
     conv + BN kernel in dygraph; measured on a yolact_resnet50 CPU training
     step at 550, batch 2: about 4% of its CPU time). Inference (no gradient)
-    keeps the two layers; trainable BatchNorm keeps the two ops. While
-    training, the convolution is layers.cpu_ops.conv2d.
+    keeps the two layers; trainable BatchNorm keeps the two ops.
     """
     if (conv.bias is not None or conv._data_format != 'NCHW'
             or not paddle.in_dynamic_mode() or not paddle.is_grad_enabled()):
         return bn(conv(x))
     if bn.training or not bn.weight.stop_gradient:
-        return bn(conv2d(x, conv.weight, None, conv._stride, conv._padding, conv._dilation, conv._groups))
+        return bn(conv(x))
     scale = bn.weight / paddle.sqrt(bn._variance + bn._epsilon)
     shift = bn.bias - bn._mean * scale
-    return conv2d(x, conv.weight * scale.reshape([-1, 1, 1, 1]), shift, conv._stride, conv._padding,
-                  conv._dilation, conv._groups)
+    return conv.convolve(x, conv.weight * scale.reshape([-1, 1, 1, 1]), shift)
 
 
 class ConvBN(nn.Sequential):
@@ -101,20 +114,20 @@ class Bottleneck(nn.Layer):
 
     def __init__(self, inplanes, planes, stride=1, downsample=None, use_dcn=False):
         super().__init__()
-        self.conv1 = nn.Conv2D(inplanes, planes, 1, bias_attr=False)
+        self.conv1 = Conv2D(inplanes, planes, 1, bias_attr=False)
         self.bn1 = nn.BatchNorm2D(planes)
         if use_dcn:
             self.conv2 = ModulatedDeformConv2D(planes, planes, 3, stride=stride, padding=1)
         else:
-            self.conv2 = nn.Conv2D(planes, planes, 3, stride=stride, padding=1, bias_attr=False)
+            self.conv2 = Conv2D(planes, planes, 3, stride=stride, padding=1, bias_attr=False)
         self.bn2 = nn.BatchNorm2D(planes)
-        self.conv3 = nn.Conv2D(planes, planes * self.expansion, 1, bias_attr=False)
+        self.conv3 = Conv2D(planes, planes * self.expansion, 1, bias_attr=False)
         self.bn3 = nn.BatchNorm2D(planes * self.expansion)
         self.downsample = downsample
 
     def forward(self, x):
         out = F.relu(conv_bn(self.conv1, self.bn1, x))
-        out = F.relu(conv_bn(self.conv2, self.bn2, out) if isinstance(self.conv2, nn.Conv2D)
+        out = F.relu(conv_bn(self.conv2, self.bn2, out) if isinstance(self.conv2, Conv2D)
                      else self.bn2(self.conv2(out)))
         out = conv_bn(self.conv3, self.bn3, out)
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -140,7 +153,7 @@ class ResNetBackbone(nn.Layer):
         # Registered first, as in the reference, so state_dict orders agree.
         self.layers = nn.LayerList()
         self.channels = []
-        self.conv1 = nn.Conv2D(3, base_width, 7, stride=2, padding=3, bias_attr=False)
+        self.conv1 = Conv2D(3, base_width, 7, stride=2, padding=3, bias_attr=False)
         self.bn1 = nn.BatchNorm2D(base_width)
         self.maxpool = nn.MaxPool2D(3, stride=2, padding=1)
 
@@ -158,7 +171,7 @@ class ResNetBackbone(nn.Layer):
         downsample = None
         if stride != 1 or inplanes != planes * Bottleneck.expansion:
             downsample = ConvBN(
-                nn.Conv2D(inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias_attr=False),
+                Conv2D(inplanes, planes * Bottleneck.expansion, 1, stride=stride, bias_attr=False),
                 nn.BatchNorm2D(planes * Bottleneck.expansion))
         # The reference's rule, kept verbatim because it decides which checkpoint
         # keys exist: block 0 only when every block may use DCN.
@@ -180,8 +193,8 @@ class ResNetBackbone(nn.Layer):
 def _darknet_conv(in_channels, out_channels, kernel_size, stride=1):
     """Conv (no bias) + BN + LeakyReLU(0.1): the reference's darknetconvlayer."""
     return ConvBN(
-        nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride,
-                  padding=kernel_size // 2, bias_attr=False),
+        Conv2D(in_channels, out_channels, kernel_size, stride=stride,
+               padding=kernel_size // 2, bias_attr=False),
         nn.BatchNorm2D(out_channels),
         nn.LeakyReLU(0.1))
 

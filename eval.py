@@ -44,15 +44,17 @@ from utils.runtime import quiet_paddle_import
 quiet_paddle_import()  # before the first import of paddle, here and in the DataLoader workers
 
 from data.coco import COCOEvalImages, custom_dataset_config  # noqa: E402
-from data.config import DATASETS, coco_root_dataset  # noqa: E402
+from data.config import DATASETS  # noqa: E402
+from data.coco_root import coco_root_dataset  # noqa: E402
 from data.transforms import BaseTransform  # noqa: E402
-from utils.cli import (add_coco_root_flag, add_data_loading_flags, count_or_all, fraction,  # noqa: E402
-                       non_negative_int, positive_int)
+from utils.cli import (add_coco_root_flag, add_data_loading_flags, add_max_image_pixels_flag,  # noqa: E402
+                       count_or_all, fraction, non_negative_int, positive_int)
 from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.evaluation.loop import benchmark, evaluate  # noqa: E402
 from utils.visual.media import ImageDetector, eval_image, eval_images, eval_video, split_io_spec  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.evaluation.results import InferenceResults, class_indices  # noqa: E402
+from utils.files import check_writable_folder  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
 
 logger = logging.getLogger('eval')
@@ -86,6 +88,9 @@ def parse_args(argv=None):
                             '~/.cache/yolact/exported, and reused; faster, see the README)')
     model.add_argument('--tensorrt', action='store_true',
                        help='with --inference_model on GPU: run supported subgraphs with TensorRT')
+    model.add_argument('--precision', default='fp32', choices=('fp32', 'bf16', 'fp16'),
+                       help='of Paddle Inference: bf16 on a CPU with AVX512-BF16 or AMX (oneDNN), fp16 on a GPU '
+                            'with --inference_model (TensorRT); the dygraph network runs fp32')
     model.add_argument('--device', default=None, choices=('cpu', 'gpu'),
                        help='where the network runs (default: gpu when Paddle has CUDA and a GPU is visible)')
 
@@ -116,6 +121,7 @@ def parse_args(argv=None):
     data.add_argument('--num_workers', default=2, type=non_negative_int,
                       help='DataLoader processes decoding and preprocessing images (0: in this process)')
     add_data_loading_flags(data)
+    add_max_image_pixels_flag(data)
     data.add_argument('--benchmark', action='store_true',
                       help='time the dataset images (data wait, network, detect, postprocess) without '
                            'writing results or computing mAP')
@@ -185,10 +191,10 @@ def build_predictor(args):
                           score_threshold=args.score_threshold)
     if args.inference_model is not None:
         predictor = Predictor.from_exported(args.inference_model, device=device, use_tensorrt=args.tensorrt,
-                                            config=args.config, **detect_options)
+                                            config=args.config, precision=args.precision, **detect_options)
     else:
         predictor = Predictor(args.trained_model, config=args.config, device=device, dygraph=args.dygraph,
-                              **detect_options)
+                              precision=args.precision, **detect_options)
     cfg = predictor.cfg
     if args.dataset is not None or args.coco_root:
         dataset_cfg = DATASETS[args.dataset] if args.dataset is not None else cfg.dataset
@@ -223,19 +229,35 @@ def run_media(args, predictor, class_filter):
     with InferenceResults(predictor.class_names, args.results_dir if args.output_coco_json else None,
                           args.output_labelme, image_root=source if mode == 'images' else None) as results:
         detect = dict(results=results if as_data else None, **draw)
+        cap = dict(max_pixels=args.max_image_pixels)
         if mode == 'image':
-            eval_image(ImageDetector(predictor, **detect), source, out, show=not as_data)
+            eval_image(ImageDetector(predictor, **detect), source, out, show=not as_data, **cap)
         elif mode == 'images':
-            eval_images(ImageDetector(predictor, **detect), source, out)
+            eval_images(ImageDetector(predictor, **detect), source, out, **cap)
         else:
             # Per-class colours keep an object's colour stable from frame to frame.
-            eval_video(ImageDetector(predictor, class_color=True, **detect), source, out, show=not as_data)
+            eval_video(ImageDetector(predictor, class_color=True, **detect), source, out, show=not as_data, **cap)
     return 0
+
+
+def check_outputs(args):
+    """Prove writable the output folders the selected mode writes (creating none): before the model is
+    loaded or any image is run, so that an unwritable one costs nothing."""
+    media = args.image is not None or args.images is not None or args.video is not None
+    if args.benchmark:
+        return
+    if not media or args.output_coco_json:
+        check_writable_folder(args.results_dir, 'results files (--results_dir)')
+    if not media and not args.output_coco_json:
+        check_writable_folder(args.log_dir, 'evaluation logs (--log_dir)')
+    if args.output_labelme is not None:
+        check_writable_folder(args.output_labelme, 'labelme files (--output_labelme)')
 
 
 def main(argv=None):
     """Run the mode the flags select; returns the process exit code."""
     args = parse_args(argv)
+    check_outputs(args)
     predictor = build_predictor(args)
     class_filter = (class_indices(args.class_filter, predictor.class_names)
                     if args.class_filter is not None else None)
@@ -245,7 +267,7 @@ def main(argv=None):
     cfg = predictor.cfg
     ds = cfg.dataset
     dataset = COCOEvalImages(ds.valid_images, ds.valid_info, BaseTransform.from_config(cfg), has_gt=ds.has_gt,
-                             strict=args.strict)
+                             strict=args.strict, max_pixels=args.max_image_pixels)
     if args.benchmark:
         benchmark(predictor, dataset, args.max_images, args.num_workers, shared_memory=args.shared_memory)
         return 0

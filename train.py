@@ -13,7 +13,8 @@ re-initialised when it differs from the weights':
         --train_images data/mine/train --train_info data/mine/annotations/train.json \\
         --valid_images data/mine/val --valid_info data/mine/annotations/val.json --batch_size 8
 
-Resume (Ctrl+C writes <config>_<epoch>_<iteration>_interrupt.pdparams):
+Resume (Ctrl+C, and SIGTERM as sent by schedulers, docker stop, timeout, kill and
+paddle.distributed.launch, write <config>_<epoch>_<iteration>_interrupt.pdparams):
 
     python train.py --config yolact_base --resume interrupt     # or: --resume latest / a .pdparams path
 
@@ -21,7 +22,7 @@ Several GPUs (--batch_size is the total, split evenly across the cards):
 
     python -m paddle.distributed.launch --gpus 0,1,2,3 train.py --config yolact_base --batch_size 32
 
-Checkpoints go to --save_folder (see utils/weights/checkpoint.py), VisualDL scalars to
+Checkpoints go to --save_folder (see utils/training/checkpoint.py), VisualDL scalars to
 --log_folder (``visualdl --logdir logs``).
 """
 import argparse
@@ -36,12 +37,14 @@ quiet_paddle_import()  # before the first import of paddle, here and in the Data
 import paddle.distributed as dist  # noqa: E402
 
 from data.coco import custom_dataset_config  # noqa: E402
-from data.config import DATASETS, coco_root_dataset, get_config  # noqa: E402
-from utils.cli import (add_coco_root_flag, add_data_loading_flags, non_negative_int,  # noqa: E402
-                       positive_int)
-from utils.errors import EXIT_INTERRUPTED, ConfigError, run_cli  # noqa: E402
+from data.config import DATASETS, get_config  # noqa: E402
+from data.coco_root import coco_root_dataset  # noqa: E402
+from utils.cli import (add_coco_root_flag, add_data_loading_flags, add_max_image_pixels_flag,  # noqa: E402
+                       non_negative_int, positive_int)
+from utils.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, ConfigError, run_cli  # noqa: E402
 from utils.runtime import select_device  # noqa: E402
-from utils.training.trainer import NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen  # noqa: E402
+from utils.training.trainer import (NonFiniteLossError, Trainer, TrainOptions, batch_norm_frozen,  # noqa: E402
+                                    resolve_resume)
 
 logger = logging.getLogger('train')
 
@@ -64,6 +67,7 @@ def parse_args(argv=None):
                    help='iteration to resume at; -1 reads it from the checkpoint')
     p.add_argument('--num_workers', default=4, type=non_negative_int, help='DataLoader worker processes')
     add_data_loading_flags(p)
+    add_max_image_pixels_flag(p)
     p.add_argument('--lr', '--learning_rate', default=None, type=float,
                    help='initial learning rate (default: the config, scaled with the batch size)')
     p.add_argument('--momentum', default=None, type=float, help='SGD momentum (default: the config)')
@@ -198,7 +202,8 @@ def train_options(args):
 
 
 def main(argv=None):
-    """Run training; returns the process exit code (0 done, 1 bad input or non-finite loss, 130 interrupted)."""
+    """Run training; returns the process exit code (0 done, 1 bad input or non-finite loss, 130 interrupted by
+    Ctrl+C, 143 by SIGTERM: both save an interrupt checkpoint that --resume interrupt continues from)."""
     args = parse_args(argv)
     device = select_device(args.device)
     if args.amp and device == 'cpu':
@@ -207,6 +212,8 @@ def main(argv=None):
     world_size = dist.get_world_size()
     if world_size > 1:
         dist.init_parallel_env()
+    # Resolved once: an 'interrupt' or 'latest' that finds nothing is a run without --resume (BatchNorm rule too).
+    args.resume = resolve_resume(train_options(args), get_config(args.config).name).resume
     cfg = build_config(args, world_size)
     trainer = Trainer(cfg, train_options(args), dist.get_rank(), world_size)
     try:
@@ -214,7 +221,7 @@ def main(argv=None):
     except NonFiniteLossError as err:
         raise NonFiniteLossError(f'{err} Last good checkpoint: '
                                  f'{trainer.last_checkpoint or "none saved by this run"}') from None
-    return EXIT_INTERRUPTED if status == 'interrupted' else 0
+    return {'interrupted': EXIT_INTERRUPTED, 'terminated': EXIT_TERMINATED}.get(status, 0)
 
 
 def configure_logging():

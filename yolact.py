@@ -14,9 +14,8 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from backbone import construct_backbone
+from backbone import Conv2D, construct_backbone
 from layers.compat import layer_train
-from layers.cpu_ops import conv2d
 from layers.interpolate import interpolation_matrix
 
 
@@ -28,7 +27,7 @@ class Resize(nn.Layer):
         mode: F.interpolate mode ('bilinear' in every published config).
     Forward: x [B, C, H, W], optional size (out_h, out_w) -> [B, C, out_h, out_w].
 
-    ``as_matmul`` (False by default; utils.deploy.inference.export_yolact sets it
+    ``as_matmul`` (False by default; utils.deploy.graph_rewrites.resize_as_matmul sets it
     while tracing) computes a bilinear resize as ``A_h @ x @ A_w^T`` with
     :func:`interpolation_matrix`: a bilinear resize is separable and linear,
     and unlike the ``bilinear_interp`` op the two products run under Paddle
@@ -57,17 +56,6 @@ class Resize(nn.Layer):
         # directly, oneDNN's matmul reads it in the wrong memory layout (wrong values, no error).
         y = paddle.matmul(paddle.matmul(rows, x.reshape([b * c, h, w])), cols)
         return y.reshape([b, c, out_h, out_w])
-
-
-class Conv2D(nn.Conv2D):
-    """nn.Conv2D (same parameters, same result) through layers.cpu_ops.conv2d: oneDNN's
-    convolution while training on the CPU, a faster bias add for CPU batches."""
-
-    def forward(self, x):
-        if self._data_format != 'NCHW' or self._padding_mode != 'zeros':
-            # Not super(): Paddle 2.6's dy2static cannot compile a zero-argument super().
-            return nn.Conv2D.forward(self, x)
-        return conv2d(x, self.weight, self.bias, self._stride, self._padding, self._dilation, self._groups)
 
 
 def make_net(in_channels, layer_specs, include_last_relu=True):
@@ -204,8 +192,9 @@ class PredictionModule(nn.Layer):
         inference keeps the separate layers the reference's outputs are compared with.
         """
         layers = (self.bbox_layer, self.conf_layer, self.mask_layer)
-        out = conv2d(x, paddle.concat([layer.weight for layer in layers]),
-                     paddle.concat([layer.bias for layer in layers]), padding=1)
+        # The three share their geometry (3x3, stride 1, padding 1): bbox_layer's stands for all.
+        out = self.bbox_layer.convolve(x, paddle.concat([layer.weight for layer in layers]),
+                                       paddle.concat([layer.bias for layer in layers]))
         return paddle.split(out, [layer.weight.shape[0] for layer in layers], axis=1)
 
 
@@ -442,7 +431,7 @@ class Yolact(nn.Layer):
         Every conv outside the backbone gets Xavier-uniform weights and zero
         bias; the backbone keeps its construction init (DCN layers: zero
         offsets). ImageNet backbone weights are loaded afterwards by
-        utils.weights.checkpoint.load_backbone_weights(net.backbone, path).
+        utils.weights.loader.load_backbone_weights(net.backbone, path).
         """
         xavier, zero = nn.initializer.XavierUniform(), nn.initializer.Constant(0.0)
         for name, layer in self.named_sublayers():

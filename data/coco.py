@@ -37,43 +37,19 @@ import logging
 import os
 import traceback
 
-import cv2
 import numpy as np
 from paddle.io import Dataset
 from pycocotools.coco import COCO
 
 from data.config import DatasetConfig
+from data.images import DEFAULT_MAX_PIXELS, read_image
 from data.validation import image_file, load_annotations, validate_coco
-from utils.errors import ConfigError, DatasetError, MissingFileError, UnreadableFileError, YolactError
+from utils.errors import ConfigError, DatasetError, UnreadableFileError, YolactError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ['COCODetection', 'COCOEvalImages', 'SampleError', 'check_batches', 'classes_from_categories',
            'detection_collate', 'eval_collate', 'image_file', 'load_coco', 'read_image']
-
-
-def read_image(path, size=None):
-    """[H, W, 3] BGR uint8, turned upright by its EXIF orientation (as the reference's cv2.imread).
-
-    size: the (height, width) the info file gives, when the pixels must match
-    its annotations. A photo whose EXIF orientation turns it sideways but whose
-    stored pixels have that size was annotated as stored: the stored pixels are
-    returned. Raises MissingFileError / UnreadableFileError (both OSError)
-    naming ``path``; with ``size``, UnreadableFileError when neither
-    orientation has it.
-    """
-    if not os.path.isfile(path):
-        raise MissingFileError(f'image file not found: {path}')
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
-    if img is None:
-        raise UnreadableFileError(f'cannot decode image file (corrupt or not an image): {path}')
-    if size is not None and img.shape[:2] != tuple(size):
-        stored = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if stored is not None and stored.shape[:2] == tuple(size):
-            return stored
-        raise UnreadableFileError(f'{path} is {img.shape[1]}x{img.shape[0]} but its info file says '
-                                  f'{size[1]}x{size[0]}; its annotations would not fit')
-    return img
 
 
 def load_coco(info_file, data=None):
@@ -250,6 +226,8 @@ class COCODetection(Dataset):
     check_files: drop (or, with strict, refuse) images whose file is missing.
     include_background: list every image of the file, also those without a
         (non-crowd) annotation, as negatives: all their anchors are background.
+    max_pixels: images whose header declares more pixels are skipped like
+        unreadable ones (data.images.read_image; None: no cap).
 
     Only images with at least one non-crowd annotation are listed unless
     ``include_background``: an image of crowd regions alone gives the loss no
@@ -257,8 +235,9 @@ class COCODetection(Dataset):
     """
 
     def __init__(self, image_path, info_file, transform=None, label_map=None, strict=False, check_files=True,
-                 include_background=False):
+                 include_background=False, max_pixels=DEFAULT_MAX_PIXELS):
         self.root = image_path
+        self.max_pixels = max_pixels
         self.validation = validate_coco(info_file, image_path, label_map, check_files=check_files, strict=strict)
         self.coco = load_coco(info_file, self.validation.data)
         self.transform = transform
@@ -271,11 +250,12 @@ class COCODetection(Dataset):
                         if any(not ann.get('iscrowd', 0) for ann in anns)]
 
     @classmethod
-    def from_config(cls, cfg, transform=None, strict=False, include_background=False):
+    def from_config(cls, cfg, transform=None, strict=False, include_background=False,
+                    max_pixels=DEFAULT_MAX_PIXELS):
         """The training split of ``cfg.dataset``."""
         ds = cfg.dataset
         return cls(ds.train_images, ds.train_info, transform, ds.label_map_dict(), strict=strict,
-                   include_background=include_background)
+                   include_background=include_background, max_pixels=max_pixels)
 
     def __len__(self):
         return len(self.ids)
@@ -331,7 +311,8 @@ class COCODetection(Dataset):
     def _load(self, img_id):
         info = self.coco.imgs[img_id]
         anns, num_crowds = self._annotations(img_id)
-        img = read_image(image_file(self.root, info['file_name']), (info['height'], info['width']) if anns else None)
+        img = read_image(image_file(self.root, info['file_name']), (info['height'], info['width']) if anns else None,
+                         max_pixels=self.max_pixels)
         height, width, _ = img.shape
         masks = np.stack([self.coco.annToMask(a) for a in anns]) if anns \
             else np.zeros((0, height, width), dtype=np.uint8)
@@ -392,11 +373,13 @@ class COCOEvalImages(Dataset):
     set the reference evaluates; False lists every image.
     strict: a bad annotation-file entry raises DatasetError instead of being
     skipped with a warning (see data.validation). Image files are not checked
-    up front: unreadable ones are skipped as above.
+    up front: unreadable ones are skipped as above, and so are images above
+    ``max_pixels`` (data.images.read_image; None: no cap).
     """
 
-    def __init__(self, image_path, info_file, transform, has_gt=True, strict=False):
+    def __init__(self, image_path, info_file, transform, has_gt=True, strict=False, max_pixels=DEFAULT_MAX_PIXELS):
         self.root = image_path
+        self.max_pixels = max_pixels
         self.validation = validate_coco(info_file, image_path, strict=strict)
         self.coco = load_coco(info_file, self.validation.data)
         self.transform = transform
@@ -405,9 +388,9 @@ class COCOEvalImages(Dataset):
             self.ids = list(self.coco.imgs.keys())
 
     @classmethod
-    def from_config(cls, cfg, transform, strict=False):
+    def from_config(cls, cfg, transform, strict=False, max_pixels=DEFAULT_MAX_PIXELS):
         ds = cfg.dataset
-        return cls(ds.valid_images, ds.valid_info, transform, ds.has_gt, strict=strict)
+        return cls(ds.valid_images, ds.valid_info, transform, ds.has_gt, strict=strict, max_pixels=max_pixels)
 
     def __len__(self):
         return len(self.ids)
@@ -418,7 +401,7 @@ class COCOEvalImages(Dataset):
         path = image_file(self.root, info['file_name'])
         try:
             # Detections are scored (and RLE-encoded for the server) at the info file's size.
-            img = read_image(path, (info['height'], info['width']))
+            img = read_image(path, (info['height'], info['width']), max_pixels=self.max_pixels)
         except OSError as err:
             logger.warning('skipping image %s: %s', img_id, err)
             side = self.transform.max_size

@@ -7,20 +7,10 @@ Coordinates are relative to the image side (0..1) unless a docstring says otherw
 """
 import paddle
 
+from layers.backend import use_device_path
+
 # SSD box-coding variances used by the reference for both encode and decode.
 VARIANCES = (0.1, 0.2)
-
-# Where Detect and PostProcess compute: 'auto' follows the tensors (GPU ->
-# device path, else host path); 'device' / 'host' force one, for tests.
-BACKENDS = ('auto', 'device', 'host')
-
-
-def use_device_path(tensor, backend='auto'):
-    """True when the device (all-Paddle, no host copy) path should process ``tensor``."""
-    if backend == 'auto':
-        return tensor.place.is_gpu_place()
-    return backend == 'device'
-
 
 def divide_rounded(a, b):
     """a / b for float32 tensors, correctly rounded to float32 on every device.
@@ -117,7 +107,7 @@ def match(pos_thresh, neg_thresh, crowd_iou_thresh, truths, priors, labels, crow
         crowd_boxes: [K, 4] point-form crowd boxes or None.
         backend: where the "every truth gets its best anchor" loop runs
             ('auto': on the device when ``truths`` is on a GPU, else in numpy;
-            see ``use_device_path``). Both give the same assignment.
+            see ``layers.backend``). Both give the same assignment.
     Returns:
         loc_t  [P, 4] float: encoded regression targets of the matched truth,
         conf_t [P] int64: label+1 for positives, 0 for background, -1 for neutral,

@@ -11,7 +11,7 @@ Each shim names the versions that need it; the newest Paddle takes the plain cal
   480x640 -> 550x550 resize), so the preprocessing uses the exact taps of
   layers.interpolate.linear_taps there (:data:`BILINEAR_AS_TORCH`).
 * ``paddle.jit.save`` writes a PIR program (``.json``) from 3.0 on and an
-  older ``.pdmodel`` program on 2.6 (utils.deploy.inference reads both).
+  older ``.pdmodel`` program on 2.6 (utils.deploy.network_export reads both).
 * Paddle Inference's ``Predictor.run(inputs)`` with tensors crashes 2.6
   (SIGSEGV converting its outputs): :func:`predictor_run`.
 """

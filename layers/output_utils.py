@@ -5,7 +5,8 @@ import paddle
 import paddle.nn.functional as F
 
 from data.config import MEANS, STD
-from layers.box_utils import BACKENDS, crop, sanitize_coordinates, use_device_path
+from layers.backend import check_backend, use_device_path
+from layers.box_utils import crop, sanitize_coordinates
 from layers.interpolate import linear_taps, sample_taps, sample_taps_tensor, taps_tensors
 
 
@@ -42,8 +43,7 @@ class PostProcess:
 
     def __init__(self, rescore_bbox=False, rescore_mask=False, crop_masks=True, score_threshold=0.0,
                  mask_threshold=0.5, backend='auto'):
-        if backend not in BACKENDS:
-            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        check_backend(backend)
         self.rescore_bbox = rescore_bbox
         self.rescore_mask = rescore_mask
         self.crop_masks = crop_masks

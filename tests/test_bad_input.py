@@ -6,6 +6,7 @@ the terminal. Dataset entries (bad annotations) are tested in tests/test_dataset
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from tools import benchmark as benchmark_tool
 from tools import convert_weights, export_model
 from tools.make_shapes_dataset import make_shapes_dataset
 from utils import files
-from utils.weights import checkpoint
+from utils.training import checkpoint
 from utils.evaluation import coco_eval
 from utils.errors import EXIT_USER_ERROR, OutputError, WeightsError, run_cli
 from utils.predictor import Predictor
@@ -292,3 +293,225 @@ def test_duplicate_category_names_are_refused_naming_the_ids(capsys, shapes, wei
     line = one_line_error(capsys, eval_script.main, ['--trained_model', weights, '--dygraph', '--valid_images',
                                                      shapes.train_images, '--valid_info', str(dup)])
     assert f"{dup}: categories share a name ('{name}': ids {first}, {third})" in line
+
+
+# ------------------------------------------------------------- huge and undecodable images --
+def _huge_png(path, width=20000, height=20000):
+    """A PNG whose header declares width x height pixels, with a body of a few bytes (never decodable)."""
+    import struct
+    import zlib
+    ihdr = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (struct.pack('>I', len(data)) + kind + data
+                                + struct.pack('>I', zlib.crc32(kind + data) & 0xFFFFFFFF))
+    with open(path, 'wb') as f:
+        f.write(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr) + chunk(b'IDAT', zlib.compress(b'\0' * 64))
+                + chunk(b'IEND', b''))
+    return str(path)
+
+
+@pytest.fixture
+def opencv_refuses(monkeypatch):
+    """cv2.imread raises cv2.error for files named huge* (OpenCV 5 above its pixel limit), as OpenCV 5 does."""
+    import cv2
+    original = cv2.imread
+
+    def imread(path, *args):
+        if os.path.basename(str(path)).startswith('huge'):
+            raise cv2.error('OpenCV(5.1.0) imgcodecs: (-215:Assertion failed) pixels <= CV_IO_MAX_IMAGE_PIXELS')
+        return original(path, *args)
+
+    monkeypatch.setattr(cv2, 'imread', imread)
+
+
+def test_an_image_above_the_pixel_cap_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
+    """Was: decoded (a 20000x20000 PNG of a few hundred KB went to 7 GB in training); now never decoded."""
+    import cv2
+    from data.coco import read_image
+    path = _huge_png(tmp_path / 'big.png')
+
+    def no_decoding(*args):
+        raise AssertionError('the image was decoded')
+
+    monkeypatch.setattr(cv2, 'imread', no_decoding)
+    with pytest.raises(OSError, match=r'big\.png is 20000x20000 = 400\.0 M pixels, above the cap'):
+        read_image(path)
+
+
+def test_the_header_gives_the_size_of_each_format(tmp_path):
+    import cv2
+    from data.images import header_size, read_image
+    image = np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    for ext in ('.png', '.jpg', '.bmp', '.webp'):
+        path = str(tmp_path / f'x{ext}')
+        assert cv2.imwrite(path, image), ext
+        assert header_size(path) == (53, 37), ext
+        assert read_image(path, max_pixels=53 * 37).shape == (37, 53, 3)
+        with pytest.raises(OSError, match='above the cap'):
+            read_image(path, max_pixels=53 * 37 - 1)
+    # A progressive JPEG (SOF2) and a file that is not an image.
+    path = str(tmp_path / 'p.jpg')
+    cv2.imwrite(path, image, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert header_size(path) == (53, 37)
+    (tmp_path / 't.png').write_text('text')
+    assert header_size(str(tmp_path / 't.png')) is None
+    (tmp_path / 'zero_length.jpg').write_bytes(b'\xff\xd8\xff\xe0\x00\x00' + b'\x00' * 8)   # ends, no loop
+    assert header_size(str(tmp_path / 'zero_length.jpg')) is None
+
+
+def test_opencv_errors_skip_the_image_in_training_and_evaluation_data(shapes, tmp_path, opencv_refuses):
+    """Was: cv2.error (OpenCV 5) stopped training and killed the evaluation DataLoader; now the file is skipped."""
+    from data.coco import COCODetection, COCOEvalImages, SampleError
+    from data.transforms import BaseTransform
+    images = tmp_path / 'images'
+    shutil.copytree(shapes.train_images, images)
+    with open(shapes.train_info) as f:
+        info = json.load(f)
+    first = info['images'][0]
+    os.rename(images / first['file_name'], images / ('huge_' + first['file_name']))
+    first['file_name'] = 'huge_' + first['file_name']
+    info_file = tmp_path / 'info.json'
+    info_file.write_text(json.dumps(info))
+    train_set = COCODetection(str(images), str(info_file))
+    index = train_set.ids.index(first['id'])
+    sample = train_set[index]
+    assert not isinstance(sample, SampleError), sample
+    evals = COCOEvalImages(str(images), str(info_file), BaseTransform.from_config(get_config('yolact_shapes')))
+    sample = evals[evals.ids.index(first['id'])]
+    assert not isinstance(sample, SampleError) and sample[1] == first['id'] and sample[4] is False
+
+
+def test_images_go_on_after_an_opencv_error_and_keep_the_results(capsys, shapes, weights, tmp_path, opencv_refuses):
+    """Was: --images stopped with a cv2.error traceback and discarded the COCO JSON written so far."""
+    folder = tmp_path / 'in'
+    folder.mkdir()
+    for name in ('000001.jpg', '000002.jpg'):
+        shutil.copy(os.path.join(shapes.valid_images, name), folder / name)
+    shutil.copy(os.path.join(shapes.valid_images, '000001.jpg'), folder / 'huge.jpg')
+    _huge_png(folder / 'huge2.png')   # refused from its header
+    results = tmp_path / 'results'
+    assert run_cli(eval_script.main, ['--trained_model', weights, '--dygraph', '--images', str(folder),
+                                      '--output_coco_json', '--results_dir', str(results)]) == 0
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err
+    with open(results / 'image_info.json') as f:
+        assert sorted(img['file_name'] for img in json.load(f)['images']) == ['000001.jpg', '000002.jpg']
+    line = one_line_error(capsys, eval_script.main, ['--trained_model', weights, '--dygraph',
+                                                     '--image', f'{folder / "huge.jpg"}:{tmp_path / "o.png"}'])
+    assert 'huge.jpg' in line and 'CV_IO_MAX_IMAGE_PIXELS' in line
+    line = one_line_error(capsys, eval_script.main, ['--trained_model', weights, '--dygraph',
+                                                     '--image', f'{folder / "huge2.png"}:{tmp_path / "o.png"}'])
+    assert 'huge2.png is 20000x20000' in line and not os.path.exists(tmp_path / 'o.png')
+
+
+def test_a_video_above_the_pixel_cap_is_one_line(capsys, shapes, weights, tmp_path):
+    import cv2
+    video = str(tmp_path / 'v.mp4')
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*'mp4v'), 10, (SIDE, SIDE))
+    writer.write(cv2.imread(os.path.join(shapes.valid_images, '000001.jpg')))
+    writer.release()
+    line = one_line_error(capsys, eval_script.main, ['--trained_model', weights, '--dygraph', '--max_image_pixels',
+                                                     str(SIDE * SIDE - 1), '--video', f'{video}:{tmp_path}/o.mp4'])
+    assert f'{SIDE}x{SIDE}' in line and 'above the cap' in line and not os.path.exists(tmp_path / 'o.mp4')
+
+
+# ------------------------------------------------------------------ arrays given to Predictor --
+@pytest.fixture(scope='module')
+def predictor(weights):
+    cfg = get_config('yolact_shapes')
+    net = Yolact.from_config(cfg)
+    net.set_state_dict(paddle.load(weights))
+    net.eval()
+    return Predictor.from_network(cfg, net)
+
+
+def _same_detections(a, b):
+    assert len(a['scores']) > 0
+    for key in ('classes', 'scores', 'boxes', 'masks'):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_predictor_converts_what_needs_no_guess(predictor, shapes, tmp_path):
+    """Was: uint16 gave boxes of -2**63 with score 1.0, a path AttributeError, gray and BGRA a ValueError."""
+    import cv2
+    path = os.path.join(shapes.valid_images, '000001.jpg')
+    bgr = cv2.imread(path)
+    expected = predictor(bgr)
+    _same_detections(predictor(path), expected)
+    _same_detections(predictor(bgr.astype(np.uint16) * 257), expected)              # 16 bits, scaled
+    _same_detections(predictor(np.dstack([bgr, np.full(bgr.shape[:2], 7, np.uint8)])), expected)  # BGRA
+    _same_detections(predictor(bgr.astype(np.float32)), expected)                   # float in 0..255
+    gray = bgr[:, :, 1]
+    _same_detections(predictor(gray), predictor(np.repeat(gray[:, :, None], 3, axis=2)))
+    _same_detections(predictor(gray[:, :, None]), predictor(gray))
+
+
+@pytest.mark.parametrize('image, message', [
+    (np.full((32, 32, 3), 0.5, np.float32), 'all lie in 0..1'),
+    (np.full((32, 32, 3), -1.0, np.float32), 'outside 0..255'),
+    (np.zeros((32, 32, 3), np.int32), 'dtype int32'),
+    (np.zeros((32, 32, 2), np.uint8), 'shape [32, 32, 2]'),
+])
+def test_predictor_refuses_what_needs_a_guess(predictor, image, message):
+    """Was: a float image in 0..1 silently gave no detections."""
+    from utils.errors import YolactError
+    with pytest.raises(YolactError) as info:
+        predictor(image)
+    assert isinstance(info.value, ValueError) and message in str(info.value) and '\n' not in str(info.value)
+
+
+# ------------------------------------------------------------------ output folders at start --
+def test_unwritable_training_folders_fail_before_training(capsys, shapes, tmp_path, monkeypatch):
+    """Was: --save_folder was first written at the first checkpoint: everything trained until then was lost.
+    (Tests run as root, where chmod does not stop writes: the folders lie under a regular file.)"""
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    monkeypatch.setattr(Trainer, 'train_step', lambda *a: pytest.fail('trained before checking the outputs'))
+    for flag, what in (('--save_folder', 'checkpoints'), ('--log_folder', 'training logs')):
+        argv = train_argv(shapes, tmp_path, '--backbone_weights', 'none', '--max_iter', '1')
+        argv[argv.index(flag) + 1] = str(blocker / 'sub')
+        line = one_line_error(capsys, train.main, argv)
+        assert f'cannot write {what} ({flag}) to {blocker / "sub"}' in line, line
+
+
+@pytest.mark.parametrize('flag, what', [('--log_dir', 'evaluation logs'), ('--results_dir', 'results files')])
+def test_unwritable_eval_folders_fail_before_evaluating(capsys, shapes, weights, tmp_path, monkeypatch, flag, what):
+    """Was: eval.py with an unwritable --log_dir computed everything, then died with a traceback on the plot;
+    an unwritable --results_dir was found after the model was loaded."""
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    # Not even the model is loaded (on a CPU that is an export on first use).
+    monkeypatch.setattr(eval_script, 'build_predictor', lambda *a: pytest.fail('the model was loaded first'))
+    argv = ['--trained_model', weights, '--dygraph', '--valid_images', shapes.valid_images,
+            '--valid_info', shapes.valid_info, '--num_workers', '0',
+            '--results_dir', str(tmp_path / 'r'), '--log_dir', str(tmp_path / 'logs')]
+    argv[argv.index(flag) + 1] = str(blocker / 'sub')
+    line = one_line_error(capsys, eval_script.main, argv)
+    assert f'cannot write {what} ({flag}) to {blocker / "sub"}' in line, line
+
+
+def test_importing_the_library_prints_no_ccache_warning_but_keeps_other_warnings(tmp_path):
+    """Was: 'No ccache found' (Paddle's import-time warning) on every import of the library or a submission tool."""
+    code = ('import warnings\n'
+            'from utils.predictor import Predictor\n'
+            'warnings.warn("another warning", UserWarning)\n')
+    for argv in ([sys.executable, '-c', code], [sys.executable, os.path.join(ROOT, 'tools', 'check_submission.py'),
+                                                '--help']):
+        env = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr
+        assert 'No ccache found' not in done.stderr, done.stderr
+        if argv[1] == '-c':
+            assert 'UserWarning: another warning' in done.stderr, done.stderr
+
+
+def test_the_writable_check_creates_nothing_and_names_a_read_only_folder(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+    from utils.files import check_writable_folder
+    check_writable_folder(str(tmp_path / 'new' / 'deeper'), 'outputs')
+    assert os.listdir(tmp_path) == []
+    # Root writes through chmod; a read-only file system refuses even root.
+    monkeypatch.setattr(tempfile, 'mkstemp', lambda **k: (_ for _ in ()).throw(
+        OSError(errno.EROFS, os.strerror(errno.EROFS))))
+    with pytest.raises(OutputError, match=f'cannot write outputs to {tmp_path}: Read-only file system'):
+        check_writable_folder(str(tmp_path), 'outputs')

@@ -18,7 +18,8 @@ import pytest
 from backbone import construct_backbone
 from data.config import get_config
 from tests.conftest import ROOT, make_weights_module, needs_reference
-from utils.weights.checkpoint import load_backbone_weights
+from utils.errors import run_cli as run_cli_in_process
+from utils.weights.loader import load_backbone_weights
 from utils.weights.convert import (ConversionError, convert_state_dict, fpn_downsample_drop,
                                    imagenet_backbone, save_params)
 from utils.weights.pth_reader import PthError, load_pth
@@ -425,3 +426,51 @@ def test_cli_converts_darknet53(work, mw):
     assert '265 target key(s) missing from the source:\n' in result.stderr
     assert '    _preconv.0.weight\n' in result.stderr and '    conv1.weight\n' in result.stderr
     assert not wrong.exists()
+
+
+# ------------------------------------------------- DataParallel, output folder --
+def _reference_names(net):
+    """A Paddle network's state dict under the reference's (torch) names, as torch tensors."""
+    out = OrderedDict()
+    for key, value in net.state_dict().items():
+        key = key.replace('._mean', '.running_mean').replace('._variance', '.running_var')
+        out[key] = torch.from_numpy(value.numpy())
+    return out
+
+
+@pytest.fixture(scope='module')
+def shapes_net():
+    paddle.seed(0)
+    return Yolact.from_config(get_config('yolact_shapes'))
+
+
+def test_cli_strips_a_data_parallel_prefix_and_creates_the_output_folder(tmp_path, capsys, shapes_net):
+    """A checkpoint saved from torch's DataParallel (every key 'module.'-prefixed) converts, saying so once,
+    into a folder that did not exist; the published-file path (on-the-fly conversion) takes it too."""
+    from tools import convert_weights
+    src = save(OrderedDict((f'module.{k}', v) for k, v in _reference_names(shapes_net).items()),
+               tmp_path / 'yolact_shapes_3_1000.pth', 'zip')
+    dst = tmp_path / 'new' / 'folder' / 'yolact_shapes_3_1000.pdparams'
+    assert convert_weights.main([str(src), str(dst)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if 'DataParallel' in line]
+    assert lines == ["yolact_shapes_3_1000.pth: saved from DataParallel; stripped the prefix 'module.' from every key"]
+    expected = {k: v.numpy() for k, v in shapes_net.state_dict().items()}
+    assert_bit_exact({k: v.numpy() for k, v in paddle.load(str(dst)).items()}, expected)
+
+    from utils.weights.loader import load_model
+    _, net = load_model(str(src))
+    assert_bit_exact({k: v.numpy() for k, v in net.state_dict().items()}, expected)
+
+
+def test_a_prefix_on_some_keys_only_is_not_stripped(tmp_path, capsys, shapes_net):
+    """Only a prefix every key has is DataParallel's: a few prefixed keys are named as unused, nothing guessed."""
+    from tools import convert_weights
+    state = _reference_names(shapes_net)
+    first = next(iter(state))
+    state = OrderedDict((f'module.{k}' if k == first else k, v) for k, v in state.items())
+    src = save(state, tmp_path / 'yolact_shapes_3_1000.pth', 'legacy')
+    assert run_cli_in_process(convert_weights.main, [str(src), str(tmp_path / 'out.pdparams')]) == 1
+    captured = capsys.readouterr()
+    assert 'DataParallel' not in captured.out + captured.err
+    assert f'    module.{first}\n' in captured.err and not (tmp_path / 'out.pdparams').exists()

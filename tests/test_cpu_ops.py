@@ -1,4 +1,5 @@
-"""layers.cpu_ops: oneDNN's convolution for CPU training, against Paddle's own F.conv2d.
+"""utils.training.cpu_ops: oneDNN's convolution for CPU training, against Paddle's own F.conv2d,
+swapped into the model's convolutions from the training side; its cache never stops training.
 
 The op must be built here (tools/setup.sh installs its headers): a missing
 op fails these tests rather than skipping them, since every CPU training
@@ -7,6 +8,7 @@ step takes it.
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,8 +17,11 @@ import paddle
 import paddle.nn.functional as F
 import pytest
 
-import layers.cpu_ops as cpu_ops
+import utils.training.cpu_ops as cpu_ops
+from backbone import Conv2D
+from data.config import get_config
 from tests.conftest import ROOT
+from yolact import Yolact
 
 # (batch, in, out, height, width, kernel, stride, padding, dilation, input needs a gradient, bias)
 GEOMETRIES = [
@@ -114,12 +119,104 @@ def test_missing_headers_warn_once_and_fall_back_to_paddle(monkeypatch, caplog):
         x = paddle.randn([2, 4, 9, 9])
         x.stop_gradient = False
         w = paddle.randn([4, 4, 3, 3])
-        with caplog.at_level(logging.WARNING, logger='layers.cpu_ops'):
+        with caplog.at_level(logging.WARNING, logger='utils.training.cpu_ops'):
             outs = [cpu_ops.conv2d(x, w, padding=1) for _ in range(2)]
-        warnings = [r.getMessage() for r in caplog.records if r.name == 'layers.cpu_ops']
+        warnings = [r.getMessage() for r in caplog.records if r.name == 'utils.training.cpu_ops']
         assert len(warnings) == 1
         assert "Paddle's own convolution" in warnings[0] and 'not installed' in warnings[0]
         assert cpu_ops.INSTALL_HINT in warnings[0]
+        for out in outs:
+            np.testing.assert_array_equal(out.numpy(), F.conv2d(x, w, padding=1).numpy())
+    finally:
+        cpu_ops.load_ops.cache_clear()
+
+
+def test_cpu_bias_add_gives_paddle_conv_results_and_gradients(without_cpu_ops):
+    """A swapped-in Conv2D (bias added over the last axis in CPU dygraph: add_channel_bias) computes
+    what nn.Conv2D does. Paddle's own convolution on both sides; the op is tested above."""
+    paddle.seed(0)
+    plain = paddle.nn.Conv2D(8, 16, 3, stride=2, padding=1)
+    fast = Conv2D(8, 16, 3, stride=2, padding=1)
+    cpu_ops.use_cpu_training_convolutions(fast)
+    plain.bias.set_value(paddle.randn([16]))
+    fast.set_state_dict(plain.state_dict())
+    grads = []
+    for conv in (plain, fast):
+        x = paddle.to_tensor(np.random.default_rng(0).standard_normal((3, 8, 11, 13)).astype('float32'),
+                             stop_gradient=False)
+        out = conv(x)
+        (out * paddle.arange(out.size, dtype='float32').reshape(out.shape) / out.size).sum().backward()
+        grads.append([out.numpy(), x.grad.numpy(), conv.weight.grad.numpy(), conv.bias.grad.numpy()])
+        conv.clear_gradients()
+    np.testing.assert_array_equal(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1:], grads[1][1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _training_outputs(net, x):
+    out = net(x)
+    loss = sum((out[k] * paddle.cos(paddle.arange(out[k].size, dtype='float32')).reshape(out[k].shape)).sum()
+               for k in ('loc', 'conf', 'mask', 'proto', 'segm'))
+    loss.backward()
+    grads = {name: p.grad.numpy() for name, p in net.named_parameters() if p.grad is not None}
+    net.clear_gradients()
+    return {k: out[k].numpy() for k in ('loc', 'conf', 'mask', 'proto', 'segm')}, grads
+
+
+def test_the_model_takes_the_op_only_when_the_training_side_swaps_it_in(ops, monkeypatch):
+    """yolact.py and backbone.py compute plain convolutions; use_cpu_training_convolutions routes every
+    Conv2D (own kernel and computed ones: the folded BatchNorm, the fused heads) through the op, and back."""
+    calls = []
+    original = ops.cpu_conv2d
+    monkeypatch.setattr(ops, 'cpu_conv2d', lambda *a: calls.append(a[1].shape) or original(*a))
+    paddle.seed(0)
+    net = Yolact.from_config(get_config('yolact_shapes'))
+    net.train()
+    net.freeze_bn(True)
+    x = paddle.to_tensor(np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype('float32'))
+    plain_out, plain_grads = _training_outputs(net, x)
+    assert calls == []
+    convs = [layer for layer in net.sublayers() if isinstance(layer, Conv2D)]
+    with cpu_ops.cpu_training_convolutions(net) as swapped:
+        assert swapped is net
+        swapped_out, swapped_grads = _training_outputs(net, x)
+    # One op call per 3x3 (or larger) convolution run: the backbone's (BatchNorm folded), FPN, ProtoNet,
+    # each level's head trunk and its fused heads (kernels of bbox, conf and mask stacked).
+    head = net.prediction_layers[0]
+    fused = sum(layer.weight.shape[0] for layer in (head.bbox_layer, head.conf_layer, head.mask_layer))
+    assert fused in {c[0] for c in calls}
+    assert all(c[2] * c[3] > 1 for c in calls)
+    assert all('forward' not in layer.__dict__ and 'convolve' not in layer.__dict__ for layer in convs)
+    del calls[:]
+    _training_outputs(net, x)
+    assert calls == []
+    for key, value in plain_out.items():
+        np.testing.assert_allclose(swapped_out[key], value, rtol=1e-4, atol=1e-4, err_msg=key)
+    assert set(swapped_grads) == set(plain_grads)
+
+
+@pytest.mark.parametrize('blocked', ['cache is a file', 'lock is a folder'])
+def test_an_unwritable_cache_warns_once_and_trains_with_paddle(blocked, tmp_path, monkeypatch, caplog):
+    """A read-only, full or broken YOLACT_CACHE: one warning naming the folder, F.conv2d, no traceback."""
+    if blocked == 'cache is a file':
+        cache = tmp_path / 'cache'
+        cache.write_text('not a folder')
+    else:
+        cache = tmp_path
+    monkeypatch.setenv('YOLACT_CACHE', str(cache))
+    if blocked == 'lock is a folder':
+        build_dir, _ = cpu_ops.build_folder()
+        os.makedirs(build_dir + '.lock')
+    cpu_ops.load_ops.cache_clear()
+    try:
+        x = paddle.randn([2, 4, 9, 9])
+        x.stop_gradient = False
+        w = paddle.randn([4, 4, 3, 3])
+        with caplog.at_level(logging.WARNING, logger='utils.training.cpu_ops'):
+            outs = [cpu_ops.conv2d(x, w, padding=1) for _ in range(2)]
+        warnings = [r.getMessage() for r in caplog.records if r.name == 'utils.training.cpu_ops']
+        assert len(warnings) == 1, warnings
+        assert f'the op cache folder {cache}' in warnings[0] and 'YOLACT_CACHE' in warnings[0]
         for out in outs:
             np.testing.assert_array_equal(out.numpy(), F.conv2d(x, w, padding=1).numpy())
     finally:
@@ -134,9 +231,9 @@ records = []
 class Keep(logging.Handler):
     def emit(self, record):
         records.append(record.getMessage())
-logging.getLogger('layers.cpu_ops').addHandler(Keep())
-logging.getLogger('layers.cpu_ops').setLevel(logging.INFO)
-import layers.cpu_ops as cpu_ops
+logging.getLogger('utils.training.cpu_ops').addHandler(Keep())
+logging.getLogger('utils.training.cpu_ops').setLevel(logging.INFO)
+import utils.training.cpu_ops as cpu_ops
 x = paddle.to_tensor(np.arange(2 * 3 * 8 * 8, dtype='float32').reshape([2, 3, 8, 8]) / 100, stop_gradient=False)
 w = paddle.to_tensor(np.ones([5, 3, 3, 3], 'float32') / 27, stop_gradient=False)
 out = cpu_ops.conv2d(x, w, padding=1)
@@ -163,3 +260,24 @@ def test_concurrent_first_use_builds_once(tmp_path):
     assert len(builds) == 1, results
     entries = [e for e in os.listdir(tmp_path / 'ops') if not e.endswith('.lock')]
     assert len(entries) == 1 and os.path.isfile(tmp_path / 'ops' / entries[0] / 'done')
+
+
+def test_a_corrupt_build_is_rebuilt(ops, tmp_path):
+    """A built op whose library no longer loads (a truncated write) is built again, not skipped forever."""
+    build_dir, _ = cpu_ops.build_folder()
+    assert os.path.isfile(os.path.join(build_dir, 'done'))
+    copy = tmp_path / 'ops' / os.path.basename(build_dir)
+    shutil.copytree(build_dir, copy)
+    libraries = [os.path.join(folder, name) for folder, _, names in os.walk(copy) for name in names
+                 if name.endswith('.so')]
+    assert libraries
+    for library in libraries:
+        with open(library, 'r+b') as f:
+            f.truncate(4096)
+    child = subprocess.run([sys.executable, '-c', _CHILD, ROOT], env=dict(os.environ, YOLACT_CACHE=str(tmp_path)),
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result['built'] and result['error'] < 1e-5, result
+    assert any('does not load' in m and 'building it again' in m for m in result['logs']), result['logs']
+    assert any(m.startswith('oneDNN convolution op built') for m in result['logs']), result['logs']

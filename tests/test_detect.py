@@ -1,4 +1,4 @@
-"""Detect (decode + NMS), PostProcess and Predictor.
+"""Detect (decode + NMS), PostProcess and Predictor, on both paths (layers.backend: host and device).
 
 Hand-made cases use boxes with dyadic coordinates and zero offsets, so every
 decoded box and IoU is exact and the expected detections are worked out by
@@ -12,11 +12,13 @@ import pytest
 from data.config import get_config
 from layers.functions import Detect
 from layers.box_utils import crop, jaccard
-from layers.functions.detection import _max_iou_with_better, _top_k_desc
-from layers.output_utils import PostProcess, _crop_in_place, undo_image_transformation, upsample_masks
+from layers.functions.detection import (_best_pairs, _max_iou_with_better, _max_iou_with_better_device, _rank_keys,
+                                        _top_k_by_rank, _top_k_desc)
+from layers.output_utils import (PostProcess, _crop_in_place, undo_image_transformation, upsample_masks,
+                                 upsample_masks_device)
 from tests.conftest import needs_reference, reference_npz, reference_params
 from data.transforms import FastBaseTransform
-from utils.deploy.inference import export_yolact
+from utils.deploy.network_export import export_yolact
 from utils.predictor import Predictor
 from yolact import Yolact
 
@@ -39,9 +41,16 @@ def _preds(boxes, conf):
             'proto': paddle.zeros([1, 4, 4, MASK_DIM])}
 
 
-def _detect(boxes, conf, **kwargs):
-    """[(anchor, class, score)] of one image, in output order."""
-    args = dict(num_classes=len(conf[0]), top_k=200, conf_thresh=0.05, nms_thresh=0.5, max_num_detections=100)
+@pytest.fixture(params=['host', 'device'])
+def backend(request):
+    """Each path of Detect and PostProcess (see layers.backend): the device path runs on the CPU here."""
+    return request.param
+
+
+def _detect(backend, boxes, conf, **kwargs):
+    """[(anchor, class, score)] of one image, in output order, by the ``backend`` path."""
+    args = dict(num_classes=len(conf[0]), top_k=200, conf_thresh=0.05, nms_thresh=0.5, max_num_detections=100,
+                backend=backend)
     args.update(kwargs)
     det = Detect(**args)(_preds(boxes, conf))[0]
     assert det['classes'].dtype == paddle.int64
@@ -60,80 +69,80 @@ FAR = [[0, 0, 0.125, 0.125], [0.25, 0.25, 0.375, 0.375], [0.5, 0.5, 0.625, 0.625
 
 
 class TestFastNMS:
-    def test_suppresses_overlapping_lower_score(self):
+    def test_suppresses_overlapping_lower_score(self, backend):
         # Anchor 1 overlaps anchor 0 (IoU 0.6) and scores lower; anchor 2 is far away.
         conf = [[0, 0.9], [0, 0.8], [0, 0.7]]
-        assert _detect([X_0_50, X_125_625, FAR[3]], conf) == [(0, 0, 0.9), (2, 0, 0.7)]
+        assert _detect(backend, [X_0_50, X_125_625, FAR[3]], conf) == [(0, 0, 0.9), (2, 0, 0.7)]
 
-    def test_higher_score_wins_whatever_the_anchor_order(self):
-        assert _detect([X_0_50, X_125_625], [[0, 0.8], [0, 0.9]]) == [(1, 0, 0.9)]
+    def test_higher_score_wins_whatever_the_anchor_order(self, backend):
+        assert _detect(backend, [X_0_50, X_125_625], [[0, 0.8], [0, 0.9]]) == [(1, 0, 0.9)]
 
-    def test_suppressed_boxes_still_suppress(self):
+    def test_suppressed_boxes_still_suppress(self, backend):
         # 2 is suppressed by 1 (IoU 0.6) although 1 is itself suppressed by 0;
         # greedy NMS would keep 2, as IoU(0, 2) = 1/3.
         boxes, conf = [X_0_50, X_125_625, X_25_75], [[0, 0.9], [0, 0.8], [0, 0.7]]
-        assert _detect(boxes, conf) == [(0, 0, 0.9)]
+        assert _detect(backend, boxes, conf) == [(0, 0, 0.9)]
 
-    def test_threshold_boundary(self):
+    def test_threshold_boundary(self, backend):
         boxes, conf = [X_0_50, X_25_50], [[0, 0.9], [0, 0.8]]
         # IoU exactly 0.5 is not above nms_thresh 0.5: kept.
-        assert _detect(boxes, conf, nms_thresh=0.5) == [(0, 0, 0.9), (1, 0, 0.8)]
-        assert _detect(boxes, conf, nms_thresh=0.4375) == [(0, 0, 0.9)]
+        assert _detect(backend, boxes, conf, nms_thresh=0.5) == [(0, 0, 0.9), (1, 0, 0.8)]
+        assert _detect(backend, boxes, conf, nms_thresh=0.4375) == [(0, 0, 0.9)]
 
-    def test_classes_are_independent(self):
+    def test_classes_are_independent(self, backend):
         # Overlapping anchors, each best in another class. Class 0: anchor 0 (0.9)
         # suppresses anchor 1 (0.2); class 1: anchor 1 (0.8) suppresses anchor 0 (0.1).
-        assert _detect([X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]]) == [(0, 0, 0.9), (1, 1, 0.8)]
+        assert _detect(backend, [X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]]) == [(0, 0, 0.9), (1, 1, 0.8)]
 
-    def test_cross_class(self):
+    def test_cross_class(self, backend):
         # Each anchor competes with its best class only: 0 (class 0, 0.9) suppresses 1 (class 1, 0.8).
-        assert _detect([X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]],
+        assert _detect(backend, [X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]],
                        use_cross_class_nms=True) == [(0, 0, 0.9)]
         # Disjoint boxes all survive, best first, with their best class.
-        assert _detect(FAR[:3], [[0, 0.3, 0.6], [0, 0.9, 0.0], [0, 0.1, 0.2]],
+        assert _detect(backend, FAR[:3], [[0, 0.3, 0.6], [0, 0.9, 0.0], [0, 0.1, 0.2]],
                        use_cross_class_nms=True) == [(1, 0, 0.9), (0, 1, 0.6), (2, 1, 0.2)]
 
-    def test_every_class_row_is_kept_without_a_second_threshold(self):
+    def test_every_class_row_is_kept_without_a_second_threshold(self, backend):
         # As the reference: after candidate selection, each class keeps its
         # unsuppressed anchors whatever their score in that class.
         conf = [[0, 0.9, 0.01], [0, 0.02, 0.6]]
-        assert _detect(FAR[:2], conf) == [(0, 0, 0.9), (1, 1, 0.6), (1, 0, 0.02), (0, 1, 0.01)]
+        assert _detect(backend, FAR[:2], conf) == [(0, 0, 0.9), (1, 1, 0.6), (1, 0, 0.02), (0, 1, 0.01)]
 
-    def test_candidates_need_a_foreground_score_above_conf_thresh(self):
+    def test_candidates_need_a_foreground_score_above_conf_thresh(self, backend):
         # Anchor 0's best foreground score is 0.04 <= 0.05: never a candidate, in no class.
-        assert _detect(FAR[:2], [[0.96, 0.04], [0.4, 0.6]]) == [(1, 0, 0.6)]
+        assert _detect(backend, FAR[:2], [[0.96, 0.04], [0.4, 0.6]]) == [(1, 0, 0.6)]
 
-    def test_no_candidates(self):
-        det = Detect(2, 200, 0.05, 0.5, 100)(_preds(FAR[:2], [[0.99, 0.01], [0.97, 0.03]]))[0]
+    def test_no_candidates(self, backend):
+        det = Detect(2, 200, 0.05, 0.5, 100, backend=backend)(_preds(FAR[:2], [[0.99, 0.01], [0.97, 0.03]]))[0]
         assert det['boxes'].shape == [0, 4] and det['coeffs'].shape == [0, MASK_DIM]
         assert det['classes'].shape == [0] and det['scores'].shape == [0]
         assert det['classes'].dtype == paddle.int64
         assert det['proto'].shape == [4, 4, MASK_DIM]
 
-    def test_top_k_per_class(self):
+    def test_top_k_per_class(self, backend):
         conf = [[0, 0.7], [0, 0.9], [0, 0.8]]
-        assert _detect(FAR[:3], conf, top_k=2) == [(1, 0, 0.9), (2, 0, 0.8)]
+        assert _detect(backend, FAR[:3], conf, top_k=2) == [(1, 0, 0.9), (2, 0, 0.8)]
         # top_k applies to each class separately: each keeps its own best anchor ...
         conf = [[0, 0.7, 0.1], [0, 0.9, 0.3], [0, 0.6, 0.2]]
-        assert _detect(FAR[:3], conf, top_k=1) == [(1, 0, 0.9), (1, 1, 0.3)]
+        assert _detect(backend, FAR[:3], conf, top_k=1) == [(1, 0, 0.9), (1, 1, 0.3)]
         # ... and to all candidates together in cross-class NMS (best classes: 0.7, 0.9, 0.6).
-        assert _detect(FAR[:3], conf, top_k=2, use_cross_class_nms=True) == [(1, 0, 0.9), (0, 0, 0.7)]
+        assert _detect(backend, FAR[:3], conf, top_k=2, use_cross_class_nms=True) == [(1, 0, 0.9), (0, 0, 0.7)]
 
-    def test_max_num_detections_keeps_the_best_of_all_classes(self):
+    def test_max_num_detections_keeps_the_best_of_all_classes(self, backend):
         # Disjoint boxes, pooled: 0.9 (0, c0), 0.8 (1, c1), 0.6 (2, c1), 0.5 (2, c0), 0.3, 0.2.
         conf = [[0, 0.9, 0.3], [0, 0.2, 0.8], [0, 0.5, 0.6]]
-        assert _detect(FAR[:3], conf, max_num_detections=3) == [(0, 0, 0.9), (1, 1, 0.8), (2, 1, 0.6)]
+        assert _detect(backend, FAR[:3], conf, max_num_detections=3) == [(0, 0, 0.9), (1, 1, 0.8), (2, 1, 0.6)]
 
-    def test_ties_go_to_the_lower_index(self):
+    def test_ties_go_to_the_lower_index(self, backend):
         # Equal scores: the earlier anchor ranks first, so it suppresses the later one.
-        assert _detect([X_125_625, X_0_50], [[0, 0.5], [0, 0.5]]) == [(0, 0, 0.5)]
+        assert _detect(backend, [X_125_625, X_0_50], [[0, 0.5], [0, 0.5]]) == [(0, 0, 0.5)]
         # A tie across the top_k cut: the earlier anchors are the ones kept.
         conf = [[0, 0.5], [0, 0.9], [0, 0.5], [0, 0.5]]
-        assert _detect(FAR[:4], conf, top_k=2) == [(1, 0, 0.9), (0, 0, 0.5)]
-        assert _detect(FAR[:4], conf, top_k=3) == [(1, 0, 0.9), (0, 0, 0.5), (2, 0, 0.5)]
+        assert _detect(backend, FAR[:4], conf, top_k=2) == [(1, 0, 0.9), (0, 0, 0.5)]
+        assert _detect(backend, FAR[:4], conf, top_k=3) == [(1, 0, 0.9), (0, 0, 0.5), (2, 0, 0.5)]
         # A tie inside the top_k only.
         conf = [[0, 0.5], [0, 0.9], [0, 0.5], [0, 0.1]]
-        assert _detect(FAR[:4], conf, top_k=3) == [(1, 0, 0.9), (0, 0, 0.5), (2, 0, 0.5)]
+        assert _detect(backend, FAR[:4], conf, top_k=3) == [(1, 0, 0.9), (0, 0, 0.5), (2, 0, 0.5)]
 
     def test_top_k_desc_matches_a_stable_sort(self):
         rng = np.random.default_rng(0)
@@ -145,22 +154,22 @@ class TestFastNMS:
         expected = np.argsort(-scores, axis=1, kind='stable')[:, :50]
         np.testing.assert_array_equal(_top_k_desc(paddle.to_tensor(scores), 50).numpy(), expected)
 
-    def test_boxes_are_decoded_offsets(self):
+    def test_boxes_are_decoded_offsets(self, backend):
         # Prior (cx, cy, w, h) = (0.5, 0.5, 0.25, 0.5); loc (1, -1, ln 2 / 0.2, 0):
         # center (0.5 + 0.1 * 0.25, 0.5 - 0.1 * 0.5) = (0.525, 0.45), size (0.5, 0.5).
         preds = _preds([[0.375, 0.25, 0.625, 0.75]], [[0, 0.9]])
         preds['loc'] = paddle.to_tensor([[[1.0, -1.0, np.log(2) / 0.2, 0.0]]])
-        det = Detect(2, 200, 0.05, 0.5, 100)(preds)[0]
+        det = Detect(2, 200, 0.05, 0.5, 100, backend=backend)(preds)[0]
         np.testing.assert_allclose(det['boxes'].numpy(), [[0.275, 0.2, 0.775, 0.7]], atol=1e-6)
 
-    def test_batch(self):
+    def test_batch(self, backend):
         # Priors are shared; image 0 prefers anchor 0, image 1 anchor 1 (IoU 0.6: one survivor each).
         a = _preds([X_0_50, X_125_625], [[0, 0.9], [0, 0.8]])
         b = _preds([X_0_50, X_125_625], [[0, 0.3], [0, 0.4]])
         preds = {k: paddle.concat([a[k], b[k]]) for k in ('loc', 'conf', 'mask')}
         preds['priors'] = a['priors']
         preds['proto'] = paddle.concat([paddle.zeros([1, 4, 4, MASK_DIM]), paddle.ones([1, 4, 4, MASK_DIM])])
-        out = Detect(2, 200, 0.05, 0.5, 100)(preds)
+        out = Detect(2, 200, 0.05, 0.5, 100, backend=backend)(preds)
         assert len(out) == 2
         for det, anchor, score in zip(out, (0, 1), (0.9, 0.4)):
             assert det['coeffs'].numpy()[:, 0].tolist() == [anchor]
@@ -169,36 +178,36 @@ class TestFastNMS:
 
 
 class TestTraditionalNMS:
-    def test_greedy(self):
+    def test_greedy(self, backend):
         # Only kept boxes suppress: 2 survives (IoU with 0 is about 1/3).
         boxes, conf = [X_0_50, X_125_625, X_25_75], [[0, 0.9], [0, 0.8], [0, 0.7]]
-        assert _detect(boxes, conf, use_fast_nms=False) == [(0, 0, 0.9), (2, 0, 0.7)]
+        assert _detect(backend, boxes, conf, use_fast_nms=False) == [(0, 0, 0.9), (2, 0, 0.7)]
 
-    def test_per_class_conf_threshold(self):
+    def test_per_class_conf_threshold(self, backend):
         conf = [[0, 0.9, 0.01], [0, 0.02, 0.6]]
-        assert _detect(FAR[:2], conf, use_fast_nms=False) == [(0, 0, 0.9), (1, 1, 0.6)]
-        assert _detect([X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]],
+        assert _detect(backend, FAR[:2], conf, use_fast_nms=False) == [(0, 0, 0.9), (1, 1, 0.6)]
+        assert _detect(backend, [X_0_50, X_125_625], [[0, 0.9, 0.1], [0, 0.2, 0.8]],
                        use_fast_nms=False) == [(0, 0, 0.9), (1, 1, 0.8)]
 
-    def test_pixel_convention(self):
+    def test_pixel_convention(self, backend):
         # At max_size 550, widths count both end pixels: X_0_50 spans 0..275 px,
         # 276 wide, X_25_50 137.5..275, 138.5 wide; IoU 138.5 / 276 = 0.5018
         # (the relative IoU is 0.5): suppressed at 0.501.
         boxes, conf = [X_0_50, X_25_50], [[0, 0.9], [0, 0.8]]
-        assert _detect(boxes, conf, use_fast_nms=False, nms_thresh=0.501) == [(0, 0, 0.9)]
+        assert _detect(backend, boxes, conf, use_fast_nms=False, nms_thresh=0.501) == [(0, 0, 0.9)]
         # At max_size 2: 2 px and 1.5 px wide, IoU 1.5 / 2 = 0.75 exactly; an
         # IoU equal to the threshold suppresses.
-        assert _detect(boxes, conf, use_fast_nms=False, nms_thresh=0.8,
+        assert _detect(backend, boxes, conf, use_fast_nms=False, nms_thresh=0.8,
                        max_size=2) == [(0, 0, 0.9), (1, 0, 0.8)]
-        assert _detect(boxes, conf, use_fast_nms=False, nms_thresh=0.75, max_size=2) == [(0, 0, 0.9)]
+        assert _detect(backend, boxes, conf, use_fast_nms=False, nms_thresh=0.75, max_size=2) == [(0, 0, 0.9)]
 
-    def test_max_num_detections(self):
+    def test_max_num_detections(self, backend):
         conf = [[0, 0.9, 0.3], [0, 0.2, 0.8], [0, 0.5, 0.6]]
-        assert _detect(FAR[:3], conf, use_fast_nms=False,
+        assert _detect(backend, FAR[:3], conf, use_fast_nms=False,
                        max_num_detections=4) == [(0, 0, 0.9), (1, 1, 0.8), (2, 1, 0.6), (2, 0, 0.5)]
         # All of the cut from one class.
         conf = [[0, 0.9], [0, 0.7], [0, 0.8]]
-        assert _detect(FAR[:3], conf, use_fast_nms=False, max_num_detections=2) == [(0, 0, 0.9), (2, 0, 0.8)]
+        assert _detect(backend, FAR[:3], conf, use_fast_nms=False, max_num_detections=2) == [(0, 0, 0.9), (2, 0, 0.8)]
 
     def test_cross_class_needs_fast_nms(self):
         with pytest.raises(ValueError, match='cross-class'):
@@ -236,7 +245,7 @@ def _naive_nms(boxes, conf, fast, top_k, conf_thresh, nms_thresh, max_num, max_s
 
 
 @pytest.mark.parametrize('fast', [True, False])
-def test_matches_pairwise_transcription_on_random_boxes(fast):
+def test_matches_pairwise_transcription_on_random_boxes(fast, backend):
     rng = np.random.default_rng(0)
     n = 120
     # Large boxes on a 1/64 grid (exact in float32): overlaps of all degrees.
@@ -247,7 +256,7 @@ def test_matches_pairwise_transcription_on_random_boxes(fast):
     expected = _naive_nms(boxes, conf, fast, nms_thresh=0.5, **args)
     # The case exercises suppression and the max_num_detections cut.
     assert len(expected) == 20 and expected != _naive_nms(boxes, conf, fast, nms_thresh=2, **args)
-    assert _detect(boxes, conf, use_fast_nms=fast, top_k=40, max_num_detections=20) == expected
+    assert _detect(backend, boxes, conf, use_fast_nms=fast, top_k=40, max_num_detections=20) == expected
 
 
 def test_from_config():
@@ -273,48 +282,48 @@ def _det(boxes, scores, classes, size=8):
 
 
 class TestPostProcess:
-    def test_crop_and_boxes(self):
+    def test_crop_and_boxes(self, backend):
         # Box [0.25, 0.5] on an 8 px prototype: pixels 2..3, widened by the
         # 1-pixel crop padding to 1..4. Output at the prototype size: no resampling.
-        out = PostProcess()(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), 8, 8)
+        out = PostProcess(backend=backend)(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), 8, 8)
         expected = np.zeros((1, 8, 8), bool)
         expected[0, 1:5, 1:5] = True
         np.testing.assert_array_equal(out['masks'], expected)
         np.testing.assert_array_equal(out['boxes'], [[2, 2, 4, 4]])
         assert out['classes'].tolist() == [3]
         assert 'mask_scores' not in out
-        uncropped = PostProcess(crop_masks=False)(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), 8, 8)
+        uncropped = PostProcess(backend=backend, crop_masks=False)(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [3]), 8, 8)
         np.testing.assert_array_equal(uncropped['masks'], np.ones((1, 8, 8), bool))
 
-    def test_upsampling_then_threshold(self):
+    def test_upsampling_then_threshold(self, backend):
         # 8 -> 16 px, bilinear (align_corners=False): output column o samples
         # source (o + 0.5) / 2 - 0.5. Columns 2 and 9 sample 0.75 of the way into
         # the kept pixels 1 and 4 (0.75 * SIG2 = 0.66 > 0.5), columns 1 and 10
         # only 0.25 (0.22): the mask is rows/cols 2..9, except the corners
         # (0.75 * 0.75 * SIG2 = 0.495).
-        out = PostProcess()(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [0]), 16, 16)
+        out = PostProcess(backend=backend)(_det([[0.25, 0.25, 0.5, 0.5]], [0.9], [0]), 16, 16)
         expected = np.zeros((1, 16, 16), bool)
         expected[0, 2:10, 2:10] = True
         expected[0, [2, 2, 9, 9], [2, 9, 2, 9]] = False
         np.testing.assert_array_equal(out['masks'], expected)
         np.testing.assert_array_equal(out['boxes'], [[4, 4, 8, 8]])
 
-    def test_box_sanitising(self):
+    def test_box_sanitising(self, backend):
         # x: (-0.1, 0.55) * 10 -> (0, 5.5) -> (0, 5); y: (1.2, 0.2) * 20 -> ordered (4, 24), clamped to 20.
-        out = PostProcess()(_det([[-0.1, 1.2, 0.55, 0.2]], [0.9], [0]), 10, 20)
+        out = PostProcess(backend=backend)(_det([[-0.1, 1.2, 0.55, 0.2]], [0.9], [0]), 10, 20)
         np.testing.assert_array_equal(out['boxes'], [[0, 4, 5, 20]])
         assert out['boxes'].dtype == np.int64
 
-    def test_score_threshold(self):
+    def test_score_threshold(self, backend):
         det = _det(FAR[:3], [0.9, 0.5, 0.6], [0, 1, 2])
-        out = PostProcess(score_threshold=0.5)(det, 8, 8)
+        out = PostProcess(backend=backend, score_threshold=0.5)(det, 8, 8)
         assert out['classes'].tolist() == [0, 2]
         assert out['scores'].tolist() == pytest.approx([0.9, 0.6])
         assert out['masks'].shape == (2, 8, 8)
-        empty = PostProcess(score_threshold=0.95)(det, 8, 6)
+        empty = PostProcess(backend=backend, score_threshold=0.95)(det, 8, 6)
         assert empty['masks'].shape == (0, 6, 8) and empty['boxes'].shape == (0, 4)
 
-    def test_rescoring(self):
+    def test_rescoring(self, backend):
         seen = []
 
         def maskiou_net(masks):
@@ -322,14 +331,14 @@ class TestPostProcess:
             return paddle.to_tensor([[0.5, 0.25], [1.0, 0.125]])
 
         det = _det([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], [0.8, 0.6], [1, 0])
-        out = PostProcess(rescore_mask=True)(det, 8, 8, maskiou_net=maskiou_net)
+        out = PostProcess(backend=backend, rescore_mask=True)(det, 8, 8, maskiou_net=maskiou_net)
         # Each detection takes the IoU of its own class: 0.25 and 1.0.
         assert out['scores'].tolist() == pytest.approx([0.8, 0.6])
         assert out['mask_scores'].tolist() == pytest.approx([0.2, 0.6])
         # The net sees the soft cropped masks at prototype resolution, [N, 1, 8, 8].
         assert seen[0].shape == (2, 1, 8, 8)
         np.testing.assert_allclose(np.unique(seen[0]), [0, SIG2], rtol=1e-6)
-        both = PostProcess(rescore_mask=True, rescore_bbox=True)(det, 8, 8, maskiou_net=maskiou_net)
+        both = PostProcess(backend=backend, rescore_mask=True, rescore_bbox=True)(det, 8, 8, maskiou_net=maskiou_net)
         assert both['scores'].tolist() == pytest.approx([0.2, 0.6])
         assert both['mask_scores'].tolist() == pytest.approx([0.2, 0.6])
 
@@ -347,11 +356,11 @@ def test_postprocess_from_config():
         PostProcess(rescore_mask=True)(_det(FAR[:1], [0.9], [0]), 8, 8)
 
 
-def test_max_detections_keeps_the_first_before_the_score_threshold():
+def test_max_detections_keeps_the_first_before_the_score_threshold(backend):
     det = _det(FAR[:4], [0.9, 0.2, 0.7, 0.6], [0, 1, 2, 3])
-    out = PostProcess(score_threshold=0.5)(det, 8, 8, max_num_detections=3)
+    out = PostProcess(backend=backend, score_threshold=0.5)(det, 8, 8, max_num_detections=3)
     assert out['classes'].tolist() == [0, 2] and out['masks'].shape == (2, 8, 8)
-    assert PostProcess()(det, 8, 8, max_num_detections=0)['masks'].shape == (0, 8, 8)
+    assert PostProcess(backend=backend)(det, 8, 8, max_num_detections=0)['masks'].shape == (0, 8, 8)
 
 
 UPSAMPLE_SIZES = [((138, 138), (480, 640)), ((138, 138), (427, 640)), ((9, 7), (5, 30))]
@@ -373,10 +382,17 @@ def near_threshold_masks(src, dst):
 
 
 @pytest.mark.parametrize('src, dst', UPSAMPLE_SIZES)
-def test_upsample_masks_equals_torch_bilinear_then_threshold(src, dst):
-    """cv2 plus the exact recomputation near 0.5 = PyTorch's F.interpolate + threshold, pixel for pixel."""
+def test_upsample_masks_equals_torch_bilinear_then_threshold(src, dst, backend):
+    """Host: cv2 plus the exact recomputation near 0.5; device: Paddle ops. Both = PyTorch's
+    F.interpolate + threshold, pixel for pixel."""
     soft, expected = near_threshold_masks(src, dst)
-    np.testing.assert_array_equal(upsample_masks(soft, *dst), expected)
+    if backend == 'host':
+        np.testing.assert_array_equal(upsample_masks(soft, *dst), expected)
+        return
+    actual = upsample_masks_device(paddle.to_tensor(soft), *dst)
+    assert actual.dtype == paddle.bool
+    np.testing.assert_array_equal(actual.numpy(), expected)
+    np.testing.assert_array_equal(actual.numpy(), upsample_masks(soft, *dst))
 
 
 def cropped_masks(num, size, seed=0):
@@ -533,10 +549,10 @@ def test_postprocess_reproduces_reference_from_its_detections(name):
 
 
 @needs_reference
-def test_detect_and_postprocess_match_reference(reference_run):
+def test_detect_and_postprocess_match_reference(reference_run, backend):
     cfg, net, _, ref, preds = reference_run
     det = Detect(cfg.num_classes, top_k=200, conf_thresh=0.05, nms_thresh=0.5, max_num_detections=100,
-                 use_fast_nms=True, use_cross_class_nms=False)(preds)[0]
+                 use_fast_nms=True, use_cross_class_nms=False, backend=backend)(preds)[0]
     # Same detections in the same order: classes, scores and (identifying the
     # anchor) mask coefficients row by row.
     np.testing.assert_array_equal(det['classes'].numpy(), ref['det_class'])
@@ -549,7 +565,8 @@ def test_detect_and_postprocess_match_reference(reference_run):
     pixel_boxes = np.clip(det['boxes'].numpy() * scale, 0, scale)
     np.testing.assert_allclose(pixel_boxes, ref['det_box'], rtol=0, atol=2e-4)     # measured up to 6.1e-5 px
 
-    post = PostProcess.from_config(cfg, crop_masks=True, score_threshold=0)(det, W, H, maskiou_net=net.maskiou_net)
+    post = PostProcess.from_config(cfg, crop_masks=True, score_threshold=0, backend=backend)(
+        det, W, H, maskiou_net=net.maskiou_net)
     _assert_post_matches(post, ref)
 
 
@@ -591,3 +608,204 @@ def test_exported_predictor_equals_dygraph_predictor(reference_run, tmp_path):
     np.testing.assert_allclose(exported['scores'], dygraph['scores'], rtol=0, atol=EXPORTED_SCORE_ATOL)
     np.testing.assert_array_equal(exported['masks'], dygraph['masks'])
     _assert_post_matches(exported, ref, EXPORTED_SCORE_ATOL)
+
+
+# ------------------------------------------------------- device path --
+# The device path of Detect and PostProcess (on a GPU: no host copy before the final masks) against the
+# host (numpy/cv2) path, the reference fixtures and PyTorch, forced onto the CPU: the same Paddle ops run on a GPU.
+NMS_MODES = {'fast': dict(use_fast_nms=True), 'cross_class': dict(use_cross_class_nms=True),
+             'traditional': dict(use_fast_nms=False)}
+
+
+def test_rank_keys_order_as_a_stable_descending_sort():
+    rng = np.random.default_rng(0)
+    # Few distinct values (ties inside and across any cut), negatives, and both zeros.
+    scores = (rng.integers(-3, 4, size=(5, 300)) / 4).astype(np.float32)
+    scores[:, :7] = [-0.0, 0.0, -0.0, 1e-30, -1e-30, np.float32(3e38), -np.float32(3e38)]
+    # numpy's stable sort of -scores: -(-0.0) == -(0.0), a tie as the rule wants.
+    expected = np.argsort(-scores, axis=1, kind='stable')
+    keys = _rank_keys(paddle.to_tensor(scores)).numpy()
+    np.testing.assert_array_equal(np.argsort(-keys, axis=1), expected)
+    assert all(len(np.unique(row)) == row.size for row in keys)
+    np.testing.assert_array_equal(_top_k_by_rank(paddle.to_tensor(scores), 40).numpy(), expected[:, :40])
+
+
+def test_max_iou_with_better_device_equals_numpy_and_torch():
+    """Bit for bit the numpy path and PyTorch's float32 IoU (Paddle's own float32 division is not)."""
+    torch = pytest.importorskip('torch')
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 1, (4, 60, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.uniform(0.01, 0.5, (4, 60, 2)).astype(np.float32)], axis=2)
+    boxes[:, 7] = boxes[:, 2]            # an exact duplicate: IoU 1
+    boxes[:, 9, 2] = boxes[:, 9, 0]      # a zero-width box
+    actual = _max_iou_with_better_device(paddle.to_tensor(boxes)).numpy()
+    np.testing.assert_array_equal(actual, _max_iou_with_better(boxes))
+
+    a = torch.from_numpy(boxes)
+    inter = torch.clamp(torch.min(a[:, :, None, 2:], a[:, None, :, 2:])
+                        - torch.max(a[:, :, None, :2], a[:, None, :, :2]), min=0).prod(3)
+    area = (a[:, :, 2] - a[:, :, 0]) * (a[:, :, 3] - a[:, :, 1])
+    iou = inter / (area[:, :, None] + area[:, None, :] - inter)
+    np.testing.assert_array_equal(actual, iou.triu(diagonal=1).max(dim=1)[0].numpy())
+
+
+def test_upsample_masks_device_in_chunks(monkeypatch):
+    soft = np.random.default_rng(2).uniform(0, 1, (5, 6, 6)).astype(np.float32)
+    whole = upsample_masks_device(paddle.to_tensor(soft), 13, 11).numpy()
+    # Two output masks per chunk: three chunks, the last one short.
+    monkeypatch.setattr('layers.output_utils._UPSAMPLE_CHUNK_PIXELS', 2 * 13 * 11)
+    np.testing.assert_array_equal(upsample_masks_device(paddle.to_tensor(soft), 13, 11).numpy(), whole)
+    np.testing.assert_array_equal(whole, upsample_masks(soft, 13, 11))
+
+
+def _detections(det):
+    """(anchor, class, score) rows of a Detect output on _preds boxes (coefficient 0 = anchor)."""
+    return list(zip(det['coeffs'].numpy()[:, 0].astype(int).tolist(), det['classes'].numpy().tolist(),
+                    det['scores'].numpy().tolist()))
+
+
+@pytest.mark.parametrize('mode', sorted(NMS_MODES))
+def test_device_detect_equals_host_detect_on_random_boxes(mode):
+    rng = np.random.default_rng(0)
+    n = 120
+    # Large boxes on a 1/64 grid: overlaps of all degrees, IoUs exactly on the threshold, tied scores.
+    xy = rng.integers(0, 32, size=(n, 2)) / 64
+    boxes = np.concatenate([xy, xy + rng.integers(16, 33, size=(n, 2)) / 64], axis=1).astype(np.float32)
+    conf = rng.dirichlet(np.full(4, 0.5), size=n).astype(np.float32)
+    conf[::7] = conf[3]
+    preds = _preds(boxes, conf)
+    args = dict(num_classes=4, top_k=40, conf_thresh=0.05, nms_thresh=0.5, max_num_detections=30, **NMS_MODES[mode])
+    host = Detect(**args, backend='host')(preds)[0]
+    device = Detect(**args, backend='device')(preds)[0]
+    assert set(device) == {'boxes', 'scores', 'classes', 'coeffs', 'proto'}
+    # Per-class rules fill max_num_detections; cross-class NMS suppresses some of its top_k.
+    assert len(_detections(host)) == 30 if mode != 'cross_class' else 0 < len(_detections(host)) < 40
+    assert _detections(device) == _detections(host)
+    np.testing.assert_array_equal(device['boxes'].numpy(), host['boxes'].numpy())
+    if mode != 'cross_class':
+        expected = _naive_nms(boxes, conf, mode == 'fast', nms_thresh=0.5, top_k=40, conf_thresh=0.05,
+                              max_num=30, max_size=550)
+        assert [(a, c, round(s, 6)) for a, c, s in _detections(device)] == expected
+
+
+def _random_boxes(rng, n):
+    xy = rng.uniform(0, 0.7, size=(n, 2))
+    return np.concatenate([xy, xy + rng.uniform(0.05, 0.3, size=(n, 2))], axis=1)
+
+
+def _fast_nms_case(name):
+    """(boxes [P, 4], conf [P, C], top_k, max_num_detections) of one case of the block test."""
+    rng = np.random.default_rng(3)
+    if name == 'late survivors':
+        # 290 near-identical boxes outscore 10 small disjoint ones far away: each
+        # class keeps its best clustered box and all 10 far ones, which come after
+        # its 290 suppressed boxes: the blocks grow until every pair is examined.
+        boxes = np.concatenate([0.5 + rng.uniform(0, 0.002, (290, 4)) * [1, 1, 1, 1] + [0, 0, 0.3, 0.3],
+                                np.stack([np.arange(10) * 0.04, np.zeros(10), np.arange(10) * 0.04 + 0.03,
+                                          np.full(10, 0.03)], axis=1)])
+        conf = np.concatenate([rng.uniform(0.5, 0.9, (290, 6)), rng.uniform(0.06, 0.1, (10, 6))])
+        return boxes, conf, 300, 100
+    n, num_classes, top_k, max_num = {'busy image': (600, 21, 200, 100), 'tied scores': (400, 9, 50, 60),
+                                      'fewer anchors than top_k': (20, 5, 200, 100)}[name]
+    conf = rng.dirichlet(np.full(num_classes, 0.3), size=n)
+    if name == 'tied scores':
+        conf = np.round(conf * 16) / 16        # ties inside and across every cut
+    return _random_boxes(rng, n), conf, top_k, max_num
+
+
+@pytest.mark.parametrize('count', [1, 7, 40, 119, 120])
+def test_best_pairs_are_the_head_of_a_full_stable_sort(count):
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 5, size=(4, 30)).astype(np.float32) / 4     # ties everywhere
+    expected = np.argsort(-scores.ravel(), kind='stable')[:count]        # class-major flat positions
+    classes, candidates = _best_pairs(scores, scores.max(axis=0), count)
+    np.testing.assert_array_equal(classes * 30 + candidates, expected)
+
+
+@pytest.mark.parametrize('case', ['busy image', 'tied scores', 'fewer anchors than top_k', 'late survivors'])
+def test_host_fast_nms_by_blocks_equals_the_full_rule(case):
+    """The host path examines the best pairs in blocks; the device path computes every class's full IoU matrix."""
+    boxes, conf, top_k, max_num = _fast_nms_case(case)
+    preds = _preds(boxes.astype(np.float32), conf.astype(np.float32))
+    args = dict(num_classes=conf.shape[1], top_k=top_k, conf_thresh=0.05, nms_thresh=0.5,
+                max_num_detections=max_num)
+    host = _detections(Detect(**args, backend='host')(preds)[0])
+    assert host == _detections(Detect(**args, backend='device')(preds)[0])
+    if case == 'late survivors':
+        assert len(host) == 5 + 5 * 10 and {a for a, _, _ in host[5:]} == set(range(290, 300))
+    elif case == 'fewer anchors than top_k':
+        assert 0 < len(host) <= 20 * 4          # fewer pairs than max_num_detections
+    else:
+        assert len(host) == max_num
+
+
+@pytest.mark.parametrize('mode', sorted(NMS_MODES))
+def test_device_detect_without_candidates(mode):
+    preds = _preds([[0, 0, 0.5, 0.5], [0.5, 0.5, 1, 1]], [[0.99, 0.01], [0.97, 0.03]])
+    det = Detect(2, 200, 0.05, 0.5, 100, **NMS_MODES[mode], backend='device')(preds)[0]
+    assert det['boxes'].shape == [0, 4] and det['coeffs'].shape == [0, 2] and det['scores'].shape == [0]
+    assert det['classes'].dtype == paddle.int64
+
+
+class _HostCopyGuard:
+    """Records every host copy or scalar read of a paddle.Tensor while active."""
+
+    NAMES = ('numpy', 'item', 'tolist', '__float__', '__int__', '__bool__', '__index__', '__array__')
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        for name in self.NAMES:
+            original = getattr(paddle.Tensor, name)
+            monkeypatch.setattr(paddle.Tensor, name, self._recording(name, original))
+
+    def _recording(self, name, original):
+        def method(tensor, *args, **kwargs):
+            self.calls.append((name, tuple(tensor.shape)))
+            return original(tensor, *args, **kwargs)
+        return method
+
+
+@pytest.mark.parametrize('mode', sorted(NMS_MODES))
+def test_device_path_copies_only_the_final_arrays(monkeypatch, mode):
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 0.5, (50, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0.1, 0.5, (50, 2))], axis=1).astype(np.float32)
+    preds = _preds(boxes, rng.dirichlet(np.ones(3), size=50).astype(np.float32))
+    preds['proto'] = paddle.to_tensor(rng.normal(size=(1, 8, 8, 2)).astype(np.float32))
+    detect = Detect(3, 20, 0.05, 0.5, 10, **NMS_MODES[mode], backend='device')
+
+    def maskiou_net(masks):
+        return paddle.nn.functional.sigmoid(masks.mean(axis=[1, 2, 3])).unsqueeze(1).tile([1, 2])
+
+    postprocess = PostProcess(rescore_mask=True, score_threshold=0.01, backend='device')
+    guard = _HostCopyGuard(monkeypatch)
+    det = detect(preds)[0]
+    assert guard.calls == []
+    out = postprocess(det, 30, 20, maskiou_net=maskiou_net, max_num_detections=8)
+    n = len(out['scores'])
+    assert n > 0
+    # One copy per returned array, after all the device work: the masks first, once.
+    assert guard.calls[0] == ('numpy', (n, 20, 30))
+    assert sorted(guard.calls[1:]) == [('numpy', (n,))] * 3 + [('numpy', (n, 4))]
+
+
+@needs_reference
+@pytest.mark.parametrize('mode', sorted(NMS_MODES))
+def test_device_path_equals_host_path_on_reference_fixtures(reference_run, mode):
+    cfg, net, _, ref, preds = reference_run
+    args = dict(num_classes=cfg.num_classes, top_k=200, conf_thresh=0.05, nms_thresh=0.5, max_num_detections=100,
+                **NMS_MODES[mode])
+    host = Detect(**args, backend='host')(preds)[0]
+    device = Detect(**args, backend='device')(preds)[0]
+    # The same detections in the same order, to the last bit.
+    assert host['scores'].shape[0] > 0
+    for key in ('classes', 'scores', 'boxes', 'coeffs', 'proto'):
+        np.testing.assert_array_equal(device[key].numpy(), host[key].numpy(), err_msg=key)
+
+    posts = {backend: PostProcess.from_config(cfg, backend=backend)(det, W, H, maskiou_net=net.maskiou_net)
+             for backend, det in (('host', host), ('device', device))}
+    assert set(posts['device']) == set(posts['host'])
+    for key in posts['host']:
+        np.testing.assert_array_equal(posts['device'][key], posts['host'][key], err_msg=key)
+    if mode == 'fast':      # the fixtures hold the reference's Fast NMS results
+        _assert_post_matches(posts['device'], ref)

@@ -35,7 +35,8 @@ from tools.make_shapes_dataset import make_shapes_dataset
 from utils.evaluation import coco_eval
 from utils.visual.drawing import detection_color, draw_detections
 from utils.visual.media import ImageDetector
-from utils.deploy.inference import StaticYolact, export_yolact
+from utils.deploy.network_export import export_yolact
+from utils.deploy.runners import StaticYolact
 from layers.interpolate import interpolation_matrix
 from yolact import Yolact
 

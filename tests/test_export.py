@@ -14,11 +14,13 @@ from tests.conftest import needs_reference, reference_npz, reference_params
 from data.config import get_config
 from tools import benchmark as benchmark_tool
 from tools import export_model
-from utils.deploy import inference
+from utils.deploy import export_cache, onnx_export
 from utils.errors import ConfigError
 from utils.weights.loader import load_exported
-from utils.deploy.inference import (META_SUFFIX, OnnxYolact, StaticYolact, cached_export, export_cache_key,
-                                    export_onnx, export_yolact)
+from utils.deploy.export_cache import cached_export, export_cache_key
+from utils.deploy.network_export import META_SUFFIX, export_yolact
+from utils.deploy.onnx_export import export_onnx
+from utils.deploy.runners import OnnxYolact, StaticYolact
 from yolact import Resize, Yolact
 
 
@@ -44,7 +46,7 @@ def _entries(cache):
 @pytest.fixture
 def unchecked(monkeypatch):
     """New cache entries skip the child-process check (its own tests run it): ~5 s less per export."""
-    monkeypatch.setattr(inference, 'check_export', lambda net, path_prefix: None)
+    monkeypatch.setattr(export_cache, 'check_export', lambda net, path_prefix: None)
 
 
 # ----------------------------------------------------------------- Resize --
@@ -80,7 +82,7 @@ def test_export_touches_no_global_and_restores_the_resize_mode(tmp_path, monkeyp
     assert seen and all(seen)  # traced as matmuls
     assert not any(layer.as_matmul for layer in resizes)
     # Paddle 2.6 writes an older program (and a parameter name list) instead of PIR's .json.
-    graph = ['m.json'] if inference.PADDLE_VERSION >= (3, 0) else ['m.pdiparams.info', 'm.pdmodel']
+    graph = ['m.json'] if onnx_export.PADDLE_VERSION >= (3, 0) else ['m.pdiparams.info', 'm.pdmodel']
     assert sorted(os.listdir(tmp_path)) == sorted(graph + ['m.pdiparams', 'm.yolact.json'])
 
 
@@ -100,8 +102,8 @@ def test_cached_export_reuses_and_keys_on_weights_and_config(tmp_path, monkeypat
     cfg, net = _small_net()
     weights = _weights(tmp_path, net)
     calls = []
-    save = inference._save_static
-    monkeypatch.setattr(inference, '_save_static', lambda *a, **k: calls.append(a[2]) or save(*a, **k))
+    save = export_cache.save_static
+    monkeypatch.setattr(export_cache, 'save_static', lambda *a, **k: calls.append(a[2]) or save(*a, **k))
 
     prefix = cached_export(lambda: net, cfg, weights, cache_dir=cache)
     assert len(calls) == 1 and os.path.isfile(prefix + META_SUFFIX)
@@ -149,7 +151,7 @@ def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path,
         raise RuntimeError('simulated crash in the middle of an export')
 
     with monkeypatch.context() as m:
-        m.setattr(inference, '_save_static', crash)
+        m.setattr(export_cache, 'save_static', crash)
         with pytest.raises(RuntimeError, match='simulated crash'):
             cached_export(lambda: net, cfg, weights, cache_dir=cache)
     assert os.listdir(cache) == []
@@ -158,7 +160,7 @@ def test_cached_export_crash_leaves_no_entry_and_leftovers_are_cleaned(tmp_path,
     # host is cleaned, a live exporter's (ours) is left alone, and neither is an entry.
     dead = subprocess.run([sys.executable, '-c', 'import os; print(os.getpid())'],
                           capture_output=True, text=True, check=True).stdout.strip()
-    host = inference.socket.gethostname()
+    host = export_cache.socket.gethostname()
     dead_dir = os.path.join(cache, f'.partial-{host}-{dead}-abc123')
     live_dir = os.path.join(cache, f'.partial-{host}-{os.getpid()}-def456')
     for folder in (dead_dir, live_dir):
@@ -175,18 +177,18 @@ def test_concurrent_exporter_that_loses_the_rename_uses_the_winner(tmp_path, mon
     cache = str(tmp_path / 'cache')
     cfg, net = _small_net()
     weights = _weights(tmp_path, net)
-    save = inference._save_static
+    save = export_cache.save_static
     winner = {}
 
     def racing(net_, cfg_, path_prefix, batch_size, export_format='paddle'):
         # Another process completes the same entry while this one exports.
         if not winner:
             with monkeypatch.context() as m:
-                m.setattr(inference, '_save_static', save)
+                m.setattr(export_cache, 'save_static', save)
                 winner['prefix'] = cached_export(lambda: net_, cfg_, weights, cache_dir=cache)
         return save(net_, cfg_, path_prefix, batch_size, export_format)
 
-    monkeypatch.setattr(inference, '_save_static', racing)
+    monkeypatch.setattr(export_cache, 'save_static', racing)
     assert cached_export(lambda: net, cfg, weights, cache_dir=cache) == winner['prefix']
     assert os.listdir(cache) == [os.path.basename(os.path.dirname(winner['prefix']))]
 
@@ -197,8 +199,8 @@ onnx_missing = pytest.mark.skipif(
     reason='paddle2onnx / onnxruntime not installed (requirements-test.txt)')
 # paddle2onnx 2.x refuses Paddle < 3 (test_onnx_export_on_paddle_2_names_the_paddle2onnx_it_needs).
 onnx_missing_for_this_paddle = pytest.mark.skipif(
-    inference.PADDLE_VERSION < (3, 0) and importlib.util.find_spec('paddle2onnx') is not None
-    and not inference._paddle2onnx_version().startswith('1.'),
+    onnx_export.PADDLE_VERSION < (3, 0) and importlib.util.find_spec('paddle2onnx') is not None
+    and not onnx_export.paddle2onnx_version().startswith('1.'),
     reason='paddle2onnx 2.x needs Paddle >= 3; Paddle 2.6 takes paddle2onnx 1.x (requirements-onnx.txt)')
 
 
@@ -239,7 +241,7 @@ def test_onnx_export_of_a_small_yolact_plus_with_dcn_and_mask_iou(tmp_path):
     cfg, net = _small_net(backbone=backbone, use_maskiou=True, maskiou_net=plus.maskiou_net)
     assert any(type(layer).__name__ == 'ModulatedDeformConv2D' for layer in net.sublayers())
     prefix = str(tmp_path / 'plus')
-    if inference.PADDLE_VERSION < (3, 0):
+    if onnx_export.PADDLE_VERSION < (3, 0):
         # paddle2onnx 1.x, the one for Paddle 2.6, stops at opset 18: DCNv2 cannot be converted.
         with pytest.raises(ConfigError, match='deformable_conv, requires opset_version >= 19'):
             export_onnx(net, cfg, prefix)
@@ -269,8 +271,8 @@ def test_export_tool_format_onnx_and_a_failing_conversion(tmp_path, monkeypatch)
 
     # paddle2onnx failing (here: an opset below the graph's needs, which aborts
     # paddle2onnx's process) is a one-line ConfigError, and nothing is written.
-    monkeypatch.setattr(inference, 'ONNX_OPSET', 1)
-    monkeypatch.setattr(inference, '_PADDLE2ONNX_CHILD', inference._PADDLE2ONNX_CHILD.replace(
+    monkeypatch.setattr(onnx_export, 'ONNX_OPSET', 1)
+    monkeypatch.setattr(onnx_export, '_PADDLE2ONNX_CHILD', onnx_export._PADDLE2ONNX_CHILD.replace(
         'auto_upgrade_opset=True', 'auto_upgrade_opset=False'))
     with pytest.raises(ConfigError, match='cannot convert yolact_shapes to ONNX') as err:
         export_onnx(net, cfg, str(tmp_path / 'fail' / 'shapes'))
@@ -297,7 +299,7 @@ def test_a_darknet_export_runs_in_paddle_inference_like_dygraph(tmp_path):
     with paddle.no_grad():
         expected = net(paddle.to_tensor(x))
     np.save(tmp_path / 'x.npy', x)
-    child = ('import sys, numpy as np\nfrom utils.deploy.inference import StaticYolact\n'
+    child = ('import sys, numpy as np\nfrom utils.deploy.runners import StaticYolact\n'
              'out = StaticYolact(sys.argv[1])(np.load(sys.argv[2]))\n'
              'np.savez(sys.argv[3], **{k: v.numpy() for k, v in out.items()})\n')
     result = subprocess.run([sys.executable, '-c', child, prefix, str(tmp_path / 'x.npy'), str(tmp_path / 'out.npz')],
@@ -332,7 +334,8 @@ def _shapes_weights(tmp_path, net):
 
 
 def _inference_warnings(caplog):
-    return [r.getMessage() for r in caplog.records if r.name == 'utils.deploy.inference' and r.levelname == 'WARNING']
+    return [r.getMessage() for r in caplog.records
+            if r.name == 'utils.deploy.export_cache' and r.levelname == 'WARNING']
 
 
 def test_an_export_that_crashes_in_its_check_falls_back_to_dygraph_once_per_paddle(tmp_path, monkeypatch, caplog):
@@ -343,9 +346,9 @@ def test_an_export_that_crashes_in_its_check_falls_back_to_dygraph_once_per_padd
     cache = str(tmp_path / 'cache')
     monkeypatch.setenv('YOLACT_CACHE', cache)
     runs = tmp_path / 'check_runs.txt'
-    real_child = inference._CHECK_CHILD
+    real_child = export_cache._CHECK_CHILD
     # The check's child dies as Paddle Inference did on yolact_darknet53.
-    monkeypatch.setattr(inference, '_CHECK_CHILD', f'import os, signal\nopen({str(runs)!r}, "a").write("run\\n")\n'
+    monkeypatch.setattr(export_cache, '_CHECK_CHILD', f'import os, signal\nopen({str(runs)!r}, "a").write("run\\n")\n'
                                                    'os.kill(os.getpid(), signal.SIGSEGV)\n')
     image = np.random.RandomState(0).randint(0, 255, (90, 120, 3)).astype(np.uint8)
     expected = Predictor(weights, dygraph=True)(image)
@@ -358,7 +361,7 @@ def test_an_export_that_crashes_in_its_check_falls_back_to_dygraph_once_per_padd
     got = predictor(image)
     np.testing.assert_array_equal(got['boxes'], expected['boxes'])
     np.testing.assert_array_equal(got['scores'], expected['scores'])
-    assert [n[-len(inference.FAILED_SUFFIX):] for n in _entries(cache)] == [inference.FAILED_SUFFIX]   # no entry
+    assert [n[-len(export_cache.FAILED_SUFFIX):] for n in _entries(cache)] == [export_cache.FAILED_SUFFIX]   # no entry
     assert len(runs.read_text().split()) == 1
 
     # The verdict is kept: no second check, the same one warning naming the cause.
@@ -373,7 +376,7 @@ def test_an_export_that_crashes_in_its_check_falls_back_to_dygraph_once_per_padd
     Predictor(weights)
     assert len(runs.read_text().split()) == 2
     monkeypatch.setattr(paddle, '__version__', paddle.__version__ + '.post2')
-    monkeypatch.setattr(inference, '_CHECK_CHILD', real_child)
+    monkeypatch.setattr(export_cache, '_CHECK_CHILD', real_child)
     assert isinstance(Predictor(weights).net, StaticYolact)
 
 
@@ -382,15 +385,15 @@ def test_an_export_that_differs_from_dygraph_is_not_cached(tmp_path, monkeypatch
     cfg, net = _small_net()
     _, other = _small_net(seed=1)
     weights = _weights(tmp_path, net)
-    save = inference._save_static
+    save = export_cache.save_static
     # The graph written is another network's: the real child's comparison must catch it.
-    monkeypatch.setattr(inference, '_save_static', lambda net_, *a, **k: save(other, *a, **k))
+    monkeypatch.setattr(export_cache, 'save_static', lambda net_, *a, **k: save(other, *a, **k))
     caplog.set_level('WARNING')
     assert cached_export(lambda: net, cfg, weights, cache_dir=cache) is None
     warnings = _inference_warnings(caplog)
     assert len(warnings) == 1 and 'differs from dygraph' in warnings[0], warnings
     names = _entries(cache)   # no entry, only the verdict
-    assert len(names) == 1 and names[0].endswith(inference.FAILED_SUFFIX), names
+    assert len(names) == 1 and names[0].endswith(export_cache.FAILED_SUFFIX), names
 
 
 @pytest.mark.parametrize('damage', ['truncate_params', 'truncate_program', 'delete_meta', 'flip_params'])
@@ -405,7 +408,7 @@ def test_a_damaged_cache_entry_is_found_and_exported_again(tmp_path, caplog, unc
         return net
 
     prefix = cached_export(load_net, cfg, weights, cache_dir=cache)
-    program = '.json' if inference.PADDLE_VERSION >= (3, 0) else '.pdmodel'   # Paddle 2.6: no PIR program
+    program = '.json' if onnx_export.PADDLE_VERSION >= (3, 0) else '.pdmodel'   # Paddle 2.6: no PIR program
     name, change = {'truncate_params': ('.pdiparams', 'truncate'), 'truncate_program': (program, 'truncate'),
                     'delete_meta': (META_SUFFIX, 'delete'), 'flip_params': ('.pdiparams', 'flip')}[damage]
     path = prefix + name
@@ -438,8 +441,8 @@ def test_onnx_export_on_paddle_2_names_the_paddle2onnx_it_needs(tmp_path, monkey
     if importlib.util.find_spec('paddle2onnx') is None:
         pytest.skip('paddle2onnx not installed')
     cfg, net = _small_net()
-    monkeypatch.setattr(inference, 'PADDLE_VERSION', (2, 6))
-    monkeypatch.setattr(inference, '_paddle2onnx_version', lambda: '2.1.0')
+    monkeypatch.setattr(onnx_export, 'PADDLE_VERSION', (2, 6))
+    monkeypatch.setattr(onnx_export, 'paddle2onnx_version', lambda: '2.1.0')
     with pytest.raises(ConfigError, match=r'paddle2onnx 2\.1\.0 needs Paddle >= 3.*"paddle2onnx>=1\.3,<2"'):
         export_onnx(net, cfg, str(tmp_path / 'onnx' / 'shapes'))
     assert not os.path.exists(tmp_path / 'onnx')

@@ -9,15 +9,16 @@ import numpy as np
 import paddle
 import pytest
 
-from backbone import ConvBN, conv_bn
+from backbone import Conv2D, ConvBN, conv_bn
 from yolact import PredictionModule
 from tests.conftest import needs_reference, reference_npz
 from tests.test_model import _reference_net, assert_matches_float16, preprocess
+from utils.training.cpu_ops import use_cpu_training_convolutions
 
 
 def _frozen_pair(seed=0):
     paddle.seed(seed)
-    conv = paddle.nn.Conv2D(6, 10, 3, stride=2, padding=1, bias_attr=False)
+    conv = Conv2D(6, 10, 3, stride=2, padding=1, bias_attr=False)
     bn = paddle.nn.BatchNorm2D(10)
     rng = np.random.default_rng(seed)
     bn.set_state_dict({'weight': rng.uniform(0.3, 1.5, 10).astype('float32'),
@@ -77,8 +78,10 @@ def test_conv_bn_sequential_keeps_the_parameter_names():
 
 @needs_reference
 def test_training_forward_with_gradients_matches_reference():
-    """The training path itself (gradients recorded, BatchNorm folded) gives the reference's training outputs."""
+    """The training path itself (gradients recorded, BatchNorm folded, the convolutions CPU training
+    swaps in) gives the reference's training outputs."""
     net = _reference_net('yolact_base')
+    use_cpu_training_convolutions(net)
     ref = reference_npz('loss_yolact_base')
     net.train()
     net.freeze_bn(True)

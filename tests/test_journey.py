@@ -30,9 +30,10 @@ from tools import export_model
 from tools.make_shapes_dataset import make_shapes_dataset
 from utils.evaluation import coco_eval
 from utils.visual import media
-from utils.weights.checkpoint import latest_checkpoint, sidecar_paths
+from utils.training.checkpoint import latest_checkpoint
+from utils.weights.loader import sidecar_paths
 from utils.errors import run_cli
-from utils.deploy.inference import default_cache_dir
+from utils.deploy.export_cache import default_cache_dir
 from utils.predictor import Predictor
 from yolact import Yolact
 

@@ -7,6 +7,8 @@
   ConfigError it raises). The exact bilinear taps the model shares with the evaluation
   preprocessing live in the model (layers/interpolate.py), so the converter, the loader and
   the checkpoint code (utils/weights/) import the model, never the reverse.
+* The model holds no platform-speed code: CPU training's oneDNN convolution op
+  (utils/training/cpu_ops.py) is swapped in from the training side, and no model file imports it.
 * The library imports no program.
 * Nothing imports train.py or eval.py: they are parse_args(), main() and wiring. (Tests run
   their main().)
@@ -70,6 +72,19 @@ def test_the_model_imports_only_the_model_and_leaf_modules():
     offending = {module: sorted(m for m in imports if not _is(m, MODEL + MODEL_MAY_ALSO_IMPORT))
                  for module, imports in graph.items() if _is(module, MODEL)}
     assert not any(offending.values()), offending
+
+
+CPU_OPS = 'utils.training.cpu_ops'
+
+
+def test_no_model_file_imports_the_cpu_training_op():
+    graph = _graph()
+    model_files = sorted(module for module in graph if _is(module, MODEL))
+    assert 'yolact' in model_files and 'backbone' in model_files and 'layers.box_utils' in model_files
+    offending = {module: sorted(m for m in graph[module] if _is(m, (CPU_OPS,)) or m.endswith('cpu_ops'))
+                 for module in model_files}
+    assert not any(offending.values()), offending
+    assert not any(name.endswith('cpu_ops') for name in graph if _is(name, MODEL)), 'the op module is in the model'
 
 
 def test_the_library_imports_no_program_and_nothing_imports_train_or_eval():

@@ -57,7 +57,7 @@ def _child(config_name, paths, workdir):
     from data import config as config_module
     from tests.conftest import make_weights_module, reference_npz
     from tools import export_model
-    from utils.deploy.inference import OnnxYolact, StaticYolact
+    from utils.deploy.runners import OnnxYolact, StaticYolact
     from utils.predictor import Predictor
     from utils.runtime import select_device
 

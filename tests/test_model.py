@@ -19,9 +19,9 @@ import pytest
 from backbone import DarkNetBackbone, ModulatedDeformConv2D, construct_backbone
 from data.config import MEANS, STD, get_config
 from tests.conftest import make_weights_module, needs_reference, reference_npz, reference_state_dict
-from utils.weights.checkpoint import load_backbone_weights
+from utils.weights.loader import load_backbone_weights
 from utils.weights.convert import ConversionError, convert_state_dict, fpn_downsample_drop
-from yolact import Conv2D, Yolact
+from yolact import Yolact
 
 CONFIG_NAMES = ('yolact_base', 'yolact_im700', 'yolact_resnet50', 'yolact_darknet53',
                 'yolact_plus_base', 'yolact_plus_resnet50')
@@ -201,26 +201,3 @@ def test_init_weights_loads_imagenet_backbone(tmp_path):
     paddle.save(imagenet, path)
     with pytest.raises(ConversionError, match='layers.0.0.conv1.weight'):
         load_backbone_weights(construct_backbone(cfg.backbone), path)
-
-
-def test_cpu_bias_add_gives_paddle_conv_results_and_gradients(without_cpu_ops):
-    """yolact.Conv2D (bias added over the last axis in CPU dygraph) computes what nn.Conv2D does.
-
-    Paddle's own convolution on both sides; the oneDNN op that training takes
-    instead is tests/test_cpu_ops.py's."""
-    paddle.seed(0)
-    plain = paddle.nn.Conv2D(8, 16, 3, stride=2, padding=1)
-    fast = Conv2D(8, 16, 3, stride=2, padding=1)
-    plain.bias.set_value(paddle.randn([16]))
-    fast.set_state_dict(plain.state_dict())
-    grads = []
-    for conv in (plain, fast):
-        x = paddle.to_tensor(np.random.default_rng(0).standard_normal((3, 8, 11, 13)).astype('float32'),
-                             stop_gradient=False)
-        out = conv(x)
-        (out * paddle.arange(out.size, dtype='float32').reshape(out.shape) / out.size).sum().backward()
-        grads.append([out.numpy(), x.grad.numpy(), conv.weight.grad.numpy(), conv.bias.grad.numpy()])
-        conv.clear_gradients()
-    np.testing.assert_array_equal(grads[0][0], grads[1][0])
-    for a, b in zip(grads[0][1:], grads[1][1:]):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

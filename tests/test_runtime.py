@@ -11,7 +11,8 @@ import zipfile
 import numpy as np
 import pytest
 
-from data.config import COCO2017, COCO2017_TESTDEV, SHAPES, coco_datasets, coco_root_dataset, get_config
+from data.coco_root import coco_datasets, coco_root_dataset
+from data.config import COCO2017, COCO2017_TESTDEV, SHAPES, get_config
 from tests.conftest import ROOT
 from utils import runtime
 from utils.errors import ConfigError, DatasetError, MissingFileError

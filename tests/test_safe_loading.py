@@ -24,7 +24,7 @@ import train
 from data.config import get_config
 from tests.conftest import ROOT
 from tools.make_shapes_dataset import make_shapes_dataset
-from utils.weights import checkpoint
+from utils.training import checkpoint
 from utils.errors import EXIT_USER_ERROR, WeightsError, run_cli
 from utils.weights.paddle_reader import PaddleFileError, load_paddle_file
 from utils.predictor import Predictor

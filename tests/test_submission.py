@@ -259,3 +259,41 @@ def test_a_submission_that_fails_its_check_is_not_left_under_its_upload_name(tmp
         # The segm zip passed and is written; the bbox one failed: nothing under its name.
         assert os.listdir(out / 'bbox') == [] and os.listdir(out / 'segm') == [NAME + '.zip']
         assert check_submission(str(earlier), info_file).ok
+
+
+@pytest.fixture
+def coco_info_file(tmp_path):
+    """A test-dev-like info file with COCO's 80 category ids (1..90 with gaps)."""
+    from data.config import COCO_LABEL_MAP
+    path = tmp_path / 'image_info_test-dev2017.json'
+    images = [{'id': i, 'file_name': f'{i}.jpg', 'height': _size(i)[0], 'width': _size(i)[1]} for i in TEST_DEV]
+    path.write_text(json.dumps({'images': images, 'categories': [{'id': c, 'name': f'c{c}'} for c, _ in COCO_LABEL_MAP]}))
+    return str(path)
+
+
+def _boxes_with_categories(category_ids):
+    return [{'image_id': TEST_DEV[k % len(TEST_DEV)], 'category_id': c, 'bbox': [1.0, 2.0, 5.0, 6.0], 'score': 0.5}
+            for k, c in enumerate(category_ids)]
+
+
+def test_contiguous_category_ids_are_named_even_when_every_id_is_valid(tmp_path, coco_info_file):
+    """Was: results written with class numbers 1..80 instead of COCO's ids passed when each id happened to be
+    a COCO id, and an invalid id was reported without a cause."""
+    from data.config import COCO_LABEL_MAP
+    coco_ids = [c for c, _ in COCO_LABEL_MAP]
+    zip_path = str(tmp_path / (NAME + '.zip'))
+    # Classes 1..80 whose number is also a COCO id (11 of COCO's ids in 1..80 are missing: 12, 26, ...).
+    valid_contiguous = [c for c in range(1, 81) if c in coco_ids]
+    report = check_submission(_zip(zip_path, _boxes_with_categories(valid_contiguous)), coco_info_file)
+    assert report.failed() == ['category ids'], report.format()
+    assert 'all lie in 1..80' in report.format() and 'span 1..90' in report.format()
+    assert 'contiguous class numbers' in report.format()
+
+    report = check_submission(_zip(zip_path, _boxes_with_categories(range(1, 81))), coco_info_file)
+    assert report.failed() == ['category ids'] and 'likely cause: contiguous class numbers' in report.format()
+    report = check_submission(_zip(zip_path, _boxes_with_categories(range(0, 80))), coco_info_file)
+    assert report.failed() == ['category ids'] and 'likely cause: 0-based class indices' in report.format()
+
+    # COCO's own ids pass; so does a model of a few classes.
+    assert check_submission(_zip(zip_path, _boxes_with_categories(coco_ids)), coco_info_file).ok
+    assert check_submission(_zip(zip_path, _boxes_with_categories([1, 3, 18])), coco_info_file).ok

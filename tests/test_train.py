@@ -1,4 +1,4 @@
-"""train.py and its helpers: schedule, checkpoints, configuration, and short CPU training runs.
+"""train.py and its helpers: schedule, configuration, short CPU training runs (checkpoint files: test_checkpoint.py).
 
 The runs fine-tune the reference's seed-0 stand-in ``yolact_resnet50`` weights
 (81 classes, converted) on a generated 4-class shapes dataset at a 128-pixel
@@ -9,9 +9,6 @@ import json
 import logging
 import multiprocessing
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import paddle
@@ -21,12 +18,11 @@ from visualdl import LogReader
 import train
 from data.config import CONFIGS, SHAPE_CLASSES, get_config
 from data.samplers import ResumableBatchSampler
-from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
+from tests.conftest import make_weights_module, needs_reference, reference_params
 from tools.make_shapes_dataset import make_shapes_dataset
-from utils import files
-from utils.weights import checkpoint
+from utils.training import checkpoint
 from utils.weights.convert import save_params
-from utils.errors import WeightsError, run_cli
+from utils.errors import run_cli
 from utils.training.lr_schedule import WarmupStepSchedule
 from utils.weights.loader import init_for_finetuning
 from utils.training.trainer import NetLoss, NonFiniteLossError, Trainer, build_optimizer
@@ -177,78 +173,6 @@ def test_short_schedules_scale_or_take_their_lr_steps(caplog):
             train.parse_args(['--lr_steps', bad])
     with pytest.raises(SystemExit):
         train.parse_args(['--keep_best', '--validation_epoch', '-1'])
-
-
-def _bare_trainer(tmp_path, **options):
-    """A Trainer with a small net and optimizer, for its checkpoint logic alone."""
-    trainer = Trainer.__new__(Trainer)
-    trainer.net, trainer.optimizer, step = small_net_and_optimizer()
-    step()
-    trainer.opts = dataclasses.replace(train.train_options(train.parse_args([])),
-                                       save_folder=str(tmp_path), **options)
-    trainer.cfg = get_config('yolact_shapes')
-    trainer.schedule = WarmupStepSchedule.from_config(trainer.cfg)
-    trainer.scaler = paddle.amp.GradScaler(enable=False)
-    trainer.rank, trainer.epoch, trainer.iteration = 0, 0, 0
-    trainer.last_checkpoint = trainer.saved_iteration = None
-    trainer.best_path = os.path.join(str(tmp_path), 'yolact_shapes_best.pdparams')
-    trainer.best_mask_ap = -1.0
-    return trainer
-
-
-@pytest.mark.parametrize('save_interval, keep_interval', [(10, 30), (10, 10), (15, 10), (20, 10), (25, 0)])
-def test_keep_latest_keeps_the_checkpoints_at_multiples_of_the_interval(tmp_path, save_interval, keep_interval):
-    """--keep_latest deletes a checkpoint unless its own iteration is a multiple of --keep_latest_interval.
-
-    (It used to test the new checkpoint's iteration % interval against save_interval: with
-    save_interval >= keep_latest_interval every checkpoint to keep was deleted.)
-    """
-    trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=save_interval,
-                            keep_latest_interval=keep_interval)
-    saved = []
-    for iteration in range(save_interval, 6 * save_interval + 1, save_interval):
-        trainer.iteration = iteration
-        saved.append(trainer.save())
-        present = {checkpoint.SavePath.from_path(p).iteration for p in checkpoint._checkpoints(str(tmp_path))}
-        kept = {s for s in range(save_interval, iteration, save_interval) if keep_interval and s % keep_interval == 0}
-        assert present == kept | {iteration}, (iteration, present)
-    assert all(checkpoint.is_complete(p) for p in saved if checkpoint.SavePath.from_path(p).iteration in present)
-
-
-def test_keep_latest_never_deletes_a_file_it_did_not_name(tmp_path):
-    """The weights a run resumed from under another name (a .pth, a renamed file) stay."""
-    trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=10, keep_latest_interval=0)
-    resumed = str(tmp_path / 'my_best_weights.pdparams')
-    checkpoint.save_checkpoint(resumed, trainer.net, trainer.optimizer, checkpoint.CheckpointRecord(iteration=5))
-    trainer.last_checkpoint, trainer.iteration = resumed, 10
-    trainer.save()
-    assert checkpoint.is_complete(resumed)
-
-
-def test_keep_best_keeps_the_weights_of_the_best_mask_ap(tmp_path):
-    trainer = _bare_trainer(tmp_path, keep_best=True)
-    weights = {}
-    for iteration, mask_ap in ((4, 0.20), (8, 0.10), (12, 0.30), (16, 0.30)):
-        trainer.iteration = iteration
-        for p in trainer.net.parameters():
-            p.set_value(p.numpy() + 1.0)
-        weights[iteration] = {k: v.numpy().copy() for k, v in trainer.net.state_dict().items()}
-        trainer._keep_if_best({'segm': {'AP': mask_ap}, 'bbox': {'AP': mask_ap / 2}})
-        with open(checkpoint.sidecar_paths(trainer.best_path)[1]) as f:
-            state = json.load(f)
-        best = {4: 4, 8: 4, 12: 12, 16: 12}[iteration]       # a tie keeps the earlier one
-        assert (state['iteration'], state['mask_AP']) == (best, {4: 0.2, 12: 0.3}[best])
-        stored = paddle.load(trainer.best_path, return_numpy=True)
-        for key, value in weights[best].items():
-            np.testing.assert_array_equal(stored[key], value)
-    assert state['config'] == 'yolact_shapes' and state['class_names'] == list(SHAPE_CLASSES)
-    # The best checkpoint is not a checkpoint of the run: --resume latest never picks it.
-    assert checkpoint.latest_checkpoint(str(tmp_path), 'yolact_shapes') is None
-    # A resumed run continues from the recorded best; a new run starts over.
-    trainer.opts = dataclasses.replace(trainer.opts, resume='latest')
-    assert trainer._recorded_best() == 0.3
-    trainer.opts = dataclasses.replace(trainer.opts, resume=None)
-    assert trainer._recorded_best() == -1.0
 
 
 def _with_background_images(tmp_path, count=2):
@@ -407,119 +331,6 @@ def test_optimizer_matches_torch_sgd():
         t_optimizer.step()
         np.testing.assert_allclose(net.weight.numpy().T, t_weight.detach().numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(net.bias.numpy(), t_bias.detach().numpy(), rtol=1e-5, atol=1e-6)
-
-
-# ---------------------------------------------------------------- checkpoints --
-def small_net_and_optimizer():
-    net = paddle.nn.Sequential(paddle.nn.Conv2D(3, 4, 3), paddle.nn.BatchNorm2D(4), paddle.nn.Conv2D(4, 2, 1))
-    optimizer = paddle.optimizer.Momentum(0.1, 0.9, parameters=net.parameters(), weight_decay=5e-4)
-    x = paddle.to_tensor(np.random.RandomState(0).randn(2, 3, 8, 8).astype(np.float32))
-
-    def step():
-        loss = net(x).square().mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.clear_grad()
-        return float(loss)
-    return net, optimizer, step
-
-
-def test_save_path_names():
-    assert checkpoint.SavePath('yolact_base', 3, 1200).path('w') == os.path.join('w', 'yolact_base_3_1200.pdparams')
-    assert checkpoint.SavePath.from_path('w/yolact_plus_resnet50_12_3000_interrupt.pdparams') == \
-        checkpoint.SavePath('yolact_plus_resnet50', 12, 3000, interrupt=True)
-    assert checkpoint.SavePath.from_path('yolact_base_54_800000.pth').iteration == 800000
-    with pytest.raises(ValueError):
-        checkpoint.SavePath.from_path('resnet101_reducedfc.pdparams')
-
-
-def test_optimizer_state_survives_new_parameter_names(tmp_path):
-    """Momentum restored into a network built later in the process (other automatic tensor names)."""
-    paddle.seed(0)
-    net, optimizer, step = small_net_and_optimizer()
-    for _ in range(3):
-        step()
-    path = checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
-    checkpoint.save_checkpoint(path, net, optimizer, checkpoint.CheckpointRecord(iteration=3))
-    expected = [step() for _ in range(3)]
-
-    net2, optimizer2, step2 = small_net_and_optimizer()
-    assert [p.name for p in net2.parameters()] != [p.name for p in net.parameters()]
-    record, has_optimizer = checkpoint.load_checkpoint(path, net2, optimizer2)
-    assert record == checkpoint.CheckpointRecord(iteration=3) and has_optimizer
-    assert [step2() for _ in range(3)] == expected
-
-
-def test_checkpoint_record_round_trip_and_malformed_records(tmp_path):
-    record = checkpoint.CheckpointRecord(config='yolact_shapes', iteration=7, epoch=1, class_names=('a', 'b'),
-                                         schedule={'warmup_iters': 3}, freeze_bn=False)
-    weights = str(tmp_path / 'yolact_shapes_1_7.pdparams')
-    with open(checkpoint.sidecar_paths(weights)[1], 'w') as f:
-        f.write(record.to_json())
-    assert checkpoint.read_record(weights) == record
-    assert checkpoint.read_record(str(tmp_path / 'none_0_0.pdparams')) is None
-    for text, message in (('[1, 2]', 'holds a list, not a JSON object'), ('{"iteration": "7"}', '"iteration" is a str'),
-                          ('{not json', 'not valid JSON')):
-        with open(checkpoint.sidecar_paths(weights)[1], 'w') as f:
-            f.write(text)
-        with pytest.raises(WeightsError, match=message):
-            checkpoint.read_record(weights)
-
-
-def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    """A write that fails midway (disk full) changes nothing visible."""
-    net, optimizer, step = small_net_and_optimizer()
-    folder = str(tmp_path)
-    good = checkpoint.SavePath('m', 0, 3).path(folder)
-    checkpoint.save_checkpoint(good, net, optimizer, checkpoint.CheckpointRecord(iteration=3))
-    saved = {k: v.numpy() for k, v in net.state_dict().items()}
-    step()
-
-    def partial_write(f, data):
-        f.write(data[:len(data) // 2])
-        raise OSError(28, 'No space left on device')
-
-    monkeypatch.setattr(files, '_write_all', partial_write)
-    bad = checkpoint.SavePath('m', 0, 6).path(folder)
-    with pytest.raises(OSError):
-        checkpoint.save_checkpoint(bad, net, optimizer, checkpoint.CheckpointRecord(iteration=6))
-    assert sorted(os.listdir(folder)) == ['m_0_3.json', 'm_0_3.pdopt', 'm_0_3.pdparams']
-    assert checkpoint.latest_checkpoint(folder, 'm') == good
-
-    fresh, fresh_optimizer, _ = small_net_and_optimizer()
-    assert checkpoint.load_checkpoint(good, fresh, fresh_optimizer) == (checkpoint.CheckpointRecord(iteration=3), True)
-    for key, value in fresh.state_dict().items():
-        np.testing.assert_array_equal(value.numpy(), saved[key])
-
-
-def test_killed_save_keeps_previous_checkpoint(tmp_path):
-    """A process killed in the middle of writing a checkpoint leaves the previous one the latest, intact."""
-    script = textwrap.dedent(f"""
-        import os, sys
-        sys.path.insert(0, {ROOT!r})
-        from tests.test_train import small_net_and_optimizer
-        from utils import files
-        from utils.weights import checkpoint
-        net, optimizer, step = small_net_and_optimizer()
-        checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 3).path({str(tmp_path)!r}), net, optimizer,
-                                   checkpoint.CheckpointRecord(iteration=3))
-        step()
-        def die_midway(f, data):
-            f.write(data[:len(data) // 2])
-            f.flush()
-            os._exit(9)     # no cleanup, as with SIGKILL
-        files._write_all = die_midway
-        checkpoint.save_checkpoint(checkpoint.SavePath('m', 0, 6).path({str(tmp_path)!r}), net, optimizer,
-                                   checkpoint.CheckpointRecord(iteration=6))
-    """)
-    result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 9, result.stderr
-    names = os.listdir(tmp_path)
-    assert 'm_0_6.pdparams' not in names and any(n.endswith('.tmp') for n in names)
-    good = checkpoint.latest_checkpoint(str(tmp_path), 'm')
-    assert good == checkpoint.SavePath('m', 0, 3).path(str(tmp_path))
-    net, optimizer, _ = small_net_and_optimizer()
-    assert checkpoint.load_checkpoint(good, net, optimizer) == (checkpoint.CheckpointRecord(iteration=3), True)
 
 
 # ------------------------------------------------------------------ training --
@@ -775,3 +586,170 @@ def test_cpu_threads_are_shared_among_the_local_processes(monkeypatch):
     monkeypatch.setenv('PADDLE_LOCAL_SIZE', '4')        # paddle.distributed.launch, per node
     monkeypatch.setenv('PADDLE_TRAINERS_NUM', '8')
     assert local_process_count() == 4
+
+
+def test_resume_that_finds_nothing_is_a_run_without_resume(shapes, tmp_path, recorded_losses, caplog, without_cpu_ops):
+    """Was: 'starting a new run', but BatchNorm frozen as if pretrained (NaN within 8 iterations from scratch)."""
+    caplog.set_level(logging.WARNING)
+    scratch = ['--config', 'yolact_base', '--batch_size', '2', '--backbone_weights', 'none',
+               '--save_folder', str(tmp_path / 'empty')]
+    for resume in ('interrupt', 'latest'):
+        args = train.parse_args(scratch + ['--resume', resume])
+        assert train.build_config(args, world_size=1).freeze_bn is False, resume
+
+    def run(name, *extra):
+        argv = train_argv(shapes, tmp_path / name, '--max_iter', '1', '--backbone_weights', 'none', *extra)
+        argv[argv.index('--config') + 1] = 'yolact_shapes'
+        assert train.main(argv) == 0
+
+    run('plain')
+    plain = dict(recorded_losses)
+    recorded_losses.clear()
+    run('resumed', '--resume', 'latest')
+    assert recorded_losses == plain and sorted(plain) == [0]
+    assert any('--resume latest: no such checkpoint' in r.getMessage() for r in caplog.records)
+    for run_name in ('plain', 'resumed'):
+        path = checkpoint.latest_checkpoint(str(tmp_path / run_name / 'weights'), 'yolact_shapes')
+        with open(checkpoint.sidecar_paths(path)[1]) as f:
+            assert json.load(f)['freeze_bn'] is False
+
+
+# A training process as `python train.py` runs it, with Paddle's F.conv2d (no first-use op build in a short run).
+TRAIN_PROCESS = '''
+import sys
+sys.path.insert(0, {root!r})
+import utils.training.cpu_ops
+utils.training.cpu_ops.load_ops = lambda: None
+import train
+train.configure_logging()
+sys.exit(train.run_cli(train.main, sys.argv[1:]))
+'''
+
+
+def _pids_running(script):
+    """Ids of the live processes whose command line names ``script`` (trainers and their DataLoader workers,
+    whichever process group or session they are in)."""
+    pids = []
+    for entry in os.listdir('/proc'):
+        try:
+            with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                cmdline = f.read()
+            with open(f'/proc/{entry}/stat') as f:
+                zombie = f.read().rsplit(')', 1)[1].split()[0] == 'Z'
+        except (OSError, IndexError):
+            continue
+        if str(script).encode() in cmdline and not zombie:
+            pids.append(int(entry))
+    return pids
+
+
+def _assert_all_ended(script):
+    """Wait up to 5 s for every process of ``script`` to end; kill (by id) and fail if one does not."""
+    import signal
+    import time
+    for _ in range(50):
+        if not _pids_running(script):
+            return
+        time.sleep(0.1)
+    left = _pids_running(script)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    pytest.fail(f'processes of the training run still alive: {left}')
+
+
+def _stderr_lines(process):
+    """A queue receiving ``process``'s stderr lines (None at its end), read in a thread: never blocks the test."""
+    import queue
+    import threading
+    lines = queue.Queue()
+
+    def read():
+        for line in process.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def test_sigterm_saves_an_interrupt_checkpoint_ends_the_workers_and_resumes(shapes, tmp_path, recorded_losses,
+                                                                        without_cpu_ops):
+    """Was: SIGTERM (schedulers, docker stop, timeout, kill) ended train.py in Paddle's handler: no checkpoint,
+    and the DataLoader worker left running, orphaned."""
+    import queue
+    import re
+    import signal
+    import time
+    script = tmp_path / 'train_process.py'
+    script.write_text(TRAIN_PROCESS.format(root=ROOT))
+    argv = ['--config', 'yolact_shapes', '--batch_size', '2', '--no_autoscale', '--num_workers', '1',
+            '--train_images', shapes.train_images, '--train_info', shapes.train_info, '--validation_epoch', '-1',
+            '--save_folder', str(tmp_path / 'weights'), '--log_folder', str(tmp_path / 'logs'),
+            '--log_interval', '1', '--backbone_weights', 'none', '--save_interval', '1000']
+    process = subprocess.Popen([sys.executable, str(script), *argv, '--max_iter', '1000'], stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    lines, seen = _stderr_lines(process), []
+    try:
+        deadline = time.monotonic() + 600
+        while not any(re.search(r'\]\s+1 \|\|', line) for line in seen[-1:]):
+            line = lines.get(timeout=max(1, deadline - time.monotonic()))
+            assert line is not None, ''.join(seen)
+            seen.append(line)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 143, ''.join(seen)
+        _assert_all_ended(script)      # no DataLoader worker outlives the trainer
+    finally:
+        for pid in _pids_running(script):
+            os.kill(pid, signal.SIGKILL)
+    while True:
+        line = lines.get(timeout=10)
+        if line is None:
+            break
+        seen.append(line)
+    err = ''.join(seen)
+    assert 'Traceback' not in err and 'FatalError' not in err, err
+    interrupt = checkpoint.interrupt_checkpoint(str(tmp_path / 'weights'))
+    assert interrupt is not None and checkpoint.is_complete(interrupt), err
+    stopped_at = checkpoint.SavePath.from_path(interrupt).iteration
+    assert stopped_at >= 2
+
+    argv[argv.index('--num_workers') + 1] = '0'
+    assert train.main([*argv, '--resume', 'interrupt', '--max_iter', str(stopped_at + 1)]) == 0
+    assert sorted(recorded_losses) == [stopped_at]
+
+
+def test_sigterm_to_paddle_distributed_launch_saves_an_interrupt_checkpoint(shapes, tmp_path):
+    """The launcher forwards SIGTERM to each trainer's process group (again every 0.2 s, SIGKILL after 30 s):
+    rank 0 saves the interrupt checkpoint, and no trainer or DataLoader worker outlives the launcher."""
+    import re
+    import signal
+    import time
+    script = tmp_path / 'train_process.py'
+    script.write_text(TRAIN_PROCESS.format(root=ROOT))
+    logs = tmp_path / 'launch'
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'paddle.distributed.launch', '--nproc_per_node', '2', '--log_dir', str(logs),
+         str(script), '--config', 'yolact_shapes', '--batch_size', '4', '--no_autoscale', '--num_workers', '1',
+         '--train_images', shapes.train_images, '--train_info', shapes.train_info, '--validation_epoch', '-1',
+         '--save_folder', str(tmp_path / 'weights'), '--log_folder', str(tmp_path / 'logs'), '--log_interval', '1',
+         '--backbone_weights', 'none', '--save_interval', '1000', '--max_iter', '1000'],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    rank0 = logs / 'workerlog.0'
+    try:
+        deadline = time.monotonic() + 600
+        while not (rank0.exists() and re.search(r'\]\s+1 \|\|', rank0.read_text())):
+            assert process.poll() is None and time.monotonic() < deadline, \
+                rank0.read_text() if rank0.exists() else 'no log'
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=120)
+        _assert_all_ended(script)      # the trainers (each in its own session) and their DataLoader workers
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid in _pids_running(script):
+            os.kill(pid, signal.SIGKILL)
+    log = rank0.read_text()
+    assert 'SIGTERM: stopping' in log and 'Traceback' not in log and 'FatalError' not in log, log
+    interrupt = checkpoint.interrupt_checkpoint(str(tmp_path / 'weights'))
+    assert interrupt is not None and checkpoint.is_complete(interrupt), log

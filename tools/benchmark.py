@@ -58,11 +58,14 @@ from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from utils.evaluation import coco_eval  # noqa: E402
 from utils.errors import MissingFileError, YolactError, run_cli  # noqa: E402
 from utils.evaluation.loop import evaluate  # noqa: E402
-from utils.deploy.inference import OnnxYolact, export_onnx, export_yolact  # noqa: E402
+from utils.deploy.network_export import export_yolact  # noqa: E402
+from utils.deploy.onnx_export import export_onnx  # noqa: E402
+from utils.deploy.runners import OnnxYolact  # noqa: E402
 from utils.weights.loader import load_model  # noqa: E402
 from utils.predictor import Predictor  # noqa: E402
 from utils.runtime import default_cpu_threads, select_device  # noqa: E402
 from tools.stage_clock import StageClock  # noqa: E402
+from utils.training.cpu_ops import use_cpu_training_convolutions  # noqa: E402
 from utils.training.trainer import build_optimizer  # noqa: E402
 from yolact import Yolact  # noqa: E402
 
@@ -154,7 +157,7 @@ def benchmark(chains, cfg, image_path, runs=5, warmup=1, max_drawn=None, alterna
     network while the other's CPU threads are still spinning down.
     alternate: run the chains in turn, one run each, instead; fairer on a
     machine whose load changes, for runtimes that do not spin (Paddle
-    Inference and onnxruntime as utils.deploy.inference sets it up). max_drawn: see
+    Inference and onnxruntime as utils.deploy.runners sets it up). max_drawn: see
     run_chain. Returns {label: {stage or 'total': median seconds}} and logs the table.
     """
     samples = {label: [] for label in chains}
@@ -282,6 +285,7 @@ class TrainStep:
     def __init__(self, cfg, batch, seed=0):
         self.net = Yolact.from_config(cfg)
         benchmark_weights(self.net, seed)
+        use_cpu_training_convolutions(self.net)      # as the Trainer does
         self.net.train()
         self.criterion = MultiBoxLoss.from_config(cfg, rng=np.random.default_rng(seed))
         self.optimizer = build_optimizer(self.net, cfg)

@@ -4,7 +4,9 @@
 For each zip: its name (detections_test-dev2017_<alg>_results.zip) and the
 name of the JSON inside, image ids (only test-dev's; images without
 detections are counted), at most 100 detections per image, category ids of
-the info file (COCO's 1..90), finite scores, boxes of 4 finite numbers, RLE
+the info file (COCO's 1..90; contiguous class numbers 1..80 written instead of
+them are refused even where every id is valid, and invalid ids are reported
+with their likely cause), finite scores, boxes of 4 finite numbers, RLE
 masks that decode to their image's size. Prints one line per check; exits 1
 when a check fails.
 """

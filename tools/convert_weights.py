@@ -5,7 +5,9 @@ Reads both torch.save formats (the pre-1.6 format of the published 2019
 checkpoints and the later zip format) without torch. The conversion is
 strict: every key of the file must land in the model or be dropped for a
 stated reason, and every model parameter must be filled with the right shape;
-otherwise nothing is written and the offending keys are listed.
+otherwise nothing is written and the offending keys are listed. A file saved
+from DataParallel (every key prefixed ``module.``) is converted without the
+prefix, which the report says. The output's folder is created when missing.
 """
 import argparse
 import logging
@@ -22,7 +24,7 @@ quiet_paddle_import()
 from data.config import config_name_from_weights, get_config  # noqa: E402
 from utils.weights.convert import convert_backbone, convert_checkpoint, imagenet_backbone, save_params  # noqa: E402
 from utils.errors import OutputError, run_cli  # noqa: E402
-from utils.weights.checkpoint import require_weights_file  # noqa: E402
+from utils.weights.loader import require_weights_file  # noqa: E402
 
 EPILOG = """examples:
   %(prog)s weights/yolact_base_54_800000.pth weights/yolact_base_54_800000.pdparams
@@ -55,6 +57,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     require_weights_file(args.src)
+    # Before converting: a folder that cannot be written fails now, not after the work.
+    folder = os.path.dirname(os.path.abspath(args.dst))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f'cannot write {args.dst}: {err.strerror or err} (nothing written)') from err
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f'cannot write {args.dst}: {folder} is not writable (nothing written)')
     if args.backbone:
         backbone_cfg = get_config(args.config).backbone if args.config else imagenet_backbone(args.src)
         params, report = convert_backbone(args.src, backbone_cfg)
@@ -72,6 +82,8 @@ def main(argv=None):
 
 def print_report(report):
     """The dropped keys (grouped by reason) and the keys left at initialisation."""
+    if report.stripped_prefix:
+        print(report.prefix_note())
     by_reason = OrderedDict()
     for key, reason in report.dropped:
         by_reason.setdefault(reason, []).append(key)

@@ -4,11 +4,11 @@
 Only the network is exported (input [1, 3, S, S] preprocessed, S the config's
 max_size; outputs loc, conf, mask, priors, proto); Detect and postprocess stay
 in Python. YOLACT++ also gets its mask-IoU net as <PREFIX>_maskiou. Run the
-result with ``eval.py --inference_model PREFIX`` or ``utils.deploy.inference.StaticYolact``.
+result with ``eval.py --inference_model PREFIX`` or ``utils.deploy.runners.StaticYolact``.
 
     python tools/export_model.py --trained_model weights/yolact_base_54_800000.pth --output exported/yolact_base
     python tools/export_model.py --trained_model weights/yolact_base_54_800000.pth --output exported/yolact_base \
-        --format onnx      # PREFIX.onnx for onnxruntime (utils.deploy.inference.OnnxYolact); needs paddle2onnx
+        --format onnx      # PREFIX.onnx for onnxruntime (utils.deploy.runners.OnnxYolact); needs paddle2onnx
 """
 import argparse
 import logging
@@ -22,7 +22,8 @@ from utils.runtime import quiet_paddle_import  # noqa: E402
 quiet_paddle_import()
 
 from utils.errors import OutputError, run_cli  # noqa: E402
-from utils.deploy.inference import export_onnx, export_yolact  # noqa: E402
+from utils.deploy.network_export import export_yolact  # noqa: E402
+from utils.deploy.onnx_export import export_onnx  # noqa: E402
 from utils.weights.loader import load_model  # noqa: E402
 
 

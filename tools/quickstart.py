@@ -36,7 +36,7 @@ import paddle  # noqa: E402
 
 from data.config import get_config  # noqa: E402
 from tools.make_shapes_dataset import make_shapes_dataset  # noqa: E402
-from utils.weights.checkpoint import latest_checkpoint  # noqa: E402
+from utils.training.checkpoint import latest_checkpoint  # noqa: E402
 
 CONFIG = 'yolact_shapes'
 # Images per SGD step, over all training processes. The config's lr and

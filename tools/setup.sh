@@ -76,7 +76,7 @@ case "$PADDLE:$HAVE" in
     echo "keeping the installed $HAVE $HAVE_VERSION" ;;
 esac
 "${PIP[@]}" -r requirements.txt
-# Headers for the oneDNN convolution op of CPU training (layers/cpu_ops.py); x86-64 Linux only.
+# Headers for the oneDNN convolution op of CPU training (utils/training/cpu_ops.py); x86-64 Linux only.
 if [ "$(uname -sm)" = "Linux x86_64" ]; then
   "${PIP[@]}" --no-deps -r requirements-cpu-ops.txt
 fi

@@ -13,8 +13,17 @@ def add_data_loading_flags(parser):
                              'reported either way, counted by reason)')
 
 
+def add_max_image_pixels_flag(parser):
+    """--max_image_pixels on ``parser``: the pixel cap of data.images.read_image (its docstring: the default)."""
+    from data.images import DEFAULT_MAX_PIXELS
+    parser.add_argument('--max_image_pixels', default=DEFAULT_MAX_PIXELS, type=positive_int, metavar='N',
+                        help='skip (with a warning naming it) an image whose header declares more than N pixels, '
+                             f'before decoding it (default {DEFAULT_MAX_PIXELS}, 4096x4096: two training '
+                             'workers at their peak fit a 24 GB machine; see data/images.py)')
+
+
 def add_coco_root_flag(parser):
-    """--coco_root on ``parser``; data.config.coco_root_dataset reads the tree."""
+    """--coco_root on ``parser``; data.coco_root.coco_root_dataset reads the tree."""
     parser.add_argument('--coco_root', default=None, metavar='DIR',
                         help='a COCO 2017 tree in the standard layout (train2017/, val2017/, test2017/, '
                              'annotations/...) used for coco2017_dataset / coco2017_testdev_dataset instead of '

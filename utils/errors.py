@@ -14,9 +14,10 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-# Exit status of a program stopped by the user's input, and by Ctrl+C (128 + SIGINT).
+# Exit status of a program stopped by the user's input, by Ctrl+C (128 + SIGINT) and by SIGTERM (128 + SIGTERM).
 EXIT_USER_ERROR = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 
 
 class YolactError(Exception):
@@ -43,22 +44,34 @@ class UnreadableFileError(YolactError, OSError):
     """A file that exists but cannot be read as what it should be (a corrupt image or video, ...)."""
 
 
+class ImageInputError(YolactError, ValueError):
+    """An image array that cannot be taken without guessing what its values mean (see utils.predictor)."""
+
+
 class OutputError(YolactError, OSError):
     """An output cannot be written (read-only folder, disk full, ...); says what was kept."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception (utils.runtime.sigterm_as_interrupt): stopped as Ctrl+C stops, exit 143."""
 
 
 def run_cli(main, argv=None):
     """Run a program's ``main(argv) -> exit status`` under the error policy; returns the exit status.
 
     A :class:`YolactError` prints ``error: <message>`` on stderr (one line)
-    and gives EXIT_USER_ERROR; Ctrl+C gives EXIT_INTERRUPTED; every other
-    exception propagates with its traceback.
+    and gives EXIT_USER_ERROR; Ctrl+C gives EXIT_INTERRUPTED, SIGTERM (as
+    :class:`Terminated`) EXIT_TERMINATED; every other exception propagates
+    with its traceback.
     """
     try:
         return main(argv)
     except YolactError as err:
         print(f'error: {err}', file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except Terminated:
+        print('terminated', file=sys.stderr, flush=True)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

@@ -110,6 +110,29 @@ def fsync_folder(folder):
         os.close(fd)
 
 
+def check_writable_folder(folder, what):
+    """Raise OutputError unless ``folder`` can be written; creates nothing.
+
+    For outputs checked before long work starts (their writers create the
+    folder when they first write). An existing folder must take a new file;
+    a missing one, its nearest existing parent must (a probe file is made
+    and removed there). The error says 'cannot write <what> to <folder>:
+    <reason>' (a path under a regular file, a read-only folder or file
+    system, no space for a new file).
+    """
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise OutputError(f'cannot write {what} to {folder}: {path} is not a folder')
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.write-test.', suffix=TMP_SUFFIX, dir=path)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f'cannot write {what} to {folder}: {e.strerror or e}') from e
+
+
 @contextlib.contextmanager
 def staging_folder(folder, prefix, what):
     """A new temporary folder ``<folder>/<prefix><random>``, removed with what is left in it on exit.

@@ -8,10 +8,12 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
+import threading
 import warnings
 import zipfile
 
-from utils.errors import ConfigError, DatasetError
+from utils.errors import ConfigError, DatasetError, Terminated
 from utils.files import staging_folder
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,48 @@ def quiet_paddle_import():
     current = [s for s in os.environ.get('PYTHONWARNINGS', '').split(',') if s]
     if spec not in current:
         os.environ['PYTHONWARNINGS'] = ','.join(current + [spec])
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises :class:`utils.errors.Terminated` (a KeyboardInterrupt) in the main thread.
+
+    SIGTERM is what schedulers, ``docker stop``, ``timeout``, ``kill`` and
+    paddle.distributed.launch (to each trainer's process group, on its own
+    SIGTERM or Ctrl+C; SIGKILL 30 s later) send. Paddle's own handler for it
+    (installed when Paddle initialises) ends the process at once: no interrupt
+    checkpoint, and DataLoader workers left behind. Here the code stopped by
+    Ctrl+C stops the same way: the exception unwinds the loop, which saves and
+    ends its DataLoader (its workers with it). While that runs, a second
+    SIGTERM is logged and ignored (it would cut the save short), and so is
+    a DataLoader worker's exit (Paddle's SIGCHLD handler would raise: the
+    launcher's SIGTERM reaches the workers of the trainer's process group
+    too). The previous handlers are restored on leaving the block. Outside
+    the main thread (where Python cannot set handlers) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = {}
+    sigchld = getattr(signal, 'SIGCHLD', None)     # not on Windows
+
+    def on_sigterm(signum, frame):
+        if stopping:
+            logger.warning('SIGTERM again: already stopping')
+            return
+        stopping['sigterm'] = signum
+        if sigchld is not None:
+            stopping['sigchld'] = signal.signal(sigchld, lambda *args: None)
+        logger.warning('SIGTERM: stopping as after Ctrl+C')
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        if 'sigchld' in stopping:
+            signal.signal(sigchld, stopping['sigchld'] if stopping['sigchld'] is not None else signal.SIG_DFL)
 
 
 def local_process_count():
@@ -211,7 +255,7 @@ def unpack_zips(zip_dir, dest, names):
     into place, so no file appears under its final name before it is complete (an interrupted run
     leaves only the temporary folder, removed the next time). Zips missing
     from ``zip_dir`` are 'absent'. Made for AI Studio's COCO dataset (data7122,
-    :data:`data.config.COCO_LAYOUT` names its zips) and a ``dest`` outside the
+    :data:`data.coco_root.COCO_LAYOUT` names its zips) and a ``dest`` outside the
     ``data/`` folder that a restart resets.
     """
     os.makedirs(dest, exist_ok=True)

@@ -26,7 +26,8 @@ candidate anchors and the surviving detections, through ``paddle.nonzero``).
 import numpy as np
 import paddle
 
-from layers.box_utils import BACKENDS, decode, divide_rounded, use_device_path
+from layers.backend import check_backend, use_device_path
+from layers.box_utils import decode, divide_rounded
 from layers.compat import argsort_stable
 
 
@@ -53,8 +54,7 @@ class Detect:
 
     def __init__(self, num_classes, top_k, conf_thresh, nms_thresh, max_num_detections,
                  use_fast_nms=True, use_cross_class_nms=False, max_size=550, backend='auto'):
-        if backend not in BACKENDS:
-            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        check_backend(backend)
         if nms_thresh <= 0:
             raise ValueError(f'nms_thresh must be positive, got {nms_thresh}')
         if use_cross_class_nms and not use_fast_nms:

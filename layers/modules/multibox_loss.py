@@ -37,8 +37,8 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 
-from layers.box_utils import (BACKENDS, center_size, crop, divide_rounded, jaccard, log_sum_exp, match, point_form,
-                              use_device_path)
+from layers.backend import check_backend, use_device_path
+from layers.box_utils import center_size, crop, divide_rounded, jaccard, log_sum_exp, match, point_form
 
 
 def _select(x, mask):
@@ -114,8 +114,7 @@ class MultiBoxLoss:
                  binarize_downsampled_gt=True, normalize_emulate_roi_pooling=True,
                  use_semantic_segmentation_loss=True, use_maskiou=False, maskiou_alpha=1.0,
                  maskious_to_train=-1, discard_mask_area=-1, rng=None, backend='auto'):
-        if backend not in BACKENDS:
-            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        check_backend(backend)
         self.num_classes = num_classes
         self.pos_threshold = pos_threshold
         self.neg_threshold = neg_threshold
@@ -308,25 +307,7 @@ class MultiBoxLoss:
                 pos_index = paddle.gather(pos_index, paddle.to_tensor(select, dtype='int64'))
             num_used = pos_index.shape[0]
 
-            with paddle.no_grad():
-                gt_masks = self._downsample_masks(g['masks'], mask_h, mask_w)      # [n, h, w]
-                if self.binarize_downsampled_gt:
-                    gt_masks = (gt_masks > 0.5).astype(proto.dtype)
-                obj_index = paddle.gather(g['idx_t'], pos_index)
-                mask_t = paddle.gather(gt_masks, obj_index).transpose([1, 2, 0])   # [h, w, n]
-                boxes_t = paddle.gather(g['boxes_t'], pos_index)                   # [n, 4]
-
-            pred_masks = F.sigmoid(paddle.matmul(proto[b], paddle.gather(coeffs[b], pos_index), transpose_y=True))
-            if self.mask_proto_crop:
-                pred_masks = crop(pred_masks, boxes_t)
-            pixel_loss = _binary_cross_entropy(pred_masks, mask_t)                     # [h, w, n]
-
-            if self.normalize_emulate_roi_pooling:
-                weight = mask_h * mask_w if self.mask_proto_crop else 1
-                box_wh = center_size(boxes_t)[:, 2:]
-                per_mask = pixel_loss.sum(axis=[0, 1]) / (box_wh[:, 0] * mask_w) / (box_wh[:, 1] * mask_h) * weight
-            else:
-                per_mask = pixel_loss.sum(axis=[0, 1])
+            per_mask, pred_masks, mask_t, obj_index = self._per_mask_loss(proto[b], coeffs[b], g, pos_index)
             loss = loss + per_mask.sum() * (num_pos / num_used)
 
             if self.use_maskiou:
@@ -377,25 +358,7 @@ class MultiBoxLoss:
             # Correctly rounded like the host path's Python quotient; 1 unless subsampled.
             scale = divide_rounded(num_pos.astype(proto.dtype), num_used.astype(proto.dtype))
 
-            with paddle.no_grad():
-                gt_masks = self._downsample_masks(g['masks'], mask_h, mask_w)      # [n, h, w]
-                if self.binarize_downsampled_gt:
-                    gt_masks = (gt_masks > 0.5).astype(proto.dtype)
-                obj_index = paddle.gather(g['idx_t'], pos_index)
-                mask_t = paddle.gather(gt_masks, obj_index).transpose([1, 2, 0])   # [h, w, k]
-                boxes_t = paddle.gather(g['boxes_t'], pos_index)                   # [k, 4]
-
-            pred_masks = F.sigmoid(paddle.matmul(proto[b], paddle.gather(coeffs[b], pos_index), transpose_y=True))
-            if self.mask_proto_crop:
-                pred_masks = crop(pred_masks, boxes_t)
-            pixel_loss = _binary_cross_entropy(pred_masks, mask_t)                     # [h, w, k]
-
-            if self.normalize_emulate_roi_pooling:
-                weight = mask_h * mask_w if self.mask_proto_crop else 1
-                box_wh = center_size(boxes_t)[:, 2:]
-                per_mask = pixel_loss.sum(axis=[0, 1]) / (box_wh[:, 0] * mask_w) / (box_wh[:, 1] * mask_h) * weight
-            else:
-                per_mask = pixel_loss.sum(axis=[0, 1])
+            per_mask, pred_masks, mask_t, obj_index = self._per_mask_loss(proto[b], coeffs[b], g, pos_index)
             loss = loss + _masked_sum(per_mask, valid) * scale
 
             if self.use_maskiou:
@@ -416,6 +379,36 @@ class MultiBoxLoss:
         if not iou_inputs:
             return loss, None
         return loss, tuple(paddle.concat(t) for t in (iou_inputs, iou_targets, iou_labels, iou_weights))
+
+    def _per_mask_loss(self, proto, coeffs, g, anchors):
+        """The mask loss of each chosen anchor of one image: the part both paths share.
+
+        proto [h, w, K] and coeffs [P, K] of the image, g its ``_image_targets``,
+        anchors [n] int64 anchor indices (the paths differ only in how they choose them).
+        Returns (per-mask loss [n], predicted masks [h, w, n] (cropped to the matched
+        GT box with ``mask_proto_crop``), GT masks [h, w, n], matched truth indices [n]).
+        """
+        mask_h, mask_w = proto.shape[0], proto.shape[1]
+        with paddle.no_grad():
+            gt_masks = self._downsample_masks(g['masks'], mask_h, mask_w)      # [objects, h, w]
+            if self.binarize_downsampled_gt:
+                gt_masks = (gt_masks > 0.5).astype(proto.dtype)
+            obj_index = paddle.gather(g['idx_t'], anchors)
+            mask_t = paddle.gather(gt_masks, obj_index).transpose([1, 2, 0])   # [h, w, n]
+            boxes_t = paddle.gather(g['boxes_t'], anchors)                     # [n, 4]
+
+        pred_masks = F.sigmoid(paddle.matmul(proto, paddle.gather(coeffs, anchors), transpose_y=True))
+        if self.mask_proto_crop:
+            pred_masks = crop(pred_masks, boxes_t)
+        pixel_loss = _binary_cross_entropy(pred_masks, mask_t)                 # [h, w, n]
+
+        if self.normalize_emulate_roi_pooling:
+            weight = mask_h * mask_w if self.mask_proto_crop else 1
+            box_wh = center_size(boxes_t)[:, 2:]
+            per_mask = pixel_loss.sum(axis=[0, 1]) / (box_wh[:, 0] * mask_w) / (box_wh[:, 1] * mask_h) * weight
+        else:
+            per_mask = pixel_loss.sum(axis=[0, 1])
+        return per_mask, pred_masks, mask_t, obj_index
 
     def _mask_candidates(self, pos, k):
         """k anchors of one image, its positives first, in fixed-shape ops.

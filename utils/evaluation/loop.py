@@ -18,7 +18,8 @@ from tqdm import tqdm
 from data.coco import check_batches, eval_collate
 from utils.visual import plots
 from utils.evaluation import coco_eval
-from utils.errors import DatasetError
+from utils.errors import DatasetError, OutputError
+from utils.files import check_writable_folder
 from utils.runtime import dataloader_shared_memory, eval_sample_bytes
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,9 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
         an :class:`EvalSummary`.
     """
     cfg = predictor.cfg
+    if compute_map:
+        # Checked before the images are run, not when the tables are written.
+        check_writable_folder(log_dir, 'evaluation logs (--log_dir)')
     indices = evaluation_order(dataset.ids, max_images)
     class_to_cat = coco_eval.class_to_category(cfg.dataset.label_map_dict())
     if class_filter is not None:
@@ -195,13 +199,17 @@ def evaluate(predictor, dataset, results_dir, max_images=-1, num_workers=2, comp
         logger.info('mAP (COCOeval, %d images, %d categories%s) of %s:\n%s\n%s', len(scored), len(categories),
                     f'; {others} other categories of the file not scored' if others else '', cfg.name,
                     coco_eval.format_table(results), coco_eval.format_per_class_table(per_class))
-        log_path = coco_eval.eval_log_path(log_dir, cfg.name)
-        plot_path = plots.plot_per_class(scores, log_path[:-len('.json')] + '_per_class.png',
-                                         title=f'{cfg.name} on {cfg.dataset.name}, {len(scored)} images')
-        coco_eval.write_eval_log(
-            scores, log_path, config=cfg.name, dataset=cfg.dataset.name,
-            annotations=cfg.dataset.valid_info, num_images=len(scored), skipped=skipped,
-            image_ids=scored, category_ids=categories, result_files=files, per_class_plot=plot_path)
+        try:
+            log_path = coco_eval.eval_log_path(log_dir, cfg.name)
+            plot_path = plots.plot_per_class(scores, log_path[:-len('.json')] + '_per_class.png',
+                                             title=f'{cfg.name} on {cfg.dataset.name}, {len(scored)} images')
+            coco_eval.write_eval_log(
+                scores, log_path, config=cfg.name, dataset=cfg.dataset.name,
+                annotations=cfg.dataset.valid_info, num_images=len(scored), skipped=skipped,
+                image_ids=scored, category_ids=categories, result_files=files, per_class_plot=plot_path)
+        except OSError as err:
+            raise OutputError(f'cannot write the evaluation log to {log_dir}: {err.strerror or err}; the tables '
+                              f'are printed above and the results files kept ({", ".join(files.values())})') from err
         logger.info('saved %s and %s', log_path, plot_path)
     return EvalSummary(results, per_class, scored, skipped, files, log_path, plot_path, seconds)
 

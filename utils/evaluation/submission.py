@@ -339,10 +339,7 @@ def check_submission(zip_path, test_dev_info_file, max_num_detections=MAX_NUM_DE
                f'{len(over)} images over {max_num_detections} detections (e.g. '
                + ', '.join(f'image {i}: {n}' for i, n in sorted(over.items())[:3]) + ')'
                if over else f'at most {max(t.per_image.values(), default=0)} per image')
-    report.add('category ids', not t.bad_cats,
-               f'{sum(t.bad_cats.values())} detections with category ids not in the info file: '
-               f'{sorted(t.bad_cats, key=str)[:5]}' if t.bad_cats
-               else f'all within the {len(categories)} categories of the info file')
+    _check_category_ids(report, t, categories)
     report.add('scores', not t.bad_scores,
                f'{t.bad_scores} detections with a score that is not a finite number' if t.bad_scores
                else 'all finite')
@@ -356,6 +353,56 @@ def check_submission(zip_path, test_dev_info_file, max_num_detections=MAX_NUM_DE
     return report
 
 
+# The fewest distinct category ids from which contiguous class numbers are told apart from a model of few classes.
+CONTIGUOUS_MIN_IDS = 10
+
+
+def _check_category_ids(report, tally, categories):
+    """The ``category ids`` check: every id one of the info file's, and not contiguous class numbers.
+
+    Writing class numbers 1..N (the model's 1-based labels) instead of the
+    dataset's category ids is a common mistake that COCO's gaps (its 80
+    categories have ids 1..90) do not always reveal: a submission whose ids
+    are all valid but all fall inside 1..N, while the info file's ids go
+    beyond N, is refused too when it uses more than half of the N classes,
+    and at least CONTIGUOUS_MIN_IDS of them (a model of all COCO's classes on
+    test-dev uses ids above 80: sink, book, clock, ..., toothbrush; a few
+    ids say nothing).
+    """
+    n = len(categories)
+    top = max((c for c in categories if isinstance(c, int)), default=0)
+    if tally.bad_cats:
+        report.add('category ids', False,
+                   f'{sum(tally.bad_cats.values())} detections with category ids not in the info file: '
+                   f'{sorted(tally.bad_cats, key=str)[:5]}; ' + _likely_cause(set(tally.bad_cats), n, top))
+        return
+    used = tally.used_cats
+    contiguous = (top > n and len(used) > n // 2 and len(used) >= CONTIGUOUS_MIN_IDS
+                  and all(1 <= c <= n for c in used))
+    if contiguous:
+        report.add('category ids', False,
+                   f'the {len(used)} category ids used all lie in 1..{n} while the info file\'s {n} categories '
+                   f'span 1..{top}: contiguous class numbers written instead of the dataset\'s category ids '
+                   f'(map each 1-based class through the label map, e.g. data.config COCO_LABEL_MAP)')
+        return
+    report.add('category ids', True, f'all within the {n} categories of the info file')
+
+
+def _likely_cause(bad, n, top):
+    """What usually produces the invalid category ids ``bad`` (the info file has ``n`` ids up to ``top``)."""
+    numbers = {c for c in bad if isinstance(c, int) and not isinstance(c, bool)}
+    if numbers != bad:
+        return 'likely cause: ids that are not integers (text, lists, booleans); write each as a JSON integer'
+    if 0 in numbers and all(0 <= c < n for c in numbers):
+        return (f'likely cause: 0-based class indices (0..{n - 1}) written instead of the info file\'s category '
+                'ids; map each class through the label map')
+    if top > n and all(1 <= c <= n for c in numbers):
+        return (f'likely cause: contiguous class numbers (1..{n}) written instead of the info file\'s category ids, '
+                f'which span 1..{top} with gaps; map each class through the label map (data.config COCO_LABEL_MAP)')
+    return ('likely cause: the model was trained on another dataset\'s categories, or the results belong to '
+            'another info file')
+
+
 class _Tally:
     """Counts over a results array's records, one record at a time (memory stays flat).
 
@@ -363,7 +410,7 @@ class _Tally:
     records: all records; incomplete: those missing a required key (not
     checked further); mixed: those of the other kind; per_image {image_id:
     count}; foreign / foreign_ids: records on, and the ids of, images not in
-    the info file; bad_cats {category_id: count}; bad_scores; bad_boxes;
+    the info file; bad_cats {category_id: count}; used_cats: the valid category ids used; bad_scores; bad_boxes;
     rles: the _RleCheck of the segm masks.
     """
 
@@ -372,6 +419,7 @@ class _Tally:
         self.kind, self.required = None, None
         self.records = self.incomplete = self.mixed = self.foreign = self.bad_scores = self.bad_boxes = 0
         self.per_image, self.bad_cats, self.foreign_ids = defaultdict(int), defaultdict(int), set()
+        self.used_cats = set()
         self.rles = _RleCheck(images)
 
     def count(self, records):
@@ -406,6 +454,8 @@ class _Tally:
                 self.rles.add(image_id, r['segmentation'])
         if r['category_id'] not in self.categories or isinstance(r['category_id'], bool):
             self.bad_cats[_hashable(r['category_id'])] += 1
+        else:
+            self.used_cats.add(r['category_id'])
         if not _finite([r['score']]):
             self.bad_scores += 1
         if self.kind == 'bbox' and not (isinstance(r['bbox'], list) and len(r['bbox']) == 4 and _finite(r['bbox'])):

@@ -14,18 +14,21 @@ import paddle
 import paddle.distributed as dist
 
 from data.coco import COCODetection, COCOEvalImages, check_batches, detection_collate
+from data.images import DEFAULT_MAX_PIXELS
 from data.samplers import ResumableBatchSampler, SeededSamples
-from layers.box_utils import BACKENDS, use_device_path
+from layers.backend import check_backend, use_device_path
 from layers.modules.multibox_loss import MultiBoxLoss
-from utils.weights import checkpoint
+from utils.training import checkpoint
 from data.transforms import BaseTransform, SSDAugmentation
-from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, YolactError
+from utils.errors import ConfigError, DatasetError, MissingFileError, OutputError, Terminated, YolactError
 from utils.evaluation.loop import evaluate
+from utils.files import check_writable_folder
+from utils.training.cpu_ops import use_cpu_training_convolutions
 from utils.training.logger import TrainingLogger
 from utils.training.lr_schedule import WarmupStepSchedule
-from utils.weights.loader import init_for_finetuning, load_weights_file
+from utils.weights.loader import WeightsFile, init_for_finetuning, load_backbone_weights
 from utils.predictor import Predictor
-from utils.runtime import dataloader_shared_memory, training_batch_bytes
+from utils.runtime import dataloader_shared_memory, sigterm_as_interrupt, training_batch_bytes
 from yolact import Yolact
 
 logger = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ class TrainOptions:
     """The settings of a run that are not the model's config (train.py's flags of the same names).
 
     batch_size is the total over all devices. resume: a checkpoint path,
-    'interrupt' or 'latest' (see utils.weights.checkpoint.find_resume_checkpoint);
+    'interrupt' or 'latest' (see utils.training.checkpoint.find_resume_checkpoint);
     start_iter -1 reads the iteration from it. trained_model: weights to
     fine-tune; backbone_weights: ImageNet weights ('none': random
     initialisation; None: <save_folder>/<the config's backbone file>). strict: stop at a bad
@@ -48,6 +51,7 @@ class TrainOptions:
     (utils.runtime.dataloader_shared_memory). keep_best: keep the weights of the best
     validation mask AP as <save_folder>/<config>_best.pdparams. include_background_images:
     train on the images without annotations too (data.coco.COCODetection include_background).
+    max_image_pixels: the pixel cap of every image read (data.images.read_image); larger images are skipped.
     """
     batch_size: int = 8
     num_workers: int = 4
@@ -69,6 +73,7 @@ class TrainOptions:
     shared_memory: str = 'auto'
     keep_best: bool = False
     include_background_images: bool = False
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
 
 
 class NonFiniteLossError(YolactError):
@@ -84,10 +89,11 @@ def batch_norm_frozen(cfg, opts, world_size):
     variance 1 everywhere, so freezing it would remove all normalisation and
     a deep ResNet's activations explode within a few iterations. From scratch,
     BatchNorm therefore always learns from batch statistics, noisy as they
-    are for small batches.
+    are for small batches. A --resume 'interrupt' or 'latest' that finds no
+    checkpoint is a new run here too.
     """
     per_device = opts.batch_size // world_size
-    pretrained = (opts.resume is not None or opts.trained_model is not None
+    pretrained = (resume_found(opts, cfg.name) or opts.trained_model is not None
                   or (opts.backbone_weights or default_backbone_weights(cfg, opts.save_folder)).lower() != 'none')
     if not pretrained:
         if per_device < MIN_BN_BATCH:
@@ -103,6 +109,24 @@ def batch_norm_frozen(cfg, opts, world_size):
     return cfg.freeze_bn
 
 
+
+
+def resume_found(opts, model_name):
+    """Whether ``opts.resume`` designates a checkpoint: a path, or an 'interrupt' / 'latest' one that exists."""
+    if opts.resume is None:
+        return False
+    if opts.resume == 'interrupt':
+        return checkpoint.interrupt_checkpoint(opts.save_folder) is not None
+    if opts.resume == 'latest':
+        return checkpoint.latest_checkpoint(opts.save_folder, model_name) is not None
+    return True
+
+
+def resolve_resume(opts, model_name):
+    """``opts`` with ``resume`` replaced by the checkpoint it designates, or by None when 'interrupt' /
+    'latest' finds none (warned): the run is then exactly a run without --resume."""
+    return dataclasses.replace(opts, resume=checkpoint.find_resume_checkpoint(opts.resume, opts.save_folder,
+                                                                              model_name))
 
 
 class NetLoss(paddle.nn.Layer):
@@ -161,7 +185,7 @@ class Trainer:
     Only rank 0 writes checkpoints and logs.
 
     ``backend`` ('auto', 'device', 'host') is where the loss and the step's
-    bookkeeping run (layers.box_utils.use_device_path; 'auto': the device path
+    bookkeeping run (layers.backend.use_device_path; 'auto': the device path
     on a GPU). On the host path the loss terms are read every iteration; on
     the device path nothing is copied to the host between the loss logging
     intervals: the terms and the finite flag of each iteration stay on the
@@ -170,14 +194,19 @@ class Trainer:
     """
 
     def __init__(self, cfg, opts, rank=0, world_size=1, backend='auto'):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        check_backend(backend)
         self.opts, self.cfg = opts, cfg
         self.rank, self.world_size = rank, world_size
+        if rank == 0:
+            # Before any work: an unwritable folder found at the first save would cost the training up to it.
+            check_writable_folder(opts.save_folder, 'checkpoints (--save_folder)')
+            check_writable_folder(opts.log_folder, 'training logs (--log_folder)')
         self.backend = backend
         paddle.seed(opts.seed)
         self.schedule = WarmupStepSchedule.from_config(cfg)
         self.net = Yolact.from_config(cfg)
+        # Its convolutions through oneDNN's while training on the CPU (F.conv2d elsewhere).
+        use_cpu_training_convolutions(self.net)
         self.net.train()
         if cfg.freeze_bn:
             self.net.freeze_bn(True)
@@ -191,6 +220,8 @@ class Trainer:
         self.net_loss = (paddle.DataParallel(net_loss, find_unused_parameters=True)
                          if world_size > 1 else net_loss)
 
+        # Which checkpoints are kept (--keep_latest, --keep_best, interrupts).
+        self.keep = checkpoint.CheckpointPolicy.from_options(opts, cfg.name)
         # The checkpoint --keep_latest deletes at the next save: the last one written or resumed from.
         self.last_checkpoint = None
         self.saved_iteration = None
@@ -201,7 +232,8 @@ class Trainer:
 
         self.rng = np.random.RandomState()
         train_set = COCODetection.from_config(cfg, SSDAugmentation.from_config(cfg, rng=self.rng),
-                                              strict=opts.strict, include_background=opts.include_background_images)
+                                              strict=opts.strict, include_background=opts.include_background_images,
+                                              max_pixels=opts.max_image_pixels)
         if opts.include_background_images:
             negatives = sum(1 for i in train_set.ids if not train_set.coco.imgToAnns.get(i))
             logger.info('training on %d images without annotations as negatives (--include_background_images)',
@@ -220,10 +252,11 @@ class Trainer:
 
         self.validation = opts.validation_epoch > 0 and bool(cfg.dataset.valid_info)
         if self.validation and rank == 0:
-            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict)
+            self.val_set = COCOEvalImages.from_config(cfg, BaseTransform.from_config(cfg), strict=opts.strict,
+                                                      max_pixels=opts.max_image_pixels)
             self.predictor = Predictor.from_network(cfg, self.net)
-        self.best_path = os.path.join(opts.save_folder, f'{cfg.name}_best{checkpoint.WEIGHTS_EXT}')
-        self.best_mask_ap = self._recorded_best() if opts.keep_best else None
+        self.best_path = self.keep.best_path
+        self.best_mask_ap = self.keep.recorded_best(opts.resume is not None) if opts.keep_best else None
         self.log = (TrainingLogger(opts.log_folder, cfg.max_iter, start_iter=self.iteration,
                                    log_interval=opts.log_interval) if rank == 0 else None)
 
@@ -236,7 +269,7 @@ class Trainer:
             self.last_checkpoint = resume
             if resume.endswith('.pth'):
                 # A checkpoint of the reference's own training: weights only.
-                load_weights_file(self.net, resume, cfg)
+                WeightsFile(resume).load_into(self.net, cfg)
                 record, has_optimizer = None, False
             else:
                 record, has_optimizer = checkpoint.load_checkpoint(resume, self.net, self.optimizer, self.scaler)
@@ -269,15 +302,21 @@ class Trainer:
                     f'backbone weights {path} not found: convert the reference file {cfg.backbone.path} with '
                     f"tools/convert_weights.py --backbone, pass --backbone_weights, or 'none' to train from scratch")
             else:
-                checkpoint.load_backbone_weights(self.net.backbone, path)
+                load_backbone_weights(self.net.backbone, path)
         return max(opts.start_iter, 0)
 
     # ---------------------------------------------------------------- the loop --
     def run(self):
-        """Train until cfg.max_iter. Returns 'done', or 'interrupted' after Ctrl+C (checkpoint saved)."""
-        cfg, opts = self.cfg, self.opts
+        """Train until cfg.max_iter. Returns 'done', or 'interrupted' after Ctrl+C, 'terminated' after SIGTERM
+        (utils.runtime.sigterm_as_interrupt), both with an interrupt checkpoint saved."""
+        cfg = self.cfg
         logger.info('training %s on %s: %d images, %d iterations per epoch, iterations %d..%d',
                     cfg.name, cfg.dataset.name, len(self.train_set), self.epoch_size, self.iteration, cfg.max_iter)
+        with sigterm_as_interrupt():
+            return self._run()
+
+    def _run(self):
+        cfg, opts = self.cfg, self.opts
         try:
             while self.iteration < cfg.max_iter:
                 self._run_epoch()
@@ -290,13 +329,13 @@ class Trainer:
             self.save()
             if self.validation:
                 self.validate()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
+            # The DataLoader's iterator (and its workers) ends with the loop's frames, already unwound.
             self.read_losses()
             if self.rank == 0:
                 logger.info('stopping early: saving an interrupt checkpoint')
-                path = self.save(interrupt=True)
-                checkpoint.remove_interrupts(self.opts.save_folder, keep=path)
-            return 'interrupted'
+                self.save(interrupt=True)
+            return 'terminated' if isinstance(stop, Terminated) else 'interrupted'
         finally:
             if self.log is not None:
                 self.log.close()
@@ -407,39 +446,19 @@ class Trainer:
         """Write the checkpoint of the current iteration (rank 0); returns its path."""
         if self.rank != 0:
             return None
-        opts, cfg = self.opts, self.cfg
-        path = checkpoint.SavePath(cfg.name, self.epoch, self.iteration, interrupt).path(opts.save_folder)
+        path = self.keep.path(self.epoch, self.iteration, interrupt)
         if self.saved_iteration == self.iteration and not interrupt:
             return path
         record = self._state()
         logger.info('saving %s', path)
         try:
             checkpoint.save_checkpoint(path, self.net, self.optimizer, record, self.scaler)
-        except OSError as err:
-            raise OutputError(f'cannot save checkpoint {path}: {err.strerror or err}; kept: '
-                              f'{self.last_checkpoint or "no earlier checkpoint of this run"}') from err
+        except OutputError as err:
+            raise OutputError(f'{err}; kept: {self.last_checkpoint or "no earlier checkpoint of this run"}') from err
         self.saved_iteration = self.iteration
         previous, self.last_checkpoint = self.last_checkpoint, path
-        if opts.keep_latest and not interrupt and previous is not None \
-                and os.path.abspath(previous) != os.path.abspath(path) and not self._kept_by_interval(previous):
-            logger.info('deleting the previous checkpoint %s (--keep_latest)', previous)
-            checkpoint.remove_checkpoint(previous)
+        self.keep.saved(path, previous, interrupt)
         return path
-
-    def _kept_by_interval(self, previous):
-        """Whether --keep_latest keeps ``previous`` (the reference's rule): it sits at a multiple of
-        --keep_latest_interval, by its own iteration. A file not named like our checkpoints
-        (a .pth or a renamed file resumed from) is not ours to delete.
-
-        (The reference tests the new checkpoint's iteration against ``save_interval``, which
-        only works while save_interval < keep_latest_interval: otherwise every checkpoint is deleted.)
-        """
-        try:
-            saved = checkpoint.SavePath.from_path(previous)
-        except ValueError:
-            return True
-        interval = self.opts.keep_latest_interval
-        return not saved.interrupt and interval > 0 and saved.iteration % interval == 0
 
     def validate(self):
         """COCO box and mask mAP on up to --validation_size validation images (rank 0; others wait).
@@ -467,25 +486,15 @@ class Trainer:
         if self.world_size > 1:
             dist.barrier()
 
-    def _recorded_best(self):
-        """The mask AP of the best checkpoint a resumed run kept (-1 for a new run: any AP beats it)."""
-        if self.opts.resume is None or not checkpoint.is_complete(self.best_path):
-            return -1.0
-        best = checkpoint.read_record(self.best_path).mask_AP
-        return -1.0 if best is None else float(best)
-
     def _keep_if_best(self, results):
         """Save the weights as the best checkpoint when this validation's mask AP beats the best so far."""
         mask_ap = results['segm']['AP']
-        if mask_ap <= self.best_mask_ap:
+        if not self.keep.is_better(mask_ap, self.best_mask_ap):
             logger.info('mask AP %.2f is not above the best %.2f: %s kept', 100 * mask_ap,
                         100 * self.best_mask_ap, self.best_path)
             return
         record = dataclasses.replace(self._state(), mask_AP=mask_ap, box_AP=results['bbox']['AP'])
-        try:
-            checkpoint.save_checkpoint(self.best_path, self.net, None, record)
-        except OSError as err:
-            raise OutputError(f'cannot save the best checkpoint {self.best_path}: {err.strerror or err}') from err
+        checkpoint.save_checkpoint(self.best_path, self.net, None, record)
         logger.info('best mask AP so far, %.2f at iteration %d (previous best %s): saved %s', 100 * mask_ap,
                     self.iteration, f'{100 * self.best_mask_ap:.2f}' if self.best_mask_ap >= 0 else 'none',
                     self.best_path)

@@ -14,7 +14,7 @@ import cv2
 import paddle
 from tqdm import tqdm
 
-from data.coco import read_image
+from data.images import DEFAULT_MAX_PIXELS, check_pixels, read_image
 from utils.visual.drawing import draw_detections
 from utils.errors import ConfigError, MissingFileError, OutputError, UnreadableFileError, YolactError
 from utils.evaluation.results import keep_classes
@@ -100,12 +100,17 @@ def _show(title, image, wait_ms):
         raise YolactError('cannot open a window here (no display?); give an output path, IN:OUT') from e
 
 
-def eval_image(detector, in_path, out_path=None, show=True):
-    """Detect in one image; write the drawing to ``out_path`` or show it (unless not ``show``)."""
+def eval_image(detector, in_path, out_path=None, show=True, max_pixels=DEFAULT_MAX_PIXELS):
+    """Detect in one image; write the drawing to ``out_path`` or show it (unless not ``show``).
+
+    An image that cannot be read, or above ``max_pixels`` (data.images.read_image),
+    is an UnreadableFileError naming it.
+    """
+    image = read_image(in_path, max_pixels=max_pixels)
     if out_path is None and not show:
-        detector.detect(read_image(in_path), in_path)
+        detector.detect(image, in_path)
         return
-    drawn = detector(read_image(in_path), in_path)
+    drawn = detector(image, in_path)
     if out_path is None:
         _show(in_path, drawn, 0)
     else:
@@ -136,12 +141,13 @@ def output_names(names):
     return out
 
 
-def eval_images(detector, in_dir, out_dir, progress=True):
+def eval_images(detector, in_dir, out_dir, progress=True, max_pixels=DEFAULT_MAX_PIXELS):
     """Detect in every file of ``in_dir`` (sorted); drawings go to ``out_dir/<stem>.png`` (None: no drawings).
 
     Inputs sharing a stem are drawn to ``<name>.png`` (:func:`output_names`);
-    a drawing never replaces one of the inputs (ConfigError). Unreadable files
-    are skipped with a warning naming them. Returns (written paths, skipped input paths).
+    a drawing never replaces one of the inputs (ConfigError). Unreadable files,
+    and images above ``max_pixels`` (data.images.read_image), are skipped with a
+    warning naming them. Returns (written paths, skipped input paths).
     """
     if not os.path.isdir(in_dir):
         raise MissingFileError(f'--images: {in_dir!r} is not a folder')
@@ -164,7 +170,7 @@ def eval_images(detector, in_dir, out_dir, progress=True):
     for name in tqdm(names, unit='img', desc='Images', disable=not progress):
         in_path = os.path.join(in_dir, name)
         try:
-            image = read_image(in_path)
+            image = read_image(in_path, max_pixels=max_pixels)
         except OSError as e:
             logger.warning('skipping %s', e)
             skipped.append(in_path)
@@ -189,20 +195,29 @@ def _read_frames(capture, frames, stop):
             return
 
 
-def eval_video(detector, source, out_path=None, progress=True, show=True):
+def eval_video(detector, source, out_path=None, progress=True, show=True, max_pixels=DEFAULT_MAX_PIXELS):
     """Detect in a video file or camera; write an mp4 to ``out_path`` or show the frames (Esc stops;
     without ``show``, the frames are only detected, for the detector's results).
 
-    Frames are decoded in a background thread while the network runs.
-    Returns the number of frames processed.
+    Frames are decoded in a background thread while the network runs. A frame
+    size above ``max_pixels`` (the cap of data.images.read_image) is refused
+    before the first frame is decoded. Returns the number of frames processed.
     """
-    capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    try:
+        capture = cv2.VideoCapture(int(source) if source.isdigit() else source)
+    except cv2.error as err:    # OpenCV 5 raises where OpenCV 4 returns a closed capture
+        raise UnreadableFileError(f'cannot open video {source!r}: {str(err).strip()}') from None
     if not capture.isOpened():
         raise UnreadableFileError(f'cannot open video {source!r} (missing file, unsupported codec or no such camera)')
     fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
     width = round(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
     height = round(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
     total = round(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    try:
+        check_pixels(width, height, max_pixels, f'video {source!r}')
+    except UnreadableFileError:
+        capture.release()
+        raise
     writer = None
     if out_path is not None:
         folder = os.path.dirname(os.path.abspath(out_path))

@@ -21,6 +21,10 @@ Two kinds of files are converted:
   ``conv2.conv_offset_mask.*`` or ``conv2.bias`` for the deformable blocks;
   those, and only those, stay at their initialisation (zero, as in the
   reference) and are listed in the report.
+
+Either kind saved from a ``torch.nn.DataParallel`` wrapper has every key
+prefixed ``module.``; that prefix is stripped (one info line, and a line of
+the converter's report) when every key has it, never from a few keys.
 """
 import logging
 import os
@@ -65,6 +69,9 @@ IMAGENET_CLASSIFIER_DROP = (lambda key: key in ('fc.weight', 'fc.bias'),
 # (YOLACT++) block. The reference zero-initialises them before training.
 DCN_INIT_KEYS = re.compile(r'^layers\.\d+\.\d+\.conv2\.(bias|conv_offset_mask\.(weight|bias))$')
 
+# What torch.nn.DataParallel (and DistributedDataParallel) put before every key of the model it wraps.
+DATA_PARALLEL_PREFIX = 'module.'
+
 
 class ConversionError(WeightsError):
     """The source does not fit the target; lists every offending key by name."""
@@ -90,13 +97,19 @@ class ConversionReport:
 
     converted: target keys written; dropped: (source key, reason) pairs;
     left_at_init: target keys the source cannot provide, kept at the model's
-    initialisation (only DCN extras of an ImageNet backbone).
+    initialisation (only DCN extras of an ImageNet backbone); stripped_prefix:
+    the prefix removed from every source key (DATA_PARALLEL_PREFIX), or ''.
     """
     source: str
     target: str
     converted: Tuple[str, ...]
     dropped: Tuple[Tuple[str, str], ...]
     left_at_init: Tuple[str, ...] = ()
+    stripped_prefix: str = ''
+
+    def prefix_note(self):
+        """The line saying that a DataParallel prefix was stripped, or '' when none was."""
+        return _prefix_note(self.source, self.stripped_prefix) if self.stripped_prefix else ''
 
     def summary(self):
         """One line: file, target, counts."""
@@ -168,13 +181,14 @@ def convert_checkpoint(src_path, cfg):
         utils.weights.pth_reader.PthError if the file cannot be read; ConversionError
         naming every key that does not fit (e.g. the wrong config).
     """
-    source = load_pth(src_path)
+    source, stripped = _without_data_parallel_prefix(load_pth(src_path), src_path)
     target = _target_shapes(Yolact.from_config(cfg))
     params, dropped = convert_state_dict(
         source, target, [fpn_downsample_drop(cfg.fpn.num_downsample)],
         context=f' ({os.path.basename(src_path)} with config {cfg.name})')
     params = _as_float32(params, src_path)
-    return params, ConversionReport(src_path, f'config {cfg.name}', tuple(params), tuple(dropped))
+    return params, ConversionReport(src_path, f'config {cfg.name}', tuple(params), tuple(dropped),
+                                    stripped_prefix=stripped)
 
 
 def convert_backbone(src_path, backbone_cfg):
@@ -187,7 +201,7 @@ def convert_backbone(src_path, backbone_cfg):
             leaves its deformable extras (DCN_INIT_KEYS) at initialisation.
     Returns:
         ({backbone key: float32 np.ndarray}, ConversionReport) -- keys without
-        the ``backbone.`` prefix, as ``utils.weights.checkpoint.load_backbone_weights`` loads them.
+        the ``backbone.`` prefix, as ``utils.weights.loader.load_backbone_weights`` loads them.
     Raises:
         utils.weights.pth_reader.PthError or ConversionError as convert_checkpoint.
     """
@@ -195,7 +209,7 @@ def convert_backbone(src_path, backbone_cfg):
         renames, drops = TORCHVISION_RENAMES, [IMAGENET_CLASSIFIER_DROP]
     else:
         renames, drops = (), []
-    source = load_pth(src_path)
+    source, stripped = _without_data_parallel_prefix(load_pth(src_path), src_path)
     target = _target_shapes(construct_backbone(backbone_cfg))
     provided = {_renamed(_renamed(k, renames), RENAMES) for k in source}
     left_at_init = tuple(k for k in target if DCN_INIT_KEYS.match(k) and k not in provided)
@@ -205,7 +219,7 @@ def convert_backbone(src_path, backbone_cfg):
         extra_renames=renames)
     params = _as_float32(params, src_path)
     return params, ConversionReport(src_path, f'backbone {backbone_cfg.name}', tuple(params),
-                                    tuple(dropped), left_at_init)
+                                    tuple(dropped), left_at_init, stripped)
 
 
 def imagenet_backbone(path):
@@ -228,11 +242,25 @@ def save_params(params, path):
     """Write {key: np.ndarray} as a ``.pdparams`` of float32 Paddle tensors.
 
     Written atomically (utils/files.py): an interrupted conversion never
-    leaves a partial file under the final name.
+    leaves a partial file under the final name. The folder is created when missing.
     Load with ``net.set_state_dict(paddle.load(path))``.
     """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_paddle_save({k: paddle.to_tensor(v, dtype='float32') for k, v in params.items()}, path)
     logger.info('wrote %d tensors to %s', len(params), path)
+
+
+def _without_data_parallel_prefix(source, src_path):
+    """(source, '') or, when every key starts with DATA_PARALLEL_PREFIX, (source without it, the prefix)."""
+    if not source or not all(key.startswith(DATA_PARALLEL_PREFIX) for key in source):
+        return source, ''
+    logger.info('%s', _prefix_note(src_path, DATA_PARALLEL_PREFIX))
+    stripped = type(source)((key[len(DATA_PARALLEL_PREFIX):], value) for key, value in source.items())
+    return stripped, DATA_PARALLEL_PREFIX
+
+
+def _prefix_note(src_path, prefix):
+    return f'{os.path.basename(src_path)}: saved from DataParallel; stripped the prefix {prefix!r} from every key'
 
 
 def _target_shapes(layer):

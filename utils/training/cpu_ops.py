@@ -7,20 +7,27 @@ which PyTorch uses (Intel Xeon, 1 thread, forward + backward, batch 2:
 256 -> 256 channels at 69x69 246 ms against 166 ms; 64 -> 64 at 138x138
 128 ms against 60 ms).
 
-``layers/cpu_ops.cc`` is the op ``cpu_conv2d``: conv + bias on Paddle's own
-``libdnnl.so.3``. It is compiled once per Paddle version, on first use, into
-``$YOLACT_CACHE/ops`` (default ``~/.cache/yolact/ops``), with the oneDNN
-headers of the pip package ``onednn-devel-cpu-gomp`` (pinned in
+``cpu_ops.cc`` (beside this file) is the op ``cpu_conv2d``: conv + bias on
+Paddle's own ``libdnnl.so.3``. It is compiled once per Paddle version, on
+first use, into ``$YOLACT_CACHE/ops`` (default ``~/.cache/yolact/ops``), with
+the oneDNN headers of the pip package ``onednn-devel-cpu-gomp`` (pinned in
 requirements-cpu-ops.txt, which tools/setup.sh installs).
+
+The model (yolact.py, backbone.py) computes plain convolutions and knows
+nothing of this module: :func:`use_cpu_training_convolutions` swaps it in
+from the training side (the Trainer, tools/benchmark.py --train), replacing
+the ``forward`` and ``convolve`` of the network's ``backbone.Conv2D`` layers,
+as export switches the network's Resize layers.
 
 :func:`conv2d` takes the op only while training on the CPU: dygraph,
 float32, gradients being recorded for an input, groups 1 and a kernel
 larger than 1x1 (a 1x1 conv is a plain GEMM in Paddle, faster than
 oneDNN's with its layout reorders). Everything else, inference and exports
-included, is ``F.conv2d``, as before. The two agree to float rounding
-(tests/test_cpu_ops.py). When the op cannot be built (no compiler, no
-headers, a Paddle without ``libdnnl.so.3``) one warning names the cause
-and training goes on with ``F.conv2d``.
+included, is ``F.conv2d``. The two agree to float rounding
+(tests/test_cpu_ops.py). The op is an optimisation: when it cannot be built
+or loaded (no compiler, no headers, a Paddle without ``libdnnl.so.3``, a
+read-only or full cache folder) one warning names the cause and training
+goes on with ``F.conv2d``; a built op that no longer loads is rebuilt.
 """
 import contextlib
 import functools
@@ -34,12 +41,15 @@ import time
 import paddle
 import paddle.nn.functional as F
 
+from backbone import Conv2D
+
 logger = logging.getLogger(__name__)
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cpu_ops.cc')
 # requirements-cpu-ops.txt pins it (oneDNN 3.2's headers; oneDNN keeps its ABI within a major version).
 HEADERS_PACKAGE = 'onednn-devel-cpu-gomp'
-REQUIREMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'requirements-cpu-ops.txt')
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REQUIREMENTS = os.path.join(_ROOT, 'requirements-cpu-ops.txt')
 INSTALL_HINT = f'pip install --no-deps -r {REQUIREMENTS}'
 _MODULE_NAME = 'yolact_cpu_ops'
 
@@ -85,6 +95,49 @@ def add_channel_bias(x, bias):
     """
     b, c, h, w = x.shape
     return (x.reshape([b, c, h * w]) + bias.reshape([c, 1])).reshape([b, c, h, w])
+
+
+def use_cpu_training_convolutions(net):
+    """Route the convolutions of ``net``'s ``backbone.Conv2D`` layers through :func:`conv2d`.
+
+    Replaces each such layer's ``forward`` (its own kernel and bias) and
+    ``convolve`` (a computed kernel: a frozen BatchNorm folded in, the fused
+    heads) by :func:`conv2d` with the layer's geometry: the oneDNN op while
+    training on the CPU, ``F.conv2d`` otherwise, so the same network also
+    validates and runs on a GPU unchanged. Other layers keep theirs (the
+    deformable convolution's offset conv is a plain ``nn.Conv2D``).
+
+    Returns a function that restores the layers' own methods.
+    """
+    layers = [layer for layer in net.sublayers(include_self=True)
+              if isinstance(layer, Conv2D) and layer._data_format == 'NCHW' and layer._padding_mode == 'zeros']
+    for layer in layers:
+        layer.forward = functools.partial(_forward, layer)
+        layer.convolve = functools.partial(_convolve, layer)
+
+    def restore():
+        for layer in layers:
+            for name in ('forward', 'convolve'):
+                layer.__dict__.pop(name, None)
+    return restore
+
+
+@contextlib.contextmanager
+def cpu_training_convolutions(net):
+    """:func:`use_cpu_training_convolutions` for the ``with`` block; the layers' own methods after it."""
+    restore = use_cpu_training_convolutions(net)
+    try:
+        yield net
+    finally:
+        restore()
+
+
+def _forward(layer, x):
+    return conv2d(x, layer.weight, layer.bias, layer._stride, layer._padding, layer._dilation, layer._groups)
+
+
+def _convolve(layer, x, weight, bias):
+    return conv2d(x, weight, bias, layer._stride, layer._padding, layer._dilation, layer._groups)
 
 
 def _trains_on_cpu(*tensors):
@@ -137,21 +190,49 @@ def _build_and_load():
     if shutil.which(os.environ.get('CXX', 'c++')) is None and shutil.which('g++') is None:
         raise OpUnavailable('no C++ compiler (c++ or g++) on PATH')
     include = _headers()
+    cache = ops_cache_dir()
+    build_dir, key = build_folder()
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+        with _locked(build_dir + '.lock'):
+            return _build_or_load(build_dir, include, libdnnl, key)
+    except OSError as e:   # the cache folder's: read-only, full, not a folder ... (the compiler's are OpUnavailable)
+        raise OpUnavailable(f'the op cache folder {cache} cannot be written ({e.strerror or e}); '
+                            'set YOLACT_CACHE to a writable folder') from None
+
+
+def build_folder():
+    """(the op's build folder in :func:`ops_cache_dir`, its key): one per source and Paddle build."""
     with open(SOURCE, 'rb') as f:
         source = f.read()
     key = hashlib.sha256(source + paddle.__version__.encode() + paddle.version.commit.encode()).hexdigest()[:16]
-    build_dir = os.path.join(ops_cache_dir(), f'cpu_ops-{paddle.__version__}-{key}')
-    os.makedirs(build_dir, exist_ok=True)
+    return os.path.join(ops_cache_dir(), f'cpu_ops-{paddle.__version__}-{key}'), key
+
+
+def _build_or_load(build_dir, include, libdnnl, key):
+    """The module from ``build_dir``, built first when it is not; a build that no longer loads is rebuilt once."""
+    done = os.path.join(build_dir, 'done')
+    built = os.path.isfile(done)
     start = time.time()
-    with _locked(build_dir + '.lock'):
-        built = os.path.isfile(os.path.join(build_dir, 'done'))
-        if not built:
-            logger.info('building the oneDNN convolution op in %s (once per Paddle version)', build_dir)
+    if not built:
+        logger.info('building the oneDNN convolution op in %s (once per Paddle version)', build_dir)
+    try:
         module = _compile(build_dir, include, libdnnl)
+    except OpUnavailable as e:
         if not built:
-            with open(os.path.join(build_dir, 'done'), 'w') as f:
-                f.write(f'{paddle.__version__} {key}\n')
-            logger.info('oneDNN convolution op built in %.1f s', time.time() - start)
+            raise
+        # A build that loaded before (an interrupted write, a full disk, a changed system library):
+        # the compiler's up-to-date check does not see it, so the folder goes and the op is built anew.
+        logger.warning('the oneDNN convolution op in %s does not load (%s): building it again', build_dir, e)
+        shutil.rmtree(build_dir)
+        os.makedirs(build_dir)
+        built = False
+        start = time.time()
+        module = _compile(build_dir, include, libdnnl)
+    if not built:
+        with open(done, 'w') as f:
+            f.write(f'{paddle.__version__} {key}\n')
+        logger.info('oneDNN convolution op built in %.1f s', time.time() - start)
     return module
 
 
@@ -178,13 +259,14 @@ def _compile(build_dir, include, libdnnl):
     from paddle.utils.cpp_extension import load
 
     log_path = os.path.join(build_dir, 'build.log')
-    try:
-        with _output_to(log_path):
+    with _output_to(log_path):      # an OSError opening the log is the cache folder's (see _build_and_load)
+        try:
             return load(name=_MODULE_NAME, sources=[SOURCE], build_directory=build_dir, verbose=False,
                         extra_cxx_cflags=['-O2', '-I' + include],
                         extra_ldflags=[libdnnl, '-Wl,-rpath,' + os.path.dirname(libdnnl)])
-    except Exception as e:  # the compiler's or the loader's failure, whatever its type: say it, train on
-        raise OpUnavailable(f'building {SOURCE} failed ({type(e).__name__}: {e}); see {log_path}') from None
+        except Exception as e:  # the compiler's or the loader's failure, whatever its type: say it, train on
+            failure = f'{type(e).__name__}: {e}'
+    raise OpUnavailable(f'building {SOURCE} failed ({failure}); see {log_path}')
 
 
 @contextlib.contextmanager

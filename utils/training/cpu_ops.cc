@@ -1,4 +1,4 @@
-// cpu_conv2d, a Paddle custom op built and loaded by layers/cpu_ops.py: 2-D convolution + bias of
+// cpu_conv2d, a Paddle custom op built and loaded by utils/training/cpu_ops.py: 2-D convolution + bias of
 // float32 NCHW tensors through oneDNN's direct convolution (forward, backward data, backward
 // weights and bias), on Paddle's own libdnnl.so.3.
 //
