@@ -372,7 +372,10 @@ def split_detections(outputs, sizes, threshold):
                'boxes': bbox[rows, 2:6][keep].astype(np.float32), 'masks': None}
         det['mask_scores'] = mask_scores[rows][keep].astype(np.float32) if mask_scores is not None else det['scores']
         if masks is not None:
-            det['masks'] = np.asarray(masks[rows][keep][:, :h, :w]) > 0
+            # Thresholded before the rows are selected: a copy of the selected int32 masks would
+            # cost 4x the memory of the bool ones (100 masks at 1920x1080: 829 MB against 207 MB).
+            own = np.asarray(masks[rows])[:, :h, :w] > 0
+            det['masks'] = own if keep.all() else own[keep]
         results.append(det)
     return results
 
