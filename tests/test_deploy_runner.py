@@ -263,7 +263,7 @@ def test_bad_input_one_line(shapes, tmp_path):
     (folder / 'model' / 'infer_cfg.yml').write_text('Preprocess:\n- type: Magic\nlabel_list: [a]\n')
     proc = run_runner(folder, '--image_file', 'ok.png', '--output_dir', 'out')
     assert proc.returncode == 1 and "infer_cfg.yml: Preprocess op 'Magic'" in proc.stderr.strip()
-    assert not os.path.exists(folder / 'out')
+    assert not os.path.exists(folder / 'out') and not os.path.exists(folder / 'output'), 'a refused run creates nothing'
 
 
 def test_bf16_refused_without_cpu_support(monkeypatch):

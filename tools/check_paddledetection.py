@@ -275,6 +275,7 @@ def compare(result, ref):
         ref_masks = np.unpackbits(ref['post_masks_packed'], axis=-1)[..., :ref['post_masks_shape'][2]].astype(bool)
         masks = np.asarray(result['masks'])[keep][:n, :ref_masks.shape[1], :ref_masks.shape[2]] > 0
         m['mask'] = float((masks == ref_masks[:n]).mean()) if n else 1.0
+        m['mask_differ'] = int((masks != ref_masks[:n]).sum())
     if 'post_mask_scores' in ref and result.get('mask_scores') is not None:
         ms = np.asarray(result['mask_scores'])[keep]
         m['mask_score'] = float(np.abs(ms[:n] - ref['post_mask_scores'][:n]).max()) if n else 0.0
@@ -288,7 +289,7 @@ def format_row(config, fmt, client, m, note=''):
         return '| %s | %s | %s | fails | | | | | | %s |' % (config, fmt, client, note)
     return '| %s | %s | %s | %d/%d | %s | %.3g | %.3g | %s | %s | %s |' % (
         config, fmt, client, m['n'], m['n_ref'], 'yes' if m['classes_equal'] else 'NO', m['box'], m['score'],
-        '%.5f %%' % (100 * m['mask']) if 'mask' in m else '-',
+        '%.5f %% (%d px differ)' % (100 * m['mask'], m['mask_differ']) if 'mask' in m else '-',
         '%.3g' % m['mask_score'] if 'mask_score' in m else '-', ('pass' if m['pass'] else 'MISS') +
         ('; ' + note if note else ''))
 

@@ -502,6 +502,7 @@ def _first_line(error):
 def atomic_write(path, data):
     """Write bytes to ``path`` through a temporary file in the same folder (no half-written file under the name)."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', dir=folder)
     try:
         with os.fdopen(fd, 'wb') as f:
@@ -514,10 +515,17 @@ def atomic_write(path, data):
 
 
 def check_output_dir(path):
-    """Create ``path`` if needed and prove it writable, before any work."""
+    """Prove, before any work, that ``path`` can be created and written; creates nothing.
+
+    Probes the folder, or its nearest existing parent when it does not exist yet, with a temporary file.
+    """
+    probe_dir = os.path.abspath(path)
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        raise RunnerError(f'{path}: output folder not writable ({probe_dir} is a file)')
     try:
-        os.makedirs(path, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=path)
+        fd, probe = tempfile.mkstemp(prefix='.write-check-', dir=probe_dir)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
@@ -634,6 +642,8 @@ class Runner:
         h, w = frame.shape[:2]
         out_path = os.path.join(self.output_dir, os.path.splitext(os.path.basename(path))[0] + '.mp4')
         tmp_path = os.path.join(self.output_dir, '.' + os.path.basename(out_path) + '.partial.mp4')
+        if self.draw:
+            os.makedirs(self.output_dir, exist_ok=True)
         writer = cv2.VideoWriter(tmp_path, cv2.VideoWriter_fourcc(*'mp4v'), fps, (w, h)) if self.draw else None
         if writer is not None and not writer.isOpened():
             capture.release()
