@@ -190,6 +190,24 @@ def test_folder_with_annotations(shapes, tmp_path):
     assert not os.path.exists(folder / 'out' / 'broken.jpg')
 
 
+def test_batch_of_two_with_a_short_last_batch(shapes, tmp_path):
+    """An export for batches of 2 on 3 images of different sizes: padded batches, the fill image dropped."""
+    predictor, _ = shapes
+    export_detector(predictor.net, predictor.cfg, str(tmp_path / 'export_b2'), batch_size=2)
+    folder = serving_folder(tmp_path, str(tmp_path / 'export_b2'))
+    (folder / 'photos').mkdir()
+    images = {}
+    for i, (h, w) in enumerate(((100, 150), (140, 90), (80, 120))):
+        images[f'{i + 1}.png'] = _image(h, w, 20 + i)
+        cv2.imwrite(str(folder / 'photos' / f'{i + 1}.png'), images[f'{i + 1}.png'])
+    proc = ran(run_runner(folder, '--image_dir', 'photos', '--threshold', '0', '--output_dir', 'out', '--no_draw'))
+    assert 'batch 2' in proc.stdout
+    found = results_by_image(folder / 'out')
+    assert sorted(found) == [1, 2, 3], 'image_id: the number of the file name'
+    for image_id in (1, 2, 3):
+        assert_same(found[image_id], predictor(images[f'{image_id}.png']))
+
+
 @needs_onnx
 def test_video_with_onnx(shapes, tmp_path):
     predictor, exports = shapes
