@@ -7,9 +7,11 @@ against dygraph and the reference on the fixture input.
 import json
 import os
 
+import cv2
 import numpy as np
 import paddle
 
+import eval as eval_script
 from data.config import get_config
 from layers.functions import Detect
 from layers.output_utils import PostProcess
@@ -17,19 +19,22 @@ from tests.conftest import needs_reference, reference_npz, reference_params
 from tests.eval_helpers import dataset_flags, run_eval, shapes, weights  # noqa: F401 (fixtures)
 from tests.test_detect import EXPORTED_SCORE_ATOL
 from tools import benchmark as benchmark_tool
+from tools import export_model
 from utils.deploy.network_export import export_yolact
 from utils.deploy.runners import StaticYolact
+from utils.errors import run_cli
 from utils.evaluation import coco_eval
 from yolact import Yolact
 
 
 def test_network_export_and_static_shapes_model_match_dygraph(shapes, weights, tmp_path):
-    prefix = str(tmp_path / 'exported' / 'shapes')
+    folder = str(tmp_path / 'exported')
+    assert export_model.main(['--trained_model', weights, '--output_dir', folder, '--network_only']) == 0
+    prefix = os.path.join(folder, 'model')
     cfg = get_config('yolact_shapes')
     net = Yolact.from_config(cfg)
     net.set_state_dict(paddle.load(weights))
     net.eval()
-    export_yolact(net, cfg, prefix)
     x = paddle.rand([1, 3, cfg.max_size, cfg.max_size])
     with paddle.no_grad():
         expected = net(x)
@@ -39,7 +44,7 @@ def test_network_export_and_static_shapes_model_match_dygraph(shapes, weights, t
 
     # eval.py on the exported model writes the same detections as on the weights.
     runs = {}
-    for label, model in (('dygraph', ['--trained_model', weights]), ('exported', ['--inference_model', prefix])):
+    for label, model in (('dygraph', ['--trained_model', weights]), ('exported', ['--inference_model', folder])):
         results_dir = str(tmp_path / label)
         run_eval([*model, *dataset_flags(shapes), '--results_dir', results_dir, '--output_coco_json',
                    '--num_workers', '0'])
@@ -114,3 +119,15 @@ def test_exported_yolact_base_equals_dygraph_on_reference_fixture(tmp_path):
         np.testing.assert_array_equal(post['boxes'], ref['post_boxes'])
         np.testing.assert_array_equal(post['masks'], reference_masks)
     np.testing.assert_array_equal(posts[1]['masks'], posts[0]['masks'])
+
+
+def test_inference_model_refuses_a_whole_detector_export_in_one_line(weights, tmp_path, capsys):
+    """eval.py --inference_model takes a network export; a whole-detector export's folder is named and refused."""
+    folder = tmp_path / 'detector'
+    folder.mkdir()
+    (folder / 'infer_cfg.yml').write_text('mode: paddle\n')
+    image = str(tmp_path / 'x.png')
+    cv2.imwrite(image, np.zeros((32, 32, 3), np.uint8))
+    assert run_cli(eval_script.main, ['--inference_model', str(folder), '--image', image]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'whole-detector export' in err[0] and str(folder) in err[0], err

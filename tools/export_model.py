@@ -16,6 +16,10 @@ model.onnx. Inputs image [B, 3, H, W] float32, im_shape [B, 2], scale_factor [B,
 (class, score, x1, y1, x2, y2 in original pixels), bbox_num [B] int32, mask [N, H, W] int32 (or uint8),
 mask_score [N]. Masks cost N x H x W x 4 bytes (100 detections of a 1920x1080 image: 830 MB);
 --mask_dtype uint8 and --max_detections bound that.
+
+--network_only exports the network alone (DIR/model.*: preprocessed input [B, 3, S, S]; outputs loc, conf,
+mask, priors, proto; YOLACT++ also DIR/model_maskiou.*) for this project's Python post-processing:
+eval.py --inference_model DIR and utils.predictor.Predictor.from_exported(DIR), e.g. on a GPU with TensorRT.
 """
 import argparse
 import logging
@@ -29,6 +33,8 @@ from utils.runtime import quiet_paddle_import  # noqa: E402
 quiet_paddle_import()
 
 from utils.deploy.detector_export import FORMATS, export_detector  # noqa: E402
+from utils.deploy.network_export import NETWORK_PREFIX, export_yolact  # noqa: E402
+from utils.deploy.onnx_export import export_onnx  # noqa: E402
 from utils.errors import OutputError, run_cli  # noqa: E402
 from utils.weights.loader import load_model  # noqa: E402
 
@@ -64,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument('--fast_nms', default=True, type=str2bool,
                    help='Fast NMS (the default); traditional NMS cannot be exported')
     p.add_argument('--cross_class_nms', default=False, type=str2bool, help='Fast NMS across classes')
+    p.add_argument('--network_only', action='store_true',
+                   help='export the network alone (DIR/model.*) for eval.py --inference_model DIR and '
+                        'Predictor.from_exported: decoding, NMS and masks then run in Python')
     p.add_argument('--draw_threshold', default=0.5, type=float,
                    help="infer_cfg.yml's draw_threshold: the score clients draw above (default 0.5)")
     args = p.parse_args(argv)
@@ -78,6 +87,10 @@ def main(argv=None):
     args = parse_args(argv)
     cfg, net = load_model(args.trained_model, args.config)
     try:
+        if args.network_only:
+            export = export_onnx if args.format == 'onnx' else export_yolact
+            export(net, cfg, os.path.join(args.output_dir, NETWORK_PREFIX), batch_size=args.batch_size)
+            return 0
         export_detector(net, cfg, args.output_dir, args.format, batch_size=args.batch_size,
                         mask_dtype=args.mask_dtype, max_detections=args.max_detections,
                         score_threshold=args.score_threshold, use_fast_nms=args.fast_nms,
