@@ -25,7 +25,8 @@ JSON per image (polygons, to correct in labelme and train on), only some classes
 
 On a CPU the network runs through Paddle Inference (oneDNN) by default: the weights are exported on
 first use into a cache keyed by their content ($YOLACT_CACHE, default ~/.cache/yolact/exported);
---dygraph opts out. An export made with tools/export_model.py runs with --inference_model PREFIX.
+--dygraph opts out. A network export (tools/export_model.py --network_only --output_dir DIR) runs with
+--inference_model DIR.
 
 Dataset evaluation streams: DataLoader workers decode and preprocess images
 while the network runs, and each image's detections are RLE-encoded and
@@ -79,8 +80,8 @@ def parse_args(argv=None):
     model.add_argument('--config', default=None,
                        help='config name (e.g. yolact_base); overrides the one read from the weights or '
                             'the exported model')
-    model.add_argument('--inference_model', default=None, metavar='PREFIX',
-                       help='run an exported static model (tools/export_model.py) through Paddle Inference '
+    model.add_argument('--inference_model', default=None, metavar='DIR',
+                       help='run a network export (tools/export_model.py --network_only) through Paddle Inference '
                             'instead of dygraph: oneDNN on CPU, CUDA on GPU; replaces --trained_model')
     model.add_argument('--dygraph', action='store_true',
                        help='on a CPU, run the network in dygraph instead of through Paddle Inference (by default '

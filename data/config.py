@@ -332,7 +332,7 @@ YOLACT_SHAPES = YolactConfig(
     decay=1e-4, discard_box_width=4 / 192, discard_box_height=4 / 192,
     # The shapes already vary in size and position; without expand and random
     # crops a from-scratch model learns them faster (mask AP 0.18 vs 0.04 after
-    # 1,200 steps of 8 images, measured with the single-scale anchors).
+    # 1,200 steps of 8 images with YOLACT's anchors at one scale).
     augment_expand=False, augment_random_sample_crop=False)
 
 CONFIGS = {c.name: c for c in (

@@ -116,8 +116,8 @@ def test_outputs_under_a_file_are_one_line_errors(capsys, weights, tmp_path):
     torch.save({k: torch.from_numpy(v.numpy()) for k, v in paddle.load(weights).items()}, str(pth))
     line = one_line_error(capsys, convert_weights.main, [str(pth), str(blocker / 'out.pdparams')])
     assert 'cannot write' in line and 'out.pdparams' in line
-    line = one_line_error(capsys, export_model.main, ['--trained_model', weights, '--output',
-                                                      str(blocker / 'exported' / 'model')])
+    line = one_line_error(capsys, export_model.main, ['--trained_model', weights, '--output_dir',
+                                                      str(blocker / 'exported')])
     assert 'cannot write the export' in line
 
 
@@ -198,7 +198,8 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path):
      'argument --max_images: 0 is not a positive integer or -1 (all)'),
 ])
 def test_numeric_flags_out_of_range_are_usage_errors(capsys, program, argv, message):
-    """Was: --batch_size 0 a ZeroDivisionError traceback, -1 an AssertionError; --top_k -1 drew nothing, silently."""
+    """A batch size, worker count, top_k, score threshold or image count out of range is a usage error (exit 2)
+    naming the flag and the value, with no traceback."""
     with pytest.raises(SystemExit) as info:
         program.parse_args(argv)
     assert info.value.code == 2
@@ -236,8 +237,8 @@ def _copy_weights(weights, folder, name='mymodel'):
     ('{"config": "yolact_nonexistent"}', "unknown config 'yolact_nonexistent'"),
 ])
 def test_a_bad_sidecar_record_is_one_line_naming_it(capsys, weights, tmp_path, record, message):
-    """Was: a list -> AttributeError traceback; invalid JSON ignored with a warning (the config then guessed from
-    the file name); an unknown config reported without saying that the record named it."""
+    """A checkpoint record that is a list, invalid JSON, a config of the wrong type or an unknown config is one
+    line naming the record file; the config is never guessed from the weights' file name instead."""
     path, sidecar = _copy_weights(weights, tmp_path / 'w', name='yolact_shapes_1_10')
     with open(sidecar, 'w') as f:
         f.write(record)
@@ -247,7 +248,7 @@ def test_a_bad_sidecar_record_is_one_line_naming_it(capsys, weights, tmp_path, r
 
 
 def test_images_sharing_a_stem_are_all_drawn(shapes, weights, tmp_path, caplog):
-    """Was: x.jpg and x.png both drawn to x.png (the second replaced the first) while the log said 2 were drawn."""
+    """x.jpg and x.png of one folder are drawn to x.jpg.png and x.png.png: neither drawing replaces the other."""
     import cv2
     folder = tmp_path / 'in'
     folder.mkdir()
@@ -278,8 +279,8 @@ def test_images_drawn_into_their_own_folder_never_replace_an_input(capsys, weigh
 
 
 def test_duplicate_category_names_are_refused_naming_the_ids(capsys, shapes, weights, tmp_path):
-    """Was: training accepted them; evaluation then mapped both categories to one class (wrong ids, dropped
-    detections)."""
+    """Two categories of one name are refused by training and by evaluation, one line naming the file and both
+    ids (one class for both would give wrong ids and drop detections)."""
     with open(shapes.train_info) as f:
         info = json.load(f)
     info['categories'][2]['name'] = info['categories'][0]['name']
@@ -324,7 +325,8 @@ def opencv_refuses(monkeypatch):
 
 
 def test_an_image_above_the_pixel_cap_is_refused_from_its_header_without_decoding(tmp_path, monkeypatch):
-    """Was: decoded (a 20000x20000 PNG of a few hundred KB went to 7 GB in training); now never decoded."""
+    """An image above the pixel cap is refused from its header, never decoded (a 20000x20000 PNG of a few
+    hundred KB would take 7 GB in training)."""
     import cv2
     from data.coco import read_image
     path = _huge_png(tmp_path / 'big.png')
@@ -359,7 +361,7 @@ def test_the_header_gives_the_size_of_each_format(tmp_path):
 
 
 def test_opencv_errors_skip_the_image_in_training_and_evaluation_data(shapes, tmp_path, opencv_refuses):
-    """Was: cv2.error (OpenCV 5) stopped training and killed the evaluation DataLoader; now the file is skipped."""
+    """A cv2.error (OpenCV 5 above its pixel limit) skips the file in the training and evaluation datasets."""
     from data.coco import COCODetection, COCOEvalImages, SampleError
     from data.transforms import BaseTransform
     images = tmp_path / 'images'
@@ -381,7 +383,7 @@ def test_opencv_errors_skip_the_image_in_training_and_evaluation_data(shapes, tm
 
 
 def test_images_go_on_after_an_opencv_error_and_keep_the_results(capsys, shapes, weights, tmp_path, opencv_refuses):
-    """Was: --images stopped with a cv2.error traceback and discarded the COCO JSON written so far."""
+    """--images goes on after a cv2.error and keeps the COCO JSON of the other images; --image is one line."""
     folder = tmp_path / 'in'
     folder.mkdir()
     for name in ('000001.jpg', '000002.jpg'):
@@ -431,7 +433,7 @@ def _same_detections(a, b):
 
 
 def test_predictor_converts_what_needs_no_guess(predictor, shapes, tmp_path):
-    """Was: uint16 gave boxes of -2**63 with score 1.0, a path AttributeError, gray and BGRA a ValueError."""
+    """A path, uint16, BGRA, float 0..255 and gray images give the detections of the equivalent 8-bit BGR image."""
     import cv2
     path = os.path.join(shapes.valid_images, '000001.jpg')
     bgr = cv2.imread(path)
@@ -452,7 +454,8 @@ def test_predictor_converts_what_needs_no_guess(predictor, shapes, tmp_path):
     (np.zeros((32, 32, 2), np.uint8), 'shape [32, 32, 2]'),
 ])
 def test_predictor_refuses_what_needs_a_guess(predictor, image, message):
-    """Was: a float image in 0..1 silently gave no detections."""
+    """A float image in 0..1, values outside 0..255, an integer dtype other than uint8/uint16 or two channels are
+    a one-line ValueError, not a silent guess."""
     from utils.errors import YolactError
     with pytest.raises(YolactError) as info:
         predictor(image)
@@ -461,8 +464,9 @@ def test_predictor_refuses_what_needs_a_guess(predictor, image, message):
 
 # ------------------------------------------------------------------ output folders at start --
 def test_unwritable_training_folders_fail_before_training(capsys, shapes, tmp_path, monkeypatch):
-    """Was: --save_folder was first written at the first checkpoint: everything trained until then was lost.
-    (Tests run as root, where chmod does not stop writes: the folders lie under a regular file.)"""
+    """An unwritable --save_folder or --log_folder is one line before the first training step, so no training
+    is lost at the first checkpoint. (Tests run as root, where chmod does not stop writes: the folders lie
+    under a regular file.)"""
     blocker = tmp_path / 'a_file'
     blocker.write_text('')
     monkeypatch.setattr(Trainer, 'train_step', lambda *a: pytest.fail('trained before checking the outputs'))
@@ -475,8 +479,8 @@ def test_unwritable_training_folders_fail_before_training(capsys, shapes, tmp_pa
 
 @pytest.mark.parametrize('flag, what', [('--log_dir', 'evaluation logs'), ('--results_dir', 'results files')])
 def test_unwritable_eval_folders_fail_before_evaluating(capsys, shapes, weights, tmp_path, monkeypatch, flag, what):
-    """Was: eval.py with an unwritable --log_dir computed everything, then died with a traceback on the plot;
-    an unwritable --results_dir was found after the model was loaded."""
+    """eval.py with an unwritable --log_dir or --results_dir is one line before the model is loaded and any
+    image is evaluated."""
     blocker = tmp_path / 'a_file'
     blocker.write_text('')
     # Not even the model is loaded (on a CPU that is an export on first use).
@@ -490,7 +494,8 @@ def test_unwritable_eval_folders_fail_before_evaluating(capsys, shapes, weights,
 
 
 def test_importing_the_library_prints_no_ccache_warning_but_keeps_other_warnings(tmp_path):
-    """Was: 'No ccache found' (Paddle's import-time warning) on every import of the library or a submission tool."""
+    """Importing the library or running a submission tool prints no 'No ccache found' (Paddle's import-time
+    warning); other warnings still show."""
     code = ('import warnings\n'
             'from utils.predictor import Predictor\n'
             'warnings.warn("another warning", UserWarning)\n')

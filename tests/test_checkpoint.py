@@ -25,6 +25,7 @@ from utils.training.lr_schedule import WarmupStepSchedule
 from utils.training.trainer import Trainer
 from utils.predictor import Predictor
 from utils.weights import loader
+from utils.weights.loader import resolve_config
 from yolact import Yolact
 
 
@@ -64,8 +65,8 @@ def _bare_trainer(tmp_path, **options):
 def test_keep_latest_keeps_the_checkpoints_at_multiples_of_the_interval(tmp_path, save_interval, keep_interval):
     """--keep_latest deletes a checkpoint unless its own iteration is a multiple of --keep_latest_interval.
 
-    (It used to test the new checkpoint's iteration % interval against save_interval: with
-    save_interval >= keep_latest_interval every checkpoint to keep was deleted.)
+    Each checkpoint's own iteration is tested, not the newest one's iteration against save_interval: with
+    save_interval >= keep_latest_interval that would delete every checkpoint to keep.
     """
     trainer = _bare_trainer(tmp_path, keep_latest=True, save_interval=save_interval,
                             keep_latest_interval=keep_interval)
@@ -381,3 +382,13 @@ def test_a_checkpoint_resumes_through_the_weights_reader(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=f'^{good} does not match the model:'):
         checkpoint.load_checkpoint(good, other)
     assert reads == [good]
+
+
+def test_config_takes_the_classes_a_checkpoint_recorded(tmp_path):
+    path = str(tmp_path / 'yolact_resnet50_3_500.pdparams')
+    open(path, 'w').close()
+    with open(str(tmp_path / 'yolact_resnet50_3_500.json'), 'w') as f:
+        json.dump({'num_classes': 3, 'class_names': ['cat', 'dog']}, f)
+    cfg = resolve_config(weights_path=path)
+    assert cfg.name == 'yolact_resnet50' and cfg.num_classes == 3
+    assert cfg.dataset.class_names == ('cat', 'dog')

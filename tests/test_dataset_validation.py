@@ -27,7 +27,7 @@ from utils.errors import DatasetError, MissingFileError, UnreadableFileError
 
 SIDE = 64
 # A subprocess that hangs is killed after this many seconds; a clean run takes
-# about 10 s with 2 worker processes on a loaded 2-core machine.
+# about 10 s with 2 worker processes on a loaded 2-core AMD EPYC (2026-12-01).
 HANG_TIMEOUT = 120
 
 

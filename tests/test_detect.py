@@ -592,7 +592,7 @@ def test_predictor_names_mismatched_keys(tmp_path):
 
 
 @needs_reference
-# One export (ResNet-101) is enough here; the YOLACT++ export is tested in test_eval.py.
+# One export (ResNet-101) is enough here; the YOLACT++ export is tested in test_network_export.py.
 @pytest.mark.parametrize('reference_run', ['yolact_base'], indirect=True)
 def test_exported_predictor_equals_dygraph_predictor(reference_run, tmp_path):
     cfg, net, params, ref, _ = reference_run

@@ -13,7 +13,6 @@ import pytest
 from tests.conftest import needs_reference, reference_npz, reference_params
 from data.config import get_config
 from tools import benchmark as benchmark_tool
-from tools import export_model
 from utils.deploy import export_cache, onnx_export
 from utils.errors import ConfigError
 from utils.weights.loader import load_exported
@@ -262,11 +261,10 @@ def test_onnx_export_of_a_small_yolact_plus_with_dcn_and_mask_iou(tmp_path):
 
 @onnx_missing
 @onnx_missing_for_this_paddle
-def test_export_tool_format_onnx_and_a_failing_conversion(tmp_path, monkeypatch):
+def test_network_export_format_onnx_and_a_failing_conversion(tmp_path, monkeypatch):
     cfg, net = _small_net()
-    weights = _weights(tmp_path, net, 'yolact_shapes_1_10.pdparams')
     prefix = str(tmp_path / 'tool' / 'shapes')
-    assert export_model.main(['--trained_model', weights, '--output', prefix, '--format', 'onnx']) == 0
+    export_onnx(net, cfg, prefix)
     assert sorted(os.listdir(tmp_path / 'tool')) == ['shapes.onnx', 'shapes.yolact.json']
 
     # paddle2onnx failing (here: an opset below the graph's needs, which aborts

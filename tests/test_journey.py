@@ -5,7 +5,8 @@ with a short schedule (--max_iter scales the steps), validating and keeping the 
 -> eval.py scores its val split (no --class_names: the classes travel with the checkpoint), per class too
 -> eval.py --images saves the detections as COCO results and labelme files, which score like the
 dataset evaluation's -> eval.py --image draws shape names -> tools/export_model.py -> the exported
-model gives the dygraph model's detections and names (eval.py --inference_model, Predictor.from_exported).
+whole detector gives the dygraph model's detections and names; so does a network export
+(eval.py --inference_model, Predictor.from_exported).
 
 The set's category ids are 10, 20, 30, 40 (not 1..4), so the results files must map the
 model's classes back to the set's own ids. A 128-pixel yolact_resnet50 keeps it small.
@@ -33,7 +34,10 @@ from utils.visual import media
 from utils.training.checkpoint import latest_checkpoint
 from utils.weights.loader import sidecar_paths
 from utils.errors import run_cli
+from utils.deploy.detector_export import CONFIG_FILE, inputs_for, run_paddle
 from utils.deploy.export_cache import default_cache_dir
+from utils.deploy.network_export import export_yolact
+from utils.weights.loader import load_model
 from utils.predictor import Predictor
 from yolact import Yolact
 
@@ -156,14 +160,23 @@ def test_convert_finetune_evaluate_draw_export(journey_config, tmp_path, monkeyp
     assert drawn_labels and set(drawn_labels) <= set(SHAPE_CLASSES)
     assert cv2.imread(drawn).shape == cv2.imread(image).shape
 
-    # 4. Export; the exported model detects what the dygraph one does, with the same names.
-    prefix = str(tmp_path / 'exported' / 'shapes_model')
-    assert run_cli(export_model.main, ['--trained_model', checkpoint, '--output', prefix]) == 0
-    with open(prefix + '.yolact.json') as f:
-        assert json.load(f)['class_names'] == list(SHAPE_CLASSES)
+    # 4. Export; the exported whole detector detects what the dygraph model does, with the same names.
+    folder = str(tmp_path / 'exported' / 'shapes_model')
+    assert run_cli(export_model.main, ['--trained_model', checkpoint, '--output_dir', folder]) == 0
+    with open(os.path.join(folder, CONFIG_FILE)) as f:
+        assert '\n'.join(f'- {json.dumps(name)}' for name in SHAPE_CLASSES) in f.read()   # label_list
     bgr = cv2.imread(image)
     dygraph = Predictor(checkpoint, dygraph=True)(bgr)
     assert set(dygraph['labels']) <= set(SHAPE_CLASSES)
+    bbox, bbox_num, _, _ = run_paddle(folder, inputs_for([np.ascontiguousarray(bgr[:, :, ::-1])]))
+    assert bbox_num.tolist() == [len(dygraph['classes'])]
+    np.testing.assert_array_equal(bbox[:, 0], dygraph['classes'])
+    np.testing.assert_array_equal(bbox[:, 2:], dygraph['boxes'])
+    np.testing.assert_allclose(bbox[:, 1], dygraph['scores'], rtol=0, atol=1e-5)
+    # The network export that eval.py --inference_model runs (the one the CPU default caches).
+    prefix = str(tmp_path / 'exported' / 'network')
+    network_cfg, network = load_model(checkpoint)
+    export_yolact(network, network_cfg, prefix)
     # Predictor's CPU default (the cached export step 3's eval.py --image made, reused) and the explicit export.
     for exported in (Predictor(checkpoint)(bgr), Predictor.from_exported(prefix)(bgr)):
         assert dygraph['labels'] == exported['labels']

@@ -98,7 +98,7 @@ def test_the_library_imports_no_program_and_nothing_imports_train_or_eval():
 
 
 def test_the_rule_catches_a_cycle(tmp_path):
-    """The reader sees the import the old backbone.py had (utils.weights.convert, which imports the model)."""
+    """The reader sees a model file's function-level import of utils.weights.convert (which imports the model)."""
     path = tmp_path / 'backbone.py'
     path.write_text('import math\n\ndef f():\n    from utils.weights.convert import convert_state_dict\n')
     assert _imports(str(path)) == {'utils.weights.convert', 'utils.weights.convert.convert_state_dict'}

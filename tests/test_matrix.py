@@ -3,9 +3,9 @@
 Paths: ``dygraph`` (``Predictor(..., dygraph=True)``, the reference of the
 others, which must detect something), ``cached_export`` (``Predictor(...)``
 on a CPU: the default of eval.py, Paddle Inference from the export cache,
-which must be used, not fallen back from), ``export_model`` (tools/export_model.py, then
-``Predictor.from_exported`` as ``eval.py --inference_model`` does) and
-``onnx`` (``export_model.py --format onnx``, run by onnxruntime).
+which must be used, not fallen back from), ``e2e_paddle`` (tools/export_model.py: the whole
+detector, run by Paddle Inference on the raw pixels as PaddleDetection's deploy code feeds it)
+and ``e2e_onnx`` (``export_model.py --format onnx``, the same graph run by onnxruntime).
 
 Weights: the reference's stand-in ``.pth`` for the config (make_weights, seed
 0), the format of the published files. Input: the fixture image at a
@@ -33,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PUBLISHED = ('yolact_base', 'yolact_im700', 'yolact_resnet50', 'yolact_darknet53', 'yolact_plus_base',
              'yolact_plus_resnet50')
-PATHS = ('dygraph', 'cached_export', 'export_model', 'onnx')
+PATHS = ('dygraph', 'cached_export', 'e2e_paddle', 'e2e_onnx')
 # As tests/test_train.py and test_journey.py: the smallest side the tests run the FPN and priors at.
 SIDE = 128
 # YOLACT++'s mask-IoU net (five 3x3 stride-2 convs, no padding) needs prototypes
@@ -41,7 +41,7 @@ SIDE = 128
 PLUS_SIDE = 256
 # Two configs at a time: on 2 cores much of a child's time is single-threaded
 # (tracing, paddle2onnx, weights files), so two children overlap well. The
-# whole matrix: 3 min 51 s wall, 3 min 45 s CPU on 2 cores (Intel Xeon, Paddle 3.3.1).
+# whole matrix takes 4 min 2 s of CPU (AMD EPYC, 2 cores, Paddle 3.3.1, 2026-12-07).
 WORKERS = 2
 # Marks a child's result lines among Paddle's own output on stdout.
 TAG = 'MATRIX '
@@ -57,7 +57,8 @@ def _child(config_name, paths, workdir):
     from data import config as config_module
     from tests.conftest import make_weights_module, reference_npz
     from tools import export_model
-    from utils.deploy.runners import OnnxYolact, StaticYolact
+    from utils.deploy.detector_export import inputs_for, run_onnx, run_paddle
+    from utils.deploy.runners import StaticYolact
     from utils.predictor import Predictor
     from utils.runtime import select_device
 
@@ -84,12 +85,20 @@ def _child(config_name, paths, workdir):
         return predictor
 
     def exported(fmt):
-        prefix = os.path.join(workdir, fmt, config_name)
-        if export_model.main(['--trained_model', weights, '--output', prefix, '--format', fmt]) != 0:
+        folder = os.path.join(workdir, fmt, config_name)
+        if export_model.main(['--trained_model', weights, '--output_dir', folder, '--format', fmt]) != 0:
             raise AssertionError('export_model.py failed')
-        if fmt == 'paddle':
-            return Predictor.from_exported(prefix)
-        return Predictor.from_network(config_module.get_config(config_name), OnnxYolact(prefix))
+        run = run_paddle if fmt == 'paddle' else run_onnx
+
+        def detect(bgr):
+            bbox, bbox_num, mask, mask_score = run(folder, inputs_for([np.ascontiguousarray(bgr[:, :, ::-1])]))
+            assert bbox_num.tolist() == [len(bbox)], f'bbox_num {bbox_num.tolist()} for {len(bbox)} rows'
+            out = {'classes': bbox[:, 0].astype(np.int64), 'scores': bbox[:, 1], 'boxes': bbox[:, 2:],
+                   'masks': mask.astype(bool)}
+            if 'mask_scores' in expected:
+                out['mask_scores'] = mask_score
+            return out
+        return detect
 
     def dygraph():
         # The reference of the other paths: computed above, it must detect something to compare.
@@ -97,7 +106,7 @@ def _child(config_name, paths, workdir):
         return lambda _: expected
 
     runs = {'dygraph': dygraph, 'cached_export': cached_export,
-            'export_model': lambda: exported('paddle'), 'onnx': lambda: exported('onnx')}
+            'e2e_paddle': lambda: exported('paddle'), 'e2e_onnx': lambda: exported('onnx')}
     for path in paths:
         report(path, 'start')
         try:
@@ -113,7 +122,9 @@ def _child(config_name, paths, workdir):
         except Exception as e:  # noqa: BLE001 - any failure of a path is that path's result
             report(path, 'fail', f'{type(e).__name__}: {" ".join(str(e).split())[:400]}')
         else:
-            report(path, 'ok', f'{len(expected["classes"])} detections')
+            worst = float(np.abs(got['scores'] - expected['scores']).max())
+            report(path, 'ok', f'{len(expected["classes"])} detections, scores within {worst:.1e}, '
+                               f'masks {agreement:.4%} equal')
 
 
 # -------------------------------------------------------------- parent --

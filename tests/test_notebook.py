@@ -154,4 +154,4 @@ def test_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
         listed = sorted(img['file_name'] for img in json.load(f)['images'])
     assert listed == sorted(os.listdir(work / 'samples'))
     assert sorted(os.listdir(work / 'labelme')) == [os.path.splitext(n)[0] + '.json' for n in listed]
-    assert os.path.isfile(work / 'exported' / 'yolact_resnet50.pdiparams')
+    assert os.path.isfile(work / 'exported' / 'yolact_resnet50' / 'model.pdiparams')

@@ -235,8 +235,8 @@ def test_cli_exit_status(tmp_path, info_file, capsys):
 
 @pytest.mark.parametrize('how', ['other images', 'bad category'])
 def test_a_submission_that_fails_its_check_is_not_left_under_its_upload_name(tmp_path, info_file, capsys, how):
-    """Was: make_submission wrote the zips under their upload names, then reported FAILED (exit 1) and left
-    them there, empty (results of another image set) or with detections the server refuses."""
+    """A zip that fails its check (results of another image set, or detections the server refuses) is reported
+    FAILED (exit 1) and never left under its upload name; a zip that passes is written."""
     out = tmp_path / 'out'
     if how == 'other images':
         _write_results(tmp_path / 'results', {i: 2 for i in ALL_IDS if i not in TEST_DEV})
@@ -277,8 +277,8 @@ def _boxes_with_categories(category_ids):
 
 
 def test_contiguous_category_ids_are_named_even_when_every_id_is_valid(tmp_path, coco_info_file):
-    """Was: results written with class numbers 1..80 instead of COCO's ids passed when each id happened to be
-    a COCO id, and an invalid id was reported without a cause."""
+    """Results with class numbers 1..80 (or 0..79) instead of COCO's ids fail, with the likely cause named, even
+    when each number happens to be a COCO id; COCO's own ids and a model of a few classes pass."""
     from data.config import COCO_LABEL_MAP
     coco_ids = [c for c, _ in COCO_LABEL_MAP]
     zip_path = str(tmp_path / (NAME + '.zip'))

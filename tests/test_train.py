@@ -1,4 +1,6 @@
-"""train.py and its helpers: schedule, configuration, short CPU training runs (checkpoint files: test_checkpoint.py).
+"""train.py and its helpers: configuration, short CPU training runs.
+
+Checkpoint files are tested in test_checkpoint.py, the learning-rate schedule in test_lr_schedule.py.
 
 The runs fine-tune the reference's seed-0 stand-in ``yolact_resnet50`` weights
 (81 classes, converted) on a generated 4-class shapes dataset at a 128-pixel
@@ -9,6 +11,8 @@ import json
 import logging
 import multiprocessing
 import os
+import subprocess
+import sys
 
 import numpy as np
 import paddle
@@ -18,7 +22,7 @@ from visualdl import LogReader
 import train
 from data.config import CONFIGS, SHAPE_CLASSES, get_config
 from data.samplers import ResumableBatchSampler
-from tests.conftest import make_weights_module, needs_reference, reference_params
+from tests.conftest import ROOT, make_weights_module, needs_reference, reference_params
 from tools.make_shapes_dataset import make_shapes_dataset
 from utils.training import checkpoint
 from utils.weights.convert import save_params
@@ -81,42 +85,6 @@ def recorded_losses(monkeypatch):
 
 def total(losses):
     return sum(losses.values())
-
-
-# ------------------------------------------------------------------ schedule --
-def reference_lr_sequence(lr, gamma, steps, warmup_init, warmup_until, num_iters):
-    """The learning rate of each iteration, by the reference's loop (train.py, set_lr)."""
-    cur_lr, step_index, out = lr, 0, []
-    for iteration in range(num_iters):
-        if warmup_until > 0 and iteration <= warmup_until:
-            cur_lr = (lr - warmup_init) * (iteration / warmup_until) + warmup_init
-        while step_index < len(steps) and iteration >= steps[step_index]:
-            step_index += 1
-            cur_lr = lr * (gamma ** step_index)
-        out.append(cur_lr)
-    return out
-
-
-@pytest.mark.parametrize('steps, warmup_until', [
-    ((20, 35, 35, 50), 10),     # steps after warm-up, two at once
-    ((4, 9, 30), 10),           # steps during warm-up are overwritten by it
-    ((10, 40), 10),             # a step on the last warm-up iteration wins
-    ((15, 40), 0),              # no warm-up
-])
-def test_schedule_matches_reference_loop(steps, warmup_until):
-    schedule = WarmupStepSchedule(base_lr=1e-3, gamma=0.1, steps=steps, warmup_init=1e-4, warmup_until=warmup_until)
-    expected = reference_lr_sequence(1e-3, 0.1, steps, 1e-4, warmup_until, 60)
-    assert [schedule.lr_at(i) for i in range(60)] == expected
-
-
-def test_schedule_of_config():
-    cfg = get_config('yolact_base')
-    schedule = WarmupStepSchedule.from_config(cfg)
-    assert schedule.lr_at(0) == cfg.lr_warmup_init
-    assert schedule.lr_at(500) == pytest.approx(cfg.lr)
-    assert schedule.lr_at(279999) == cfg.lr
-    assert schedule.lr_at(280000) == pytest.approx(cfg.lr * 0.1)
-    assert schedule.lr_at(799999) == pytest.approx(cfg.lr * 1e-4)
 
 
 # ------------------------------------------------------------- configuration --
@@ -589,7 +557,8 @@ def test_cpu_threads_are_shared_among_the_local_processes(monkeypatch):
 
 
 def test_resume_that_finds_nothing_is_a_run_without_resume(shapes, tmp_path, recorded_losses, caplog, without_cpu_ops):
-    """Was: 'starting a new run', but BatchNorm frozen as if pretrained (NaN within 8 iterations from scratch)."""
+    """--resume that finds no checkpoint starts a run exactly as one without --resume: BatchNorm is not frozen as
+    if pretrained (from scratch that gives NaN within 8 iterations), and the losses are the same."""
     caplog.set_level(logging.WARNING)
     scratch = ['--config', 'yolact_base', '--batch_size', '2', '--backbone_weights', 'none',
                '--save_folder', str(tmp_path / 'empty')]
@@ -674,9 +643,8 @@ def _stderr_lines(process):
 
 def test_sigterm_saves_an_interrupt_checkpoint_ends_the_workers_and_resumes(shapes, tmp_path, recorded_losses,
                                                                         without_cpu_ops):
-    """Was: SIGTERM (schedulers, docker stop, timeout, kill) ended train.py in Paddle's handler: no checkpoint,
-    and the DataLoader worker left running, orphaned."""
-    import queue
+    """SIGTERM (schedulers, docker stop, timeout, kill) stops train.py like an interrupt: exit 143, a complete
+    interrupt checkpoint, no DataLoader worker left running, and --resume interrupt goes on from it."""
     import re
     import signal
     import time

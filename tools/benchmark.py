@@ -13,6 +13,7 @@ on a full set of detections as with a real model on a busy image.
 
     python tools/benchmark.py --config yolact_base --runs 5
     python tools/benchmark.py --config yolact_base --onnx --alternate --no_dygraph   # vs onnxruntime
+    python tools/benchmark.py --config yolact_base --e2e --onnx --alternate --no_dygraph   # whole-detector exports
     python tools/benchmark.py --trained_model weights/yolact_base_54_800000.pth --image photo.jpg
 
 --pipeline N also runs a dataset evaluation of N images (utils.evaluation.loop.evaluate)
@@ -58,6 +59,7 @@ from layers.modules.multibox_loss import MultiBoxLoss  # noqa: E402
 from utils.evaluation import coco_eval  # noqa: E402
 from utils.errors import MissingFileError, YolactError, run_cli  # noqa: E402
 from utils.evaluation.loop import evaluate  # noqa: E402
+from utils.deploy import detector_export  # noqa: E402
 from utils.deploy.network_export import export_yolact  # noqa: E402
 from utils.deploy.onnx_export import export_onnx  # noqa: E402
 from utils.deploy.runners import OnnxYolact  # noqa: E402
@@ -124,7 +126,10 @@ def run_chain(predictor, image_path, max_drawn=None):
     """One pass decode -> postprocess through a Predictor's stages; returns ({stage: seconds}, number of detections).
 
     max_drawn: postprocess only the k best detections (eval.py's drawing path); None: all.
+    A :class:`WholeDetector` chain times its own stages.
     """
+    if isinstance(predictor, WholeDetector):
+        return predictor.run_chain(image_path)
     times = {}
     t = time.perf_counter()
     image = cv2.imread(image_path)
@@ -147,6 +152,42 @@ def run_chain(predictor, image_path, max_drawn=None):
     out = predictor.finish(det, width, height, max_num_detections=max_drawn)
     times['postprocess'] = time.perf_counter() - t
     return times, len(out['scores'])
+
+
+class WholeDetector:
+    """A whole-detector export (tools/export_model.py) as a benchmark chain.
+
+    Stages: decode (cv2.imread), preprocess (BGR -> RGB and PaddleDetection's
+    inputs), network (the graph: resize, network, Detect and the final masks at
+    image size, all inside); detect and postprocess are 0.
+    run: numpy inputs -> the graph's outputs (detector_export.predict on a
+    Paddle Inference predictor, or an onnxruntime session's run).
+    """
+
+    def __init__(self, run):
+        self.run = run
+
+    @classmethod
+    def export(cls, net, cfg, folder, export_format):
+        detector_export.export_detector(net, cfg, folder, export_format)
+        if export_format == 'paddle':
+            predictor = detector_export.create_paddle_predictor(folder)
+            return cls(lambda inputs: detector_export.predict(predictor, inputs))
+        session = detector_export.create_onnx_session(os.path.join(folder, 'model.onnx'))
+        return cls(lambda inputs: session.run(None, inputs))
+
+    def run_chain(self, image_path):
+        times = {'detect': 0.0, 'postprocess': 0.0}
+        t = time.perf_counter()
+        image = cv2.imread(image_path)
+        times['decode'] = time.perf_counter() - t
+        t = time.perf_counter()
+        inputs = detector_export.inputs_for([cv2.cvtColor(image, cv2.COLOR_BGR2RGB)])
+        times['preprocess'] = time.perf_counter() - t
+        t = time.perf_counter()
+        outputs = self.run(inputs)
+        times['network'] = time.perf_counter() - t
+        return times, int(outputs[1].sum())
 
 
 def benchmark(chains, cfg, image_path, runs=5, warmup=1, max_drawn=None, alternate=False):
@@ -453,6 +494,9 @@ def parse_args(argv=None):
     p.add_argument('--onnx', action='store_true',
                    help='also time the network exported to ONNX and run by onnxruntime on the CPU '
                         '(needs paddle2onnx and onnxruntime)')
+    p.add_argument('--e2e', action='store_true',
+                   help='also time the whole-detector export (tools/export_model.py; Paddle Inference, and '
+                        'onnxruntime with --onnx): decode, inputs, and the graph that returns the final masks')
     p.add_argument('--alternate', action='store_true',
                    help='run the networks in turn, one run each, instead of all runs of one network first')
     p.add_argument('--pipeline', default=0, type=int, metavar='N',
@@ -502,6 +546,10 @@ def main(argv=None):
         if args.onnx:
             export_onnx(net, cfg, prefix + '_onnx')
             chains['onnx'] = Predictor.from_network(cfg, OnnxYolact(prefix + '_onnx'))
+        if args.e2e:
+            chains['e2e'] = WholeDetector.export(net, cfg, os.path.join(tmp, 'e2e'), 'paddle')
+            if args.onnx:
+                chains['e2e_onnx'] = WholeDetector.export(net, cfg, os.path.join(tmp, 'e2e_onnx'), 'onnx')
         if not args.no_dygraph:
             chains['dygraph'] = Predictor.from_network(cfg, net)
         medians = benchmark(chains, cfg, image_path, args.runs, args.warmup, args.top_k, args.alternate)

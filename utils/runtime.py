@@ -95,10 +95,10 @@ def local_process_count():
 
 # MKL, Paddle's CPU GEMM (under every dygraph convolution and matmul), runs its generic kernels on
 # a CPU that is not Intel's unless MKL_DEBUG_CPU_TYPE=5 tells it to use the AVX2 ones; the MKL in
-# Paddle's wheels still reads that switch. On an AMD EPYC (2 cores, 1 thread) a 256->256 3x3 conv
-# on [2, 256, 69, 69], forward and backward, takes 0.97 s without it, 0.44 s with it (PyTorch:
-# 0.33 s), and a yolact_resnet50 training step 2.8x the reference's CPU time -> 1.1x. MKL reads it
-# at its first call, so it must be set before the process computes anything.
+# Paddle's wheels still reads that switch. On an AMD EPYC (2 cores, 1 thread, 2026-12-04) a 256->256
+# 3x3 conv on [2, 256, 69, 69], forward and backward, takes 0.97 s without it, 0.44 s with it (PyTorch:
+# 0.33 s), and a yolact_resnet50 training step 2.8x the reference's CPU time without it, 1.1x with it.
+# MKL reads it at its first call, so it must be set before the process computes anything.
 MKL_CPU_TYPE_VAR = 'MKL_DEBUG_CPU_TYPE'
 MKL_AVX2 = '5'
 
@@ -139,8 +139,7 @@ def select_device(device=None, cpu_threads=None):
     On CPU, dygraph operators get ``cpu_threads`` threads (default: the
     machine's cores shared evenly among the local training processes):
     importing paddle sets OMP_NUM_THREADS=1 when it is unset, which leaves all
-    but one core idle (yolact_base eval forward on 2 cores: 1.79 s with one
-    thread, 1.29 s with two), while more threads than cores, as N processes
+    but one core idle, while more threads than cores, as N processes
     with a thread per core each would make, thrash.
     """
     import paddle

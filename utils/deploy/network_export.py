@@ -27,7 +27,7 @@ from typing import Tuple
 import paddle
 
 from utils.deploy.graph_rewrites import leaky_relu_as_maximum, resize_as_matmul
-from utils.errors import MissingFileError
+from utils.errors import ConfigError, MissingFileError
 from utils.files import staging_folder
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,30 @@ class ExportMeta:
             data = json.load(f)
         data.update(class_names=tuple(data['class_names']), outputs=tuple(data['outputs']))
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+
+
+# The prefix of a network-only export inside its folder (tools/export_model.py --network_only DIR).
+NETWORK_PREFIX = 'model'
+# The file that marks a whole-detector export (utils/deploy/detector_export.py).
+DETECTOR_CONFIG = 'infer_cfg.yml'
+
+
+def network_export_prefix(path):
+    """The prefix of a network-only export given its folder or its prefix.
+
+    ``DIR`` (written by ``tools/export_model.py --network_only --output_dir DIR``)
+    -> ``DIR/model``; a prefix is returned as it is. A whole-detector export's
+    folder (``infer_cfg.yml``, no network metadata) is refused with one line:
+    it runs without this project's post-processing (deploy/python/infer.py).
+    """
+    if not os.path.isdir(path):
+        return path
+    prefix = os.path.join(path, NETWORK_PREFIX)
+    if not os.path.isfile(prefix + META_SUFFIX) and os.path.isfile(os.path.join(path, DETECTOR_CONFIG)):
+        raise ConfigError(f'{path} is a whole-detector export ({DETECTOR_CONFIG}): run it with '
+                          'deploy/python/infer.py; eval.py --inference_model and Predictor.from_exported take a '
+                          'network export (tools/export_model.py --network_only)')
+    return prefix
 
 
 def model_file(path_prefix):

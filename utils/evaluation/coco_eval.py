@@ -104,7 +104,7 @@ def encode_rle(masks):
     each of its columns followed by one zero standing for the rows outside the
     block, and lengthened to the rows and columns they stand for; pycocotools
     compresses them. 100 masks at 640x480: 9 ms, against 55 ms for encoding
-    every pixel (AMD EPYC, 2 cores).
+    every pixel (AMD EPYC, 2 cores, 2026-12-01).
     """
     masks = np.asarray(masks)
     if masks.dtype != np.bool_:

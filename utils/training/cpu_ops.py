@@ -76,8 +76,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             b = paddle.zeros([weight.shape[0]], weight.dtype) if bias is None else bias.reshape([-1])
             return ops.cpu_conv2d(x, weight, b, *pairs, not x.stop_gradient)
     # Paddle's conv broadcasts its bias over [B, C, H, W], an order of magnitude slower on the CPU than
-    # add_channel_bias for B > 1 (2x256x69x69: 22 ms against 1.1 ms). For B = 1 the broadcast is the faster;
-    # static graphs (tools/export_model.py) and GPUs keep the plain conv, whose conv + add passes fuse.
+    # add_channel_bias for B > 1 (2x256x69x69: 22 ms against 1.1 ms, AMD EPYC, 2026-11-21). For B = 1 the
+    # broadcast is the faster; static graphs (tools/export_model.py) and GPUs keep the plain conv, whose
+    # conv + add passes fuse.
     if bias is None or x.shape[0] == 1 or not paddle.in_dynamic_mode() or not x.place.is_cpu_place():
         return F.conv2d(x, weight, bias, stride=stride, padding=padding, dilation=dilation, groups=groups)
     return add_channel_bias(
@@ -166,7 +167,7 @@ def ops_cache_dir():
 def load_ops():
     """The compiled module (its op ``cpu_conv2d``), or None (warned once).
 
-    Built on the first call of a Paddle version (about 10 s), loaded from the
+    Built on the first call of a Paddle version (about 10 s on a 2-core AMD EPYC), loaded from the
     cache after that. A file lock lets concurrent processes (data-parallel
     training) wait for one build.
     """

@@ -332,13 +332,16 @@ def _with_class_count_of(cfg, state):
 
 
 def load_exported(path_prefix, config_name=None, device='cpu', use_tensorrt=False, precision='fp32'):
-    """A static network exported by tools/export_model.py, and its config (classes from its metadata).
+    """A network exported by ``tools/export_model.py --network_only``, and its config (classes from its metadata).
+
+    path_prefix: the export's folder or its prefix (``DIR/model``).
 
     Returns (cfg, utils.deploy.runners.StaticYolact), called like the dygraph network.
     """
     # Imported here: the deploy side reads weights through this module (require_weights_file).
-    from utils.deploy.network_export import ExportMeta
+    from utils.deploy.network_export import ExportMeta, network_export_prefix
     from utils.deploy.runners import StaticYolact
+    path_prefix = network_export_prefix(path_prefix)
     meta = ExportMeta.read(path_prefix)
     cfg = resolve_config(config_name, record=meta, record_source=f'the export metadata of {path_prefix}')
     exported, configured = (meta.max_size, meta.num_classes), (cfg.max_size, cfg.num_classes)
