@@ -48,7 +48,7 @@ from data.coco import COCOEvalImages, custom_dataset_config  # noqa: E402
 from data.config import DATASETS  # noqa: E402
 from data.coco_root import coco_root_dataset  # noqa: E402
 from data.transforms import BaseTransform  # noqa: E402
-from utils.cli import (add_coco_root_flag, add_data_loading_flags, add_max_image_pixels_flag,  # noqa: E402
+from utils.cli import (add_coco_root_flag, add_data_loading_flags, add_max_image_pixels_flag, str2bool,  # noqa: E402
                        count_or_all, fraction, non_negative_int, positive_int)
 from utils.errors import ConfigError, run_cli  # noqa: E402
 from utils.evaluation.loop import benchmark, evaluate  # noqa: E402
@@ -60,13 +60,6 @@ from utils.runtime import select_device  # noqa: E402
 
 logger = logging.getLogger('eval')
 
-
-def str2bool(value):
-    if value.lower() in ('yes', 'true', 't', 'y', '1'):
-        return True
-    if value.lower() in ('no', 'false', 'f', 'n', '0'):
-        return False
-    raise argparse.ArgumentTypeError(f'boolean value expected, got {value!r}')
 
 
 def parse_args(argv=None):

@@ -35,17 +35,10 @@ quiet_paddle_import()
 from utils.deploy.detector_export import FORMATS, export_detector  # noqa: E402
 from utils.deploy.network_export import NETWORK_PREFIX, export_yolact  # noqa: E402
 from utils.deploy.onnx_export import export_onnx  # noqa: E402
+from utils.cli import str2bool  # noqa: E402
 from utils.errors import OutputError, run_cli  # noqa: E402
 from utils.weights.loader import load_model  # noqa: E402
 
-
-def str2bool(value):
-    """eval.py's boolean flag values (--fast_nms false)."""
-    if value.lower() in ('yes', 'true', 't', 'y', '1'):
-        return True
-    if value.lower() in ('no', 'false', 'f', 'n', '0'):
-        return False
-    raise argparse.ArgumentTypeError(f'boolean value expected, got {value!r}')
 
 
 def parse_args(argv=None):

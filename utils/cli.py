@@ -57,3 +57,12 @@ def fraction(text):
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f'{value} is not in [0, 1]')
     return value
+
+
+def str2bool(value):
+    """The reference's boolean flag values (``--fast_nms false``): yes/true/t/y/1 and no/false/f/n/0."""
+    if value.lower() in ('yes', 'true', 't', 'y', '1'):
+        return True
+    if value.lower() in ('no', 'false', 'f', 'n', '0'):
+        return False
+    raise argparse.ArgumentTypeError(f'boolean value expected, got {value!r}')
