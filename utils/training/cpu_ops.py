@@ -32,6 +32,7 @@ goes on with ``F.conv2d``; a built op that no longer loads is rebuilt.
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -211,9 +212,18 @@ def build_folder():
 
 
 def _build_or_load(build_dir, include, libdnnl, key):
-    """The module from ``build_dir``, built first when it is not; a build that no longer loads is rebuilt once."""
+    """The module from ``build_dir``, built first when it is not; a damaged build is rebuilt once.
+
+    ``done`` records the built libraries' SHA-256: a library that differs (a truncated write, a full
+    disk) is never loaded, since loading one can kill the process (SIGBUS under Paddle 2.6); a build
+    that matches but no longer loads (a changed system library) is rebuilt too.
+    """
     done = os.path.join(build_dir, 'done')
     built = os.path.isfile(done)
+    problem = _damage(build_dir, done) if built else None
+    if problem is not None:
+        logger.warning('the oneDNN convolution op in %s is damaged (%s): building it again', build_dir, problem)
+        built = _clear(build_dir)
     start = time.time()
     if not built:
         logger.info('building the oneDNN convolution op in %s (once per Paddle version)', build_dir)
@@ -222,19 +232,50 @@ def _build_or_load(build_dir, include, libdnnl, key):
     except OpUnavailable as e:
         if not built:
             raise
-        # A build that loaded before (an interrupted write, a full disk, a changed system library):
-        # the compiler's up-to-date check does not see it, so the folder goes and the op is built anew.
+        # The compiler's up-to-date check does not see why a build stopped loading: the folder goes.
         logger.warning('the oneDNN convolution op in %s does not load (%s): building it again', build_dir, e)
-        shutil.rmtree(build_dir)
-        os.makedirs(build_dir)
-        built = False
+        built = _clear(build_dir)
         start = time.time()
         module = _compile(build_dir, include, libdnnl)
     if not built:
+        record = {'paddle': paddle.__version__, 'key': key, 'libraries': _library_digests(build_dir)}
         with open(done, 'w') as f:
-            f.write(f'{paddle.__version__} {key}\n')
+            json.dump(record, f, indent=1)
         logger.info('oneDNN convolution op built in %.1f s', time.time() - start)
     return module
+
+
+def _library_digests(build_dir):
+    """{path relative to build_dir: SHA-256} of every shared library below ``build_dir``."""
+    digests = {}
+    for folder, _, names in os.walk(build_dir):
+        for name in sorted(names):
+            if name.endswith('.so'):
+                path = os.path.join(folder, name)
+                with open(path, 'rb') as f:
+                    digests[os.path.relpath(path, build_dir)] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
+def _damage(build_dir, done):
+    """What is wrong with a finished build (a short phrase), or None when its libraries are as built."""
+    try:
+        with open(done) as f:
+            expected = json.load(f)['libraries']
+    except (OSError, ValueError, KeyError, TypeError):
+        return 'its record of the built libraries is missing or unreadable'
+    found = _library_digests(build_dir)
+    if not expected or found != expected:
+        changed = sorted(set(expected) ^ set(found) | {k for k in expected if found.get(k) != expected[k]})
+        return f"{', '.join(changed) or 'no library'} differs from what was built"
+    return None
+
+
+def _clear(build_dir):
+    """Empty ``build_dir`` for a new build; returns False (nothing is built there now)."""
+    shutil.rmtree(build_dir)
+    os.makedirs(build_dir)
+    return False
 
 
 def _headers():
