@@ -250,7 +250,7 @@ def test_a_conversion_that_fails_leaves_no_export_and_keeps_the_previous_one(sha
             f.write('half')
         raise ConfigError(f'paddle2onnx cannot convert {what} to ONNX: simulated')
 
-    monkeypatch.setattr(detector_export, '_require_paddle2onnx', lambda: None)
+    monkeypatch.setattr(detector_export.onnx_export, 'require_paddle2onnx', lambda: None)
     monkeypatch.setattr(detector_export.onnx_export, '_paddle2onnx', fail)
     with pytest.raises(ConfigError, match='simulated'):
         export_detector(net, cfg, str(folder), 'onnx')

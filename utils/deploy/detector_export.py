@@ -20,7 +20,6 @@ it holds an earlier export (an ``infer_cfg.yml``).
 tools/benchmark.py); the standalone runner deploy/python/infer.py needs none
 of this project.
 """
-import importlib.util
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ import shutil
 import numpy as np
 import paddle
 
-from layers.compat import PADDLE_VERSION
 from layers.detector_graph import OUTPUTS, DetectorGraph
 from utils.deploy import onnx_export
 from utils.deploy.graph_rewrites import leaky_relu_as_maximum, resize_as_matmul
@@ -82,7 +80,7 @@ def export_detector(net, cfg, output_dir, export_format='paddle', batch_size=1, 
     if export_format not in FORMATS:
         raise ConfigError(f'export format must be one of {FORMATS}, got {export_format!r}')
     if export_format == 'onnx':
-        _require_paddle2onnx()
+        onnx_export.require_paddle2onnx()
     overrides = dict(mask_dtype=mask_dtype, score_threshold=score_threshold)
     if max_detections is not None:
         overrides['max_num_detections'] = max_detections
@@ -288,13 +286,3 @@ def run_onnx(output_dir, inputs, num_threads=None):
     """Run an ONNX export on ``inputs`` with onnxruntime; its outputs as numpy arrays in OUTPUTS order."""
     session = create_onnx_session(os.path.join(output_dir, MODEL_PREFIX + '.onnx'), num_threads)
     return session.run(None, {i.name: inputs[i.name] for i in session.get_inputs()})
-
-
-def _require_paddle2onnx():
-    """ConfigError when paddle2onnx is missing or does not fit this Paddle (2.x needs Paddle >= 3)."""
-    if importlib.util.find_spec('paddle2onnx') is None:
-        raise ConfigError('ONNX export needs paddle2onnx, which is not installed (pip install paddle2onnx)')
-    version = onnx_export.paddle2onnx_version()
-    if PADDLE_VERSION < (3, 0) and not version.startswith('1.'):
-        raise ConfigError(f'paddle2onnx {version} needs Paddle >= 3 (this is {paddle.__version__}); '
-                          'with Paddle 2.6 install paddle2onnx 1.x: pip install "paddle2onnx>=1.3,<2"')

@@ -51,12 +51,7 @@ def export_onnx(net, cfg, path_prefix, batch_size=1):
     moved into place at the end. Raises ConfigError when paddle2onnx is not
     installed or cannot convert the graph (the message gives paddle2onnx's reason).
     """
-    if importlib.util.find_spec('paddle2onnx') is None:
-        raise ConfigError('ONNX export needs paddle2onnx, which is not installed (pip install paddle2onnx)')
-    if PADDLE_VERSION < (3, 0) and not paddle2onnx_version().startswith('1.'):
-        # paddle2onnx 2.x refuses to run on Paddle < 3; 1.x reads the .pdmodel programs of Paddle 2.6.
-        raise ConfigError(f'paddle2onnx {paddle2onnx_version()} needs Paddle >= 3 (this is {paddle.__version__}); '
-                          'with Paddle 2.6 install paddle2onnx 1.x: pip install "paddle2onnx>=1.3,<2"')
+    require_paddle2onnx()
     with export_staging_folder(path_prefix) as stage:
         paddle_prefix = os.path.join(stage, 'paddle')
         meta = save_static(net, cfg, paddle_prefix, batch_size, export_format='onnx')
@@ -70,6 +65,16 @@ def export_onnx(net, cfg, path_prefix, batch_size=1):
     logger.info('exported %s as ONNX (%dx%d, batch %d) to %s%s', cfg.name, cfg.max_size, cfg.max_size,
                 batch_size, path_prefix, ONNX_SUFFIX)
     return meta
+
+
+def require_paddle2onnx():
+    """ConfigError when paddle2onnx is missing or does not fit this Paddle; checked before any export work."""
+    if importlib.util.find_spec('paddle2onnx') is None:
+        raise ConfigError('ONNX export needs paddle2onnx, which is not installed (pip install paddle2onnx)')
+    if PADDLE_VERSION < (3, 0) and not paddle2onnx_version().startswith('1.'):
+        # paddle2onnx 2.x refuses to run on Paddle < 3; 1.x reads the .pdmodel programs of Paddle 2.6.
+        raise ConfigError(f'paddle2onnx {paddle2onnx_version()} needs Paddle >= 3 (this is {paddle.__version__}); '
+                          'with Paddle 2.6 install paddle2onnx 1.x: pip install "paddle2onnx>=1.3,<2"')
 
 
 def _paddle2onnx(paddle_prefix, onnx_path, what):
